@@ -1,0 +1,23 @@
+"""pyalign: fused log-prob kernels and training loops for preference alignment (DPO, APO, SPO, DPA)."""
+
+from pyalign import losses
+from pyalign.losses import LossOutput, spo_coefficients
+from pyalign.ops.backends import available_backends
+from pyalign.ops.token_logprobs import sequence_logprobs, token_logprobs
+from pyalign.preference_loss import PreferenceLoss
+
+__version__ = "0.1.0"
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, **kwargs):
+    """Per-token log-probs of ``logits = hidden @ weight.T (+ bias)`` without materialising
+    the [N, V] logits; see :mod:`pyalign.ops.linear_token_logprobs` for the modes."""
+    from pyalign.ops.linear_token_logprobs import linear_token_logprobs as _impl  # noqa: PLC0415
+
+    return _impl(hidden, weight, labels, bias=bias, ignore_index=ignore_index, **kwargs)
+
+
+__all__ = [
+    "token_logprobs", "sequence_logprobs", "linear_token_logprobs", "spo_coefficients",
+    "losses", "LossOutput", "PreferenceLoss", "available_backends", "__version__",
+]

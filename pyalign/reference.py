@@ -1,0 +1,61 @@
+"""The eager float64 reference of pyalign's formulas (SPEC section 3.1).
+
+This module is the specification in code: the ``"torch"`` backend runs it, and every fast path
+(C++, Triton, CUDA, fused-linear) is tested against it, never against another fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def output_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """Log-probs are float32, except for float64 logits (so gradcheck keeps its precision)."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def reference_token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """log p(label | logits) per position in float64 math, differentiable by autograd.
+
+    logits [..., V], labels [...] (integer); 0 where ``labels == ignore_index``.
+    """
+    keep = labels != ignore_index
+    safe_labels = torch.where(keep, labels, torch.zeros_like(labels)).long()
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    picked = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(keep, picked, torch.zeros_like(picked))
+    return picked.to(output_dtype(logits.dtype))
+
+
+def reference_forward(
+    logits3: torch.Tensor, labels2: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backend-contract forward (docs/DESIGN.md): returns (logp, lse) of shape [B, T]."""
+    out_dtype = output_dtype(logits3.dtype)
+    x = logits3.double()
+    lse = torch.logsumexp(x, dim=-1)
+    keep = labels2 != ignore_index
+    safe_labels = torch.where(keep, labels2, torch.zeros_like(labels2))
+    picked = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(keep, picked - lse, torch.zeros_like(lse))
+    return logp.to(out_dtype), lse.to(out_dtype)
+
+
+def reference_backward(
+    logits3: torch.Tensor,
+    labels2: torch.Tensor,
+    lse2: torch.Tensor,
+    grad2: torch.Tensor,
+    ignore_index: int,
+    grad_out3: torch.Tensor,
+) -> None:
+    """Backend-contract backward: grad_out3 <- grad * (onehot(label) - softmax), 0 on ignored rows."""
+    x = logits3.double()
+    keep = labels2 != ignore_index
+    safe_labels = torch.where(keep, labels2, torch.zeros_like(labels2))
+    grad = torch.where(keep, grad2.double(), torch.zeros_like(grad2, dtype=torch.float64))
+    d = -torch.exp(x - lse2.double().unsqueeze(-1)) * grad.unsqueeze(-1)
+    d.scatter_add_(-1, safe_labels.unsqueeze(-1), grad.unsqueeze(-1))
+    grad_out3.copy_(d)
