@@ -1,0 +1,245 @@
+"""The public op on every backend against the float64 reference: values, gradients, layouts,
+ignored labels, torch.compile, in-place backward, and the errors bad input must raise."""
+
+import pytest
+import torch
+
+import pyalign
+from pyalign.reference import reference_token_logprobs
+from tests.backends_under_test import (
+    DEVICE, GRAD_TOL, LOGP_TOL, backends_for_device, is_interpreted,
+)
+
+BACKENDS = backends_for_device()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(shape, vocab, dtype, *, ignore_fraction=0.25, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, vocab, generator=gen) * scale).to(dtype).to(DEVICE)
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < ignore_fraction] = -100
+    return logits, labels.to(DEVICE)
+
+
+def check_against_reference(backend, logits, labels, *, inplace=False, upstream_seed=1):
+    """Values and gradient of token_logprobs(backend) vs the float64 reference on the same input."""
+    dtype = logits.dtype
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(upstream_seed))
+    upstream = upstream.to(DEVICE)
+
+    ref_in = logits.detach().clone().requires_grad_()
+    ref = reference_token_logprobs(ref_in, labels)
+    (ref.double() * upstream.double()).sum().backward()
+
+    leaf = logits.detach().clone().requires_grad_()
+    source = leaf * 1 if inplace else leaf  # in-place needs a non-leaf whose storage can go
+    out = pyalign.token_logprobs(source, labels, backend=backend, inplace_backward=inplace)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.shape == labels.shape
+    atol, rtol = LOGP_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref.double(), atol=atol, rtol=rtol)
+    assert torch.all(out[labels == -100] == 0)
+
+    (out.double() * upstream.double()).sum().backward()
+    assert leaf.grad.dtype == dtype
+    atol, rtol = GRAD_TOL[dtype]
+    torch.testing.assert_close(leaf.grad.double(), ref_in.grad.double(), atol=atol, rtol=rtol)
+    assert torch.all(leaf.grad[labels == -100] == 0)
+
+
+def vocab_sizes(backend):
+    if is_interpreted(backend):
+        return [1, 7, 1000]
+    return [1, 7, 1000, 4099, 50257]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_and_grads_across_vocab_sizes(backend, dtype):
+    for vocab in vocab_sizes(backend):
+        shape = (2, 3) if vocab > 10000 else (2, 5)
+        logits, labels = make_inputs(shape, vocab, dtype, seed=vocab)
+        check_against_reference(backend, logits, labels)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not is_interpreted(b)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_128k_vocab_small_n(backend, dtype):
+    logits, labels = make_inputs((1, 3), 128256, dtype, seed=7, scale=4.0)
+    check_against_reference(backend, logits, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64(backend):
+    if backend in ("triton", "cuda"):
+        pytest.skip("GPU kernels take fp32/bf16/fp16; float64 is for the reference and the C++ CPU kernel")
+    logits, labels = make_inputs((2, 4), 33, torch.float64)
+    check_against_reference(backend, logits, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_shifted_logits(backend):
+    full, labels = make_inputs((3, 7), 301, torch.float32)
+    logits = full[:, :-1]  # the usual causal shift: rows are not uniformly strided
+    assert not logits.is_contiguous()
+    check_against_reference(backend, logits, labels[:, 1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_strided_and_extra_batch_dims(backend):
+    logits, labels = make_inputs((2, 3, 4), 97, torch.float32)
+    check_against_reference(backend, logits, labels)
+    transposed = make_inputs((2, 5), 64, torch.float32)[0].transpose(0, 1).contiguous().transpose(0, 1)
+    check_against_reference(backend, transposed, make_inputs((2, 5), 64, torch.float32)[1])
+    wide = torch.randn(2, 5, 128, device=DEVICE)[..., ::2]  # vocabulary stride 2
+    check_against_reference(backend, wide, make_inputs((2, 5), 64, torch.float32)[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward(backend, dtype):
+    full, labels = make_inputs((2, 6), 257, dtype)
+    check_against_reference(backend, full[:, :-1], labels[:, 1:], inplace=True)
+    check_against_reference(backend, full, labels, inplace=True)
+
+
+def test_inplace_backward_writes_into_the_logits_storage():
+    leaf = torch.randn(2, 5, 50, device=DEVICE, requires_grad=True)
+    logits = leaf * 2
+    labels = torch.randint(0, 50, (2, 5), device=DEVICE)
+    out = pyalign.token_logprobs(logits, labels, inplace_backward=True)
+    before = logits.detach().clone()
+    out.sum().backward()
+    assert not torch.equal(logits.detach(), before)  # the storage now holds the gradient
+    torch.testing.assert_close(leaf.grad, 2 * logits.detach())
+
+
+def test_inplace_backward_refuses_a_leaf():
+    leaf = torch.randn(2, 3, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        pyalign.token_logprobs(leaf, torch.zeros(2, 3, dtype=torch.long), inplace_backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_ignored_sequence_is_finite_with_zero_gradient(backend):
+    logits, labels = make_inputs((3, 6), 40, torch.float32)
+    labels[1] = -100
+    leaf = logits.clone().requires_grad_()
+    for average in (False, True):
+        seq = pyalign.sequence_logprobs(leaf, labels, average=average, backend=backend)
+        assert torch.isfinite(seq).all() and seq[1].item() == 0.0
+        leaf.grad = None
+        seq.sum().backward()
+        assert torch.isfinite(leaf.grad).all()
+        assert torch.count_nonzero(leaf.grad[1]) == 0
+        assert torch.count_nonzero(leaf.grad[0]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_logprobs_sum_and_average(backend):
+    logits, labels = make_inputs((4, 9), 55, torch.float32)
+    ref = reference_token_logprobs(logits, labels)
+    total = pyalign.sequence_logprobs(logits, labels, backend=backend)
+    torch.testing.assert_close(total, ref.sum(-1), atol=1e-4, rtol=1e-5)
+    mean = pyalign.sequence_logprobs(logits, labels, average=True, backend=backend)
+    count = (labels != -100).sum(-1).clamp(min=1)
+    torch.testing.assert_close(mean, ref.sum(-1) / count, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpu")])
+def test_gradcheck(backend):
+    logits, labels = make_inputs((2, 3), 6, torch.float64)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: pyalign.token_logprobs(x, labels, backend=backend), (logits,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x: pyalign.sequence_logprobs(x, labels, average=True, backend=backend), (logits,)
+    )
+
+
+def test_torch_compile_without_graph_break():
+    logits, labels = make_inputs((2, 8), 33, torch.float32)
+
+    def dpo_like(x):
+        logp = pyalign.sequence_logprobs(x[:, :-1], labels[:, 1:])
+        return torch.nn.functional.logsigmoid(0.1 * (logp[0] - logp[1]))
+
+    compiled = torch.compile(dpo_like, fullgraph=True)  # fullgraph: a graph break is an error
+    eager_in = logits.clone().requires_grad_()
+    compiled_in = logits.clone().requires_grad_()
+    eager = dpo_like(eager_in)
+    out = compiled(compiled_in)
+    torch.testing.assert_close(out, eager)
+    eager.backward()
+    out.backward()
+    torch.testing.assert_close(compiled_in.grad, eager_in.grad)
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    logits, labels = make_inputs((1, 2), 9, torch.float64)
+    monkeypatch.setenv("PYALIGN_BACKEND", "torch")
+    assert torch.equal(pyalign.token_logprobs(logits, labels), reference_token_logprobs(logits, labels))
+    monkeypatch.setenv("PYALIGN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="PYALIGN_BACKEND"):
+        pyalign.token_logprobs(logits, labels)
+
+
+def test_auto_runs_cpu_tensors_on_the_cpp_kernel():
+    assert "cpu" in pyalign.available_backends("cpu"), "the C++ extension must be built for make test"
+    from pyalign.ops.backends import resolve_backend
+    assert resolve_backend("auto", torch.zeros(1, 2)).name == "cpu"
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_error_float_labels():
+    with pytest.raises(ValueError, match="labels: expected an integer dtype"):
+        pyalign.token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 3))
+
+
+def test_error_label_out_of_range():
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    labels[1, 2] = 5
+    with pytest.raises(ValueError, match=r"labels: every label must be in \[0, 5\)"):
+        pyalign.token_logprobs(torch.randn(2, 3, 5), labels)
+    labels[1, 2] = -1
+    with pytest.raises(ValueError, match="found -1"):
+        pyalign.token_logprobs(torch.randn(2, 3, 5), labels)
+
+
+def test_error_label_shape():
+    with pytest.raises(ValueError, match=r"labels: expected shape \(2, 3\)"):
+        pyalign.token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_error_integer_logits_and_bad_backend():
+    with pytest.raises(ValueError, match="logits: expected a floating dtype"):
+        pyalign.token_logprobs(torch.zeros(2, 3, 5, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        pyalign.token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), backend="fast")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only check")
+def test_error_gpu_backend_on_cpu_tensors():
+    with pytest.raises(ValueError, match="backend: 'cuda' cannot run on cpu tensors|cuda backend was not compiled"):
+        try:
+            pyalign.token_logprobs(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), backend="cuda")
+        except RuntimeError as err:  # not built here: BackendUnavailable is a RuntimeError
+            raise ValueError(str(err)) from err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    for shape in [(0, 4), (2, 0)]:
+        logits = torch.randn(*shape, 11, device=DEVICE, requires_grad=True)
+        labels = torch.zeros(shape, dtype=torch.long, device=DEVICE)
+        out = pyalign.token_logprobs(logits, labels, backend=backend)
+        assert out.shape == shape
+        seq = pyalign.sequence_logprobs(logits, labels, backend=backend, average=True)
+        seq.sum().backward()
+        assert logits.grad.shape == logits.shape and torch.count_nonzero(logits.grad) == 0
+    with pytest.raises(ValueError, match="V == 0"):
+        pyalign.token_logprobs(torch.randn(2, 3, 0), torch.zeros(2, 3, dtype=torch.long))
