@@ -1,0 +1,401 @@
+"""``linear_token_logprobs``: token log-probs of ``hidden @ weight.T (+ bias)`` without the logits.
+
+The [N, V] logits are never materialised: tokens are processed in chunks whose logits
+``[chunk, V]`` (input dtype) live in one reused buffer. Per chunk the fused op's backend kernels
+(docs/DESIGN.md) compute the log-prob and the log-sum-exp, and the backward kernel overwrites the
+same buffer with ``d_logits = g * (onehot - softmax)``, so there is never a second [chunk, V]
+buffer. Tokens whose label is ``ignore_index`` are dropped before any matmul (prompt tokens cost
+nothing).
+
+Modes (flops for N kept tokens, H hidden, V vocabulary):
+
+- ``"default"``: chunks of up to 256 MiB of logits. When only ``hidden`` needs a gradient (a frozen
+  lm_head, e.g. LoRA), the forward also forms ``(onehot - softmax) @ weight`` per token and the
+  backward only scales it by the upstream gradient: 4*N*H*V in all and no recompute. When the
+  weight (or bias) needs a gradient the upstream gradient must be known before ``d_logits^T @ hidden``
+  can be summed, so the backward recomputes the logits: 8*N*H*V. (The 6*N*H*V path, which needs
+  the loss, lives in :mod:`pyalign.ops.linear_preference_loss`.)
+- ``"low_memory"``: chunks of up to 32 MiB, nothing but the log-sum-exp per token saved; the
+  backward recomputes the logits: 6*N*H*V (frozen weight) or 8*N*H*V.
+
+The weight and bias gradients are accumulated over chunks in float32 when the weight is bf16/fp16
+(a bf16 running sum would lose bits with every chunk). ``grad_filter`` (off by default) skips the
+gradient matmuls of vocabulary blocks whose every |d_logits| is below ``grad_filter * max|g|``:
+approximate, with each dropped gradient element bounded by that limit (docs/fused_linear.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pyalign.ops.backends import Backend, resolve_backend
+from pyalign.reference import output_dtype
+
+MIB = 1 << 20
+DEFAULT_BUDGETS = {"default": 256 * MIB, "low_memory": 32 * MIB}
+MODES = tuple(DEFAULT_BUDGETS)
+FILTER_BLOCK = 2048  # vocabulary columns per gradient-filter decision
+_ACCUMULATE_TEMP_BYTES = 32 * MIB  # bound on the half-precision product when fp32-accumulating
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def rows_for_budget(budget_bytes: int, vocab: int, dtype: torch.dtype, total_rows: int) -> int:
+    """Largest number of logits rows ``[rows, vocab]`` of ``dtype`` within ``budget_bytes``
+    (at least 1, at most ``total_rows``), rounded down to a multiple of 64 for the matmuls."""
+    row_bytes = max(1, vocab) * torch.empty((), dtype=dtype).element_size()
+    rows = max(1, budget_bytes // row_bytes)
+    if rows >= total_rows:
+        return max(1, total_rows)
+    return rows - rows % 64 if rows > 64 else rows
+
+
+def linear_into(out: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``out <- hidden_rows @ weight.T (+ bias)`` in the input dtype, written into ``out``."""
+    if bias is None:
+        return torch.mm(hidden_rows, weight.t(), out=out)
+    return torch.addmm(bias, hidden_rows, weight.t(), out=out)
+
+
+def kept_vocab_runs(d_logits: Tensor, grad_filter: float | None, limit_scale: float) -> list[tuple[int, int]]:
+    """Vocabulary ranges ``[start, end)`` whose gradient matmuls must run.
+
+    Without a filter: the whole vocabulary. With one: blocks of :data:`FILTER_BLOCK` columns whose
+    largest |d_logits| over the chunk is below ``grad_filter * limit_scale`` are dropped, and the
+    remaining blocks are merged into contiguous runs (one matmul each).
+    """
+    vocab = d_logits.shape[1]
+    if grad_filter is None or vocab == 0:
+        return [(0, vocab)]
+    limit = grad_filter * limit_scale
+    full = vocab - vocab % FILTER_BLOCK
+    maxima = []
+    if full:
+        blocks = d_logits[:, :full].view(d_logits.shape[0], full // FILTER_BLOCK, FILTER_BLOCK)
+        # max |x| as max(amax, -amin): no |x| copy of the chunk.
+        maxima += torch.maximum(blocks.amax(dim=(0, 2)), -blocks.amin(dim=(0, 2))).tolist()
+    if full < vocab:
+        tail = d_logits[:, full:]
+        maxima.append(max(tail.amax().item(), -tail.amin().item()))
+    runs: list[tuple[int, int]] = []
+    for block, block_max in enumerate(maxima):
+        if block_max < limit:
+            continue
+        start, end = block * FILTER_BLOCK, min(vocab, (block + 1) * FILTER_BLOCK)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def grad_hidden_from_runs(d_logits: Tensor, weight: Tensor, runs: list[tuple[int, int]]) -> Tensor:
+    """``d_logits @ weight`` restricted to the kept vocabulary runs -> [rows, H], input dtype."""
+    if len(runs) == 1 and runs[0] == (0, weight.shape[0]):
+        return d_logits @ weight
+    out = d_logits.new_zeros(d_logits.shape[0], weight.shape[1])
+    for start, end in runs:
+        out.addmm_(d_logits[:, start:end], weight[start:end])
+    return out
+
+
+@functools.cache
+def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``addmm(acc_fp32, a_half, b_half, out_dtype=float32, out=acc)`` accumulates in place
+    correctly here (cuBLAS can; the CPU build has no such kernel). Probed once per device/dtype."""
+    if device.type != "cuda":
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(16, 8, device=device, generator=gen).to(dtype)
+        b = torch.randn(8, 16, device=device, generator=gen).to(dtype)
+        acc = torch.ones(16, 16, device=device)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        expected = 1 + 2 * (a.float() @ b.float())
+        return bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def accumulate_product(acc: Tensor, left_t: Tensor, right: Tensor) -> None:
+    """``acc += left_t @ right`` where ``acc`` may be float32 and the operands half precision."""
+    if acc.dtype == left_t.dtype:
+        acc.addmm_(left_t, right)
+        return
+    if _fp32_out_addmm_works(acc.device, left_t.dtype):
+        torch.addmm(acc, left_t, right, out_dtype=acc.dtype, out=acc)
+        return
+    # Slices of rows keep the half-precision product small; each is rounded once, summed in fp32.
+    rows = max(1, _ACCUMULATE_TEMP_BYTES // max(1, right.shape[1] * right.element_size()))
+    for start in range(0, acc.shape[0], rows):
+        acc[start:start + rows].add_(left_t[start:start + rows] @ right)
+
+
+class WeightGradSink:
+    """Weight and bias gradients summed over chunks, in fp32 when the parameters are half
+    precision and there is more than one chunk to sum."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, want_weight: bool, want_bias: bool,
+                 single_step: bool):
+        def accumulator(param: Tensor) -> Tensor:
+            exact = single_step or param.dtype in (torch.float32, torch.float64)
+            return torch.zeros(param.shape, device=param.device,
+                               dtype=param.dtype if exact else torch.float32)
+
+        self.weight, self.bias = weight, bias
+        self.weight_acc = accumulator(weight) if want_weight else None
+        self.bias_acc = accumulator(bias) if (want_bias and bias is not None) else None
+
+    def add(self, d_logits: Tensor, hidden_rows: Tensor, runs: list[tuple[int, int]]) -> None:
+        for start, end in runs:
+            cols = d_logits[:, start:end]
+            if self.weight_acc is not None:
+                accumulate_product(self.weight_acc[start:end], cols.t(), hidden_rows)
+            if self.bias_acc is not None:
+                self.bias_acc[start:end] += cols.sum(0, dtype=self.bias_acc.dtype)
+
+    def weight_grad(self) -> Tensor | None:
+        return None if self.weight_acc is None else self.weight_acc.to(self.weight.dtype)
+
+    def bias_grad(self) -> Tensor | None:
+        return None if self.bias_acc is None else self.bias_acc.to(self.bias.dtype)
+
+
+# --------------------------------------------------------------------------- the op
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one call runs: the backend, the chunk size (rows of logits) and the options."""
+
+    backend: Backend
+    chunk: int
+    ignore_index: int
+    grad_filter: float | None
+    precompute_grad_hidden: bool  # default mode with only hidden needing a gradient
+
+
+def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: Tensor, plan: LinearPlan):
+    """Chunked forward over the kept tokens.
+
+    Returns ``(logp [N], keep_idx [K], labels_kept [K], lse_kept [K], unscaled_grad_hidden [K, H] or
+    None)``; the last is ``(onehot - softmax) @ weight`` per kept token, formed only when
+    ``plan.precompute_grad_hidden``.
+    """
+    out_dtype = output_dtype(hidden2.dtype)
+    keep_idx = (labels1 != plan.ignore_index).nonzero().squeeze(1)
+    labels_kept = labels1.index_select(0, keep_idx).to(torch.int64).contiguous()
+    kept = keep_idx.numel()
+    logp_kept = torch.empty(kept, dtype=out_dtype, device=hidden2.device)
+    lse_kept = torch.empty(kept, dtype=out_dtype, device=hidden2.device)
+    unscaled = None
+    if plan.precompute_grad_hidden:
+        unscaled = torch.empty(kept, hidden2.shape[1], dtype=hidden2.dtype, device=hidden2.device)
+    if kept:
+        buffer = hidden2.new_empty(min(plan.chunk, kept), weight.shape[0])
+    for start in range(0, kept, plan.chunk):
+        end = min(kept, start + plan.chunk)
+        hidden_rows = hidden2.index_select(0, keep_idx[start:end])
+        logits = linear_into(buffer[: end - start], hidden_rows, weight, bias)
+        labels2 = labels_kept[start:end].unsqueeze(0)
+        logp2, lse2 = plan.backend.forward(logits.unsqueeze(0), labels2, plan.ignore_index)
+        logp_kept[start:end] = logp2[0]
+        lse_kept[start:end] = lse2[0]
+        if unscaled is not None:
+            ones = torch.ones_like(lse2)
+            plan.backend.backward(logits.unsqueeze(0), labels2, lse2, ones, plan.ignore_index,
+                                  logits.unsqueeze(0))
+            runs = kept_vocab_runs(logits, plan.grad_filter, 1.0)
+            unscaled[start:end] = grad_hidden_from_runs(logits, weight, runs)
+    logp = torch.zeros(labels1.shape[0], dtype=out_dtype, device=hidden2.device)
+    logp.index_copy_(0, keep_idx, logp_kept)
+    return logp, keep_idx, labels_kept, lse_kept, unscaled
+
+
+def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tensor | None,
+                  keep_idx: Tensor, labels_kept: Tensor, lse_kept: Tensor, plan: LinearPlan,
+                  needs: tuple[bool, bool, bool]):
+    """Recomputing backward: (grad_hidden, grad_weight, grad_bias), None where not needed."""
+    need_hidden, need_weight, need_bias = needs
+    kept = keep_idx.numel()
+    grad_kept = grad_logp.index_select(0, keep_idx).to(lse_kept.dtype)
+    grad_hidden = torch.zeros_like(hidden2) if need_hidden else None
+    sink = WeightGradSink(weight, bias, need_weight, need_bias, single_step=kept <= plan.chunk)
+    if kept:
+        buffer = hidden2.new_empty(min(plan.chunk, kept), weight.shape[0])
+    for start in range(0, kept, plan.chunk):
+        end = min(kept, start + plan.chunk)
+        rows = keep_idx[start:end]
+        hidden_rows = hidden2.index_select(0, rows)
+        logits = linear_into(buffer[: end - start], hidden_rows, weight, bias)
+        grad_rows = grad_kept[start:end]
+        # In place: the chunk's logits become its d_logits (no second [chunk, V] buffer).
+        plan.backend.backward(logits.unsqueeze(0), labels_kept[start:end].unsqueeze(0),
+                              lse_kept[start:end].unsqueeze(0), grad_rows.unsqueeze(0),
+                              plan.ignore_index, logits.unsqueeze(0))
+        scale = grad_rows.abs().max().item() if plan.grad_filter is not None else 1.0
+        runs = kept_vocab_runs(logits, plan.grad_filter, scale)
+        if grad_hidden is not None:
+            grad_hidden.index_copy_(0, rows, grad_hidden_from_runs(logits, weight, runs))
+        sink.add(logits, hidden_rows, runs)
+    return grad_hidden, sink.weight_grad(), sink.bias_grad()
+
+
+def scale_unscaled_grad_hidden(grad_logp: Tensor, unscaled: Tensor, keep_idx: Tensor,
+                               hidden2: Tensor, chunk: int) -> Tensor:
+    """grad_hidden[t] = g[t] * unscaled[t] (fp32 product, one rounding), zeros on ignored rows."""
+    grad_hidden = torch.zeros_like(hidden2)
+    math_dtype = torch.promote_types(hidden2.dtype, torch.float32)
+    for start in range(0, keep_idx.numel(), chunk):
+        rows = keep_idx[start:start + chunk]
+        g = grad_logp.index_select(0, rows).to(math_dtype).unsqueeze(1)
+        grad_hidden.index_copy_(0, rows, (unscaled[start:start + chunk].to(math_dtype) * g).to(hidden2.dtype))
+    return grad_hidden
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2, weight, bias, labels1, plan):
+        logp, keep_idx, labels_kept, lse_kept, unscaled = forward_pass(hidden2, weight, bias, labels1, plan)
+        ctx.plan = plan
+        ctx.save_for_backward(hidden2, weight, bias, keep_idx, labels_kept, lse_kept, unscaled)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden2, weight, bias, keep_idx, labels_kept, lse_kept, unscaled = ctx.saved_tensors
+        plan = ctx.plan
+        needs = tuple(ctx.needs_input_grad[:3])
+        # The backward may run where autocast is on (CPU autocast, same thread): the matmuls
+        # must stay in the inputs' dtype, like the forward's.
+        with torch.autocast(hidden2.device.type, enabled=False):
+            if unscaled is not None and not needs[1] and not needs[2]:
+                grad_hidden = scale_unscaled_grad_hidden(grad_logp, unscaled, keep_idx, hidden2, plan.chunk)
+                return grad_hidden, None, None, None, None
+            grads = backward_pass(grad_logp, hidden2, weight, bias, keep_idx, labels_kept, lse_kept,
+                                  plan, needs)
+        return (*grads, None, None)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def validate_linear_inputs(hidden, weight, labels, bias, ignore_index) -> None:
+    """ValueError naming the argument for anything the chunks and kernels must never see."""
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden: expected float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected shape [..., T, H], got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape [V, H], got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected [V, {hidden.shape[-1]}] (H of hidden), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"weight: expected dtype {hidden.dtype} like hidden, got {weight.dtype} "
+            "(cast one of them; the logits are computed in the inputs' dtype)"
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (V of weight), got {got}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias: expected dtype {hidden.dtype} like hidden, got {bias.dtype}")
+    for name, value in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if value is not None and value.device != hidden.device:
+            raise ValueError(f"{name}: expected device {hidden.device} like hidden, got {value.device}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels: expected an integer dtype (int64), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden's shape without H), "
+            f"got {tuple(labels.shape)}"
+        )
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    vocab = weight.shape[0]
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.numel() and bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(
+            f"labels: every label must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"found {first} ({int(bad.sum())} out-of-range labels)"
+        )
+
+
+def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, mode, grad_filter,
+              backend, num_rows, wants_grad) -> LinearPlan:
+    """Check the options and decide the chunk size and whether the forward pre-forms grad_hidden."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
+        raise ValueError(f"memory_budget: expected a positive number of bytes or None, got {memory_budget!r}")
+    if grad_filter is not None and not (isinstance(grad_filter, (int, float)) and 0 < grad_filter < 1):
+        raise ValueError(f"grad_filter: expected None or a threshold in (0, 1), got {grad_filter!r}")
+    chosen = resolve_backend(backend, hidden)
+    if chunk_size is None:
+        budget = memory_budget if memory_budget is not None else DEFAULT_BUDGETS[mode]
+        chunk_size = rows_for_budget(budget, weight.shape[0], hidden.dtype, num_rows)
+    frozen_params = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    precompute = mode == "default" and wants_grad and hidden.requires_grad and frozen_params
+    return LinearPlan(chosen, chunk_size, ignore_index,
+                      None if grad_filter is None else float(grad_filter), precompute)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    mode: str = "default",
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    grad_filter: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``token_logprobs(hidden @ weight.T + bias, labels)`` without materialising the [N, V] logits.
+
+    hidden ``[..., T, H]``, weight ``[V, H]`` (same dtype), labels ``[..., T]`` aligned with
+    hidden (``labels[t]`` is the token predicted from ``hidden[t]``), bias ``[V]`` or None.
+    Returns float32 ``[..., T]`` (float64 for float64 inputs), 0.0 where ``labels == ignore_index``;
+    differentiable w.r.t. hidden, weight and bias.
+
+    ``mode``: ``"default"`` or ``"low_memory"`` (module docstring); ``chunk_size`` (rows of logits
+    per chunk) overrides ``memory_budget`` (bytes of logits per chunk; 256 MiB / 32 MiB by mode).
+    ``grad_filter``: None (exact) or a threshold in (0, 1) for the approximate gradient filter.
+    ``backend``: as for :func:`pyalign.token_logprobs`.
+    """
+    validate_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    num_rows = labels.numel()
+    plan = make_plan(hidden, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size,
+                     memory_budget=memory_budget, mode=mode, grad_filter=grad_filter,
+                     backend=backend, num_rows=num_rows, wants_grad=wants_grad)
+    out_dtype = output_dtype(hidden.dtype)
+    if num_rows == 0 or weight.shape[0] == 0:
+        # Still connected to the graph so that .backward() through an empty batch works.
+        return (hidden.sum(-1) * 0).to(out_dtype)
+    hidden2 = hidden.reshape(num_rows, hidden.shape[-1])
+    labels1 = labels.reshape(num_rows)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if not wants_grad:
+            return forward_pass(hidden2, weight, bias, labels1, plan)[0].view(labels.shape)
+        logp = _LinearTokenLogprobs.apply(hidden2, weight, bias, labels1, plan)
+    return logp.view(labels.shape)
