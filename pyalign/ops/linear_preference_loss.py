@@ -1,0 +1,233 @@
+"""``linear_preference_loss``: a preference loss from hidden states and the lm_head weight.
+
+``PreferenceLoss(...)(hidden=..., weight=..., labels=...)`` lands here. Rows are chosen first,
+then rejected: hidden ``[2B, T, H]``, labels ``[2B, T]`` aligned with hidden.
+
+Two paths, both exact:
+
+- **Pair groups (6*N*H*V flops, 4*N*H*V with a frozen weight)**, ``mode="default"`` for losses
+  that are a mean over pairs of per-pair terms (every loss except ``kto_pair`` with ``kl=None``,
+  whose reference point is a batch statistic). A few pairs at a time: their logits (kept tokens
+  only, input dtype, at most ``memory_budget`` bytes, 512 MiB by default) -> token log-probs ->
+  the pairs' sequence log-probs -> the pairs' share of the loss and its gradient w.r.t. those
+  log-probs -> the logits overwritten in place by ``d_logits`` -> ``grad_hidden`` for those rows
+  and ``grad_weight += d_logits^T @ hidden`` (fp32 accumulation for half-precision weights). The
+  gradients are formed in the forward; the returned loss hands them back, scaled by the upstream
+  gradient, in its backward. The logits of one group are the only ``[*, V]`` buffer.
+- **Through the op**, otherwise (``mode="low_memory"``, a coupled loss, or a pair whose logits
+  alone exceed the budget): token log-probs by :func:`linear_token_logprobs` (chunked, logits
+  recomputed in the backward), then the loss by autograd: 8*N*H*V flops (4 or 6 with a frozen
+  weight, docs/fused_linear.md), O(chunk) memory, any loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from pyalign.losses import LossOutput
+from pyalign.ops.linear_token_logprobs import (
+    MIB,
+    MODES,
+    WeightGradSink,
+    grad_hidden_from_runs,
+    kept_vocab_runs,
+    linear_into,
+    linear_token_logprobs,
+    make_plan,
+    rows_for_budget,
+    validate_linear_inputs,
+)
+from pyalign.reference import output_dtype
+
+PAIR_GROUP_BUDGET = 512 * MIB  # logits bytes of one group of pairs (one 1024+1024-token pair at V=128k, bf16)
+
+
+def is_pair_separable(loss_fn) -> bool:
+    """Whether the loss is a mean of per-pair terms that need only their own pair.
+
+    True for every ``PreferenceLoss`` except ``kto_pair`` without a given ``kl`` (its batch KL
+    estimate couples the pairs); False for anything else, which takes the exact general path.
+    """
+    name = getattr(loss_fn, "loss_name", None)
+    if name is None:
+        return False
+    return not (name == "kto_pair" and getattr(loss_fn, "loss_kwargs", {}).get("kl") is None)
+
+
+def _loss_callable(loss_fn) -> Callable[..., LossOutput]:
+    compute = getattr(loss_fn, "loss_from_sequence_logprobs", None)
+    if compute is not None:
+        return compute
+    if callable(loss_fn):
+        return loss_fn
+    raise ValueError(
+        "loss_fn: expected a PreferenceLoss or a callable (policy_logps, ref_logps, chain_logps, "
+        f"num_tokens) -> LossOutput, got {type(loss_fn).__name__}"
+    )
+
+
+def _take(values: Tensor | None, rows: Tensor) -> Tensor | None:
+    """Columns ``rows`` of [2B] / [n, 2B] per-sequence values."""
+    return None if values is None else values.index_select(values.dim() - 1, rows)
+
+
+class _PrecomputedGradients(torch.autograd.Function):
+    """A loss value whose gradients were formed in the forward; backward scales and returns them."""
+
+    @staticmethod
+    def forward(ctx, loss_value, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        return loss_value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scale = grad_loss.item()
+        grads = tuple(None if g is None else (g if scale == 1.0 else g * scale) for g in ctx.grads)
+        del ctx.grads
+        return (None, *grads, None, None, None)
+
+
+def _pair_groups(pair_tokens: list[int], max_rows: int) -> list[tuple[int, int]] | None:
+    """Contiguous pair ranges ``[i, j)`` whose kept tokens fit ``max_rows`` logits rows; None when
+    one pair alone does not fit."""
+    groups, start, rows = [], 0, 0
+    for pair, tokens in enumerate(pair_tokens):
+        if tokens > max_rows:
+            return None
+        if rows + tokens > max_rows and pair > start:
+            groups.append((start, pair))
+            start, rows = pair, 0
+        rows += tokens
+    if start < len(pair_tokens):
+        groups.append((start, len(pair_tokens)))
+    return groups
+
+
+def _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_logps, *, plan,
+                     average, groups, counts) -> LossOutput:
+    """The 6NHV path: loss and gradients of each group of pairs in one pass over its logits."""
+    two_b, time, width = hidden.shape
+    num_pairs = two_b // 2
+    labels_flat = labels.reshape(-1)
+    kept = labels != plan.ignore_index
+    out_dtype = output_dtype(hidden.dtype)
+    seq_logps = torch.zeros(two_b, dtype=out_dtype, device=hidden.device)
+    with torch.no_grad():
+        hidden2 = hidden.reshape(two_b * time, width)
+        grad_hidden2 = torch.zeros_like(hidden2) if hidden.requires_grad else None
+        sink = WeightGradSink(weight, bias, weight.requires_grad,
+                              bias is not None and bias.requires_grad, single_step=len(groups) == 1)
+        for first, last in groups:
+            pairs = torch.arange(first, last, device=hidden.device)
+            rows = torch.cat([pairs, pairs + num_pairs])
+            where = kept.index_select(0, rows).nonzero()  # [K, 2]: (row within the group, t)
+            row_of_token = where[:, 0]
+            tokens = rows.index_select(0, row_of_token) * time + where[:, 1]
+            hidden_rows = hidden2.index_select(0, tokens)
+            labels_rows = labels_flat.index_select(0, tokens).to(torch.int64).unsqueeze(0)
+            logits = linear_into(hidden2.new_empty(tokens.numel(), weight.shape[0]), hidden_rows, weight, bias)
+            logp2, lse2 = plan.backend.forward(logits.unsqueeze(0), labels_rows, plan.ignore_index)
+            group_counts = counts.index_select(0, rows)
+            group_seq = torch.zeros(rows.numel(), dtype=out_dtype, device=hidden.device)
+            group_seq.index_add_(0, row_of_token, logp2[0])
+            if average:
+                group_seq = group_seq / group_counts.clamp(min=1).to(out_dtype)
+            seq_logps[rows] = group_seq
+            with torch.enable_grad():
+                leaf = group_seq.detach().requires_grad_()
+                group_out = compute(leaf, _take(ref_logps, rows), _take(chain_logps, rows), group_counts)
+                (grad_seq,) = torch.autograd.grad(group_out.loss * ((last - first) / num_pairs), leaf)
+            if average:
+                grad_seq = grad_seq / group_counts.clamp(min=1).to(out_dtype)
+            grad_tokens = grad_seq.index_select(0, row_of_token).to(out_dtype).unsqueeze(0).contiguous()
+            # In place: the group's logits become its d_logits.
+            plan.backend.backward(logits.unsqueeze(0), labels_rows, lse2, grad_tokens,
+                                  plan.ignore_index, logits.unsqueeze(0))
+            scale = grad_tokens.abs().max().item() if plan.grad_filter is not None and tokens.numel() else 1.0
+            runs = kept_vocab_runs(logits, plan.grad_filter, scale)
+            if grad_hidden2 is not None:
+                grad_hidden2.index_copy_(0, tokens, grad_hidden_from_runs(logits, weight, runs))
+            sink.add(logits, hidden_rows, runs)
+            del logits
+        final = compute(seq_logps, ref_logps, chain_logps, counts)
+    grad_hidden = None if grad_hidden2 is None else grad_hidden2.view(hidden.shape)
+    loss = _PrecomputedGradients.apply(final.loss, hidden, weight, bias, grad_hidden,
+                                       sink.weight_grad(), sink.bias_grad())
+    return LossOutput(loss, final.chosen_rewards, final.rejected_rewards, final.metrics)
+
+
+def linear_preference_loss(
+    loss_fn,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    chain_logps: Tensor | None = None,
+    ignore_index: int | None = None,
+    average: bool | None = None,
+    mode: str = "default",
+    memory_budget: int | None = None,
+    grad_filter: float | None = None,
+    backend: str | None = None,
+    pair_separable: bool | None = None,
+) -> LossOutput:
+    """A preference loss from hidden states ``[2B, T, H]`` and the lm_head ``weight`` ``[V, H]``.
+
+    ``loss_fn``: a :class:`pyalign.PreferenceLoss` (its ``ignore_index``, ``average`` and
+    ``backend`` are the defaults here) or a callable ``(policy_logps [2B], ref_logps, chain_logps,
+    num_tokens [2B]) -> LossOutput`` whose loss is a mean over pairs. ``mode``: ``"default"`` (pair
+    groups when the loss allows, ``memory_budget`` bytes of logits per group, 512 MiB by default)
+    or ``"low_memory"`` (through :func:`linear_token_logprobs`, 32 MiB chunks by default).
+    ``pair_separable``: whether the loss needs only each pair's own log-probs (default: inferred
+    for PreferenceLoss, False for other callables). ``grad_filter``: the approximate gradient
+    filter of :func:`linear_token_logprobs` (None: exact).
+    """
+    compute = _loss_callable(loss_fn)
+    ignore_index = getattr(loss_fn, "ignore_index", -100) if ignore_index is None else ignore_index
+    average = bool(getattr(loss_fn, "average", False)) if average is None else average
+    backend = getattr(loss_fn, "backend", "auto") if backend is None else backend
+    separable = is_pair_separable(loss_fn) if pair_separable is None else bool(pair_separable)
+    validate_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected shape [2B, T, H] (chosen rows first), got {tuple(hidden.shape)}")
+    if hidden.shape[0] % 2:
+        raise ValueError(
+            f"hidden: expected an even number of rows (chosen rows first, then rejected), got {hidden.shape[0]}"
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    counts = (labels != ignore_index).sum(-1)
+    # Bad ref_logps / chain_logps fail here, before any matmul, with the loss's own messages.
+    with torch.no_grad():
+        compute(torch.zeros(hidden.shape[0], device=hidden.device), ref_logps, chain_logps, counts)
+
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    groups = None
+    if wants_grad and mode == "default" and separable:
+        budget = PAIR_GROUP_BUDGET if memory_budget is None else memory_budget
+        max_rows = rows_for_budget(budget, weight.shape[0], hidden.dtype, labels.numel())
+        num_pairs = hidden.shape[0] // 2
+        groups = _pair_groups((counts[:num_pairs] + counts[num_pairs:]).tolist(), max_rows)
+    if groups:
+        plan = make_plan(hidden, weight, bias, ignore_index=ignore_index, chunk_size=None,
+                         memory_budget=None, mode=mode, grad_filter=grad_filter, backend=backend,
+                         num_rows=labels.numel(), wants_grad=wants_grad)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_logps,
+                                    plan=plan, average=average, groups=groups, counts=counts)
+
+    token_logps = linear_token_logprobs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, mode=mode,
+        memory_budget=memory_budget,
+        grad_filter=grad_filter, backend=backend,
+    )
+    seq_logps = token_logps.sum(-1)
+    if average:
+        seq_logps = seq_logps / counts.clamp(min=1).to(seq_logps.dtype)
+    return compute(seq_logps, ref_logps, chain_logps, counts)
