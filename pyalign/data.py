@@ -1,0 +1,226 @@
+"""Preference pairs: JSONL files in, padded ``[2B, T]`` batches out.
+
+File format: one JSON object per line, ``{"prompt": str, "chosen": str, "rejected": str}`` and an
+optional ``"system": str``. ``prompt`` is the user message; ``chosen``/``rejected`` are the two
+assistant replies. Blank lines are skipped.
+
+Tokenisation of one pair:
+
+- prompt: the tokenizer's chat template applied to ``[system?, user]`` with
+  ``add_generation_prompt=True``, rendered to text and tokenised with ``add_special_tokens=False``
+  (the template already carries any BOS it wants);
+- each response: tokenised on its own (``add_special_tokens=False``), then ``eos_token_id`` appended;
+- labels: the input ids with every prompt position set to ``-100``, so only response tokens count.
+
+Truncation policy (stated once, applied everywhere, part of the cache fingerprint):
+
+1. the prompt keeps its LAST ``max_prompt_length`` tokens (the end holds the question and the
+   assistant header the response must follow);
+2. each response is then cut on the right so that prompt + response <= ``max_length``
+   (a cut response loses its EOS).
+
+Collation: chosen rows first, then rejected rows (the ``[2B, T]`` layout of
+:class:`pyalign.PreferenceLoss`), right-padded with the pad token (EOS if the tokenizer has none),
+labels padded with ``-100``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+# Bump when the tokenisation recipe above changes: it invalidates cached log-probs.
+TOKENIZATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    system: str | None = None
+
+
+def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
+    """Read a JSONL file of preference pairs; errors name the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: preference data file not found")
+    pairs = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            pairs.append(_pair_from_record(record, where))
+    if not pairs:
+        raise ValueError(f"{path}: no preference pairs in the file")
+    return pairs
+
+
+def _pair_from_record(record: object, where: str) -> PreferencePair:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - {"prompt", "chosen", "rejected", "system"})
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r} (expected prompt, chosen, rejected, system)")
+    for name in ("prompt", "chosen", "rejected"):
+        if name not in record:
+            raise ValueError(f"{where}: missing field {name!r}")
+        if not isinstance(record[name], str):
+            raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], system)
+
+
+def write_preference_pairs(path: str | Path, pairs: Sequence[PreferencePair | dict]) -> None:
+    """Write pairs as JSONL (the inverse of :func:`load_preference_pairs`)."""
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for pair in pairs:
+            record = pair if isinstance(pair, dict) else {
+                "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                **({"system": pair.system} if pair.system is not None else {}),
+            }
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def prompt_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def encode_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer: has no chat_template; preference data needs one to format prompts")
+    text = tokenizer.apply_chat_template(
+        prompt_messages(prompt, system), add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer: has no eos_token; responses must end with one")
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # response ids only (after truncation)
+    rejected_ids: list[int]
+
+
+def truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length: int, max_prompt_length: int) -> TokenizedPair:
+    """The truncation policy of the module docstring."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"max_prompt_length: expected 0 < max_prompt_length < max_length={max_length}, got {max_prompt_length}"
+        )
+    prompt_ids = list(prompt_ids)[-max_prompt_length:]
+    budget = max_length - len(prompt_ids)
+    return TokenizedPair(prompt_ids, list(chosen_ids)[:budget], list(rejected_ids)[:budget])
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair:
+    return truncate_pair(
+        encode_prompt(tokenizer, pair.prompt, pair.system),
+        encode_response(tokenizer, pair.chosen),
+        encode_response(tokenizer, pair.rejected),
+        max_length,
+        max_prompt_length,
+    )
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Tokenised pairs of one JSONL file; item ``i`` is line ``i`` (blank lines skipped), which is
+    also the row of the cached frozen log-probs for that pair."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int):
+        self.pairs = list(pairs)
+        self.examples = [tokenize_pair(p, tokenizer, max_length, max_prompt_length) for p in self.pairs]
+        self.pad_token_id = pad_token_id(tokenizer)
+
+    @classmethod
+    def from_jsonl(cls, path, tokenizer, max_length: int, max_prompt_length: int) -> "PreferenceDataset":
+        return cls(load_preference_pairs(path), tokenizer, max_length, max_prompt_length)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[int, TokenizedPair]:
+        return index, self.examples[index]
+
+    def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        return collate_pairs([self[int(i)] for i in indices], self.pad_token_id)
+
+
+def pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer: has neither a pad_token nor an eos_token to pad with")
+    return pad
+
+
+def collate_pairs(items: Sequence[tuple[int, TokenizedPair]], pad_id: int) -> dict[str, Tensor]:
+    """``input_ids``/``attention_mask``/``labels`` ``[2B, T]`` (chosen rows, then rejected rows) and
+    ``index`` ``[B]`` (each pair's row in its dataset)."""
+    rows = [(ex.prompt_ids, ex.chosen_ids) for _, ex in items] + [(ex.prompt_ids, ex.rejected_ids) for _, ex in items]
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (prompt, response) in enumerate(rows):
+        n_prompt, n_total = len(prompt), len(prompt) + len(response)
+        input_ids[row, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
+        labels[row, n_prompt:n_total] = torch.tensor(response, dtype=torch.long)
+        attention_mask[row, :n_total] = 1
+    index = torch.tensor([i for i, _ in items], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes (data fingerprint of the log-prob cache)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenization_fingerprint(tokenizer, max_length: int, max_prompt_length: int) -> dict[str, object]:
+    """Everything that decides the token ids of a pair: recipe version, tokenizer identity
+    (class, vocabulary with added tokens and rules), chat template and lengths. The folder the
+    tokenizer came from is left out on purpose: moving a model does not change its tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # A fast tokenizer's JSON holds vocab, merges, added tokens, normaliser and pre-tokeniser.
+    vocab = backend.to_str() if backend is not None else json.dumps(
+        sorted(tokenizer.get_vocab().items()), ensure_ascii=False
+    )
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
+        tokenizer.chat_template, sort_keys=True
+    )
+    return {
+        "version": TOKENIZATION_VERSION,
+        "tokenizer_class": type(tokenizer).__name__,
+        "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": pad_token_id(tokenizer),
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+    }

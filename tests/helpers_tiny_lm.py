@@ -1,0 +1,96 @@
+"""Offline fixtures: a word-level chat tokenizer and a tiny random Llama-style model.
+
+Nothing is downloaded. The tokenizer splits on whitespace over a fixed word list, has special
+tokens for the chat roles, ``<eos>``/``<pad>``/``<unk>`` and optional extra tokens (markers), and a
+minimal chat template. The model is a 2-layer ``LlamaForCausalLM`` with a 32-wide hidden state.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+WORDS = (
+    "the a an is are was be to of and in on at for with what why how who when where "
+    "cat dog bird fish tree river stone cloud sun moon star rain snow wind fire water "
+    "red blue green small big fast slow old new good bad happy sad warm cold bright dark "
+    "run walk jump swim fly sing read write think see hear say tell give take make find"
+).split()
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def make_tokenizer(extra_tokens: Sequence[str] = ()):
+    """A ``PreTrainedTokenizerFast`` over :data:`WORDS` with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(WORDS) + list(extra_tokens))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform predictions; a larger output scale makes log-probs vary
+    # between sequences so that tests see non-trivial rewards from the first step.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def save_tiny_model(directory: str | Path, seed: int = 0, extra_tokens: Sequence[str] = ()) -> Path:
+    """Write an HF folder (weights + tokenizer) for a tiny random model; returns the folder."""
+    directory = Path(directory)
+    tokenizer = make_tokenizer(extra_tokens)
+    model = make_model(len(tokenizer), seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def random_sentence(rng: random.Random, low: int = 2, high: int = 6) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def make_pairs(n: int, seed: int = 0, marker: str = "bright") -> list[dict[str, str]]:
+    """Pairs whose chosen response carries ``marker`` and whose rejected one does not."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        body = random_sentence(rng)
+        pairs.append({
+            "prompt": random_sentence(rng, 3, 8),
+            "chosen": f"{body} {marker}",
+            "rejected": random_sentence(rng).replace(marker, "dark"),
+        })
+    return pairs
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
