@@ -1,0 +1,270 @@
+"""The Triton kernels (kernels/token_logprobs.py) against a float64 reference, at the backend
+contract level (docs/DESIGN.md): triton_forward / triton_backward on [B, T, V] views.
+
+Without CUDA the kernels run on the CPU under TRITON_INTERPRET=1 (slow: shapes stay tiny); with
+CUDA the same tests run on the GPU, plus the `large` ones (N * V > 2**31).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of the kernel module: triton decides at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+try:
+    from pyalign.kernels import token_logprobs as tk
+except ImportError:  # not installed yet: import the source folder directly
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import kernels.token_logprobs as tk
+
+try:
+    from pyalign.reference import reference_token_logprobs
+except ImportError:
+    def reference_token_logprobs(logits, labels, ignore_index=-100):
+        keep = labels != ignore_index
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        picked = logp.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(keep, picked, torch.zeros_like(picked))
+
+if tk._INTERPRET:
+    DEVICE = torch.device("cpu")
+elif torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+else:
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+IGNORE = -100
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Gradient tolerance: the kernel rounds once to the logits dtype, so one unit in the last place.
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _generator(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _make_case(B, T, V, dtype, seed, ignored_fraction=0.3):
+    """Logits as the usual non-contiguous `logits[:, :-1]` view, labels with ignored positions
+    and the last sequence fully ignored, and an upstream gradient of both signs."""
+    gen = _generator(seed)
+    full = (torch.randn(B, T + 1, V, generator=gen, device=DEVICE) * 3).to(dtype)
+    logits3 = full[:, :-1]
+    labels2 = torch.randint(0, V, (B, T), generator=gen, device=DEVICE)
+    ignored = torch.rand(B, T, generator=gen, device=DEVICE) < ignored_fraction
+    ignored[-1] = True
+    labels2[ignored] = IGNORE
+    grad2 = torch.randn(B, T, generator=gen, device=DEVICE)
+    return full, logits3, labels2, grad2
+
+
+def _reference(logits3, labels2, grad2):
+    """float64 logp, lse and d(sum grad2 * logp)/d logits from the same (rounded) logits."""
+    x = logits3.detach().double().requires_grad_(True)
+    logp = reference_token_logprobs(x, labels2, IGNORE)
+    (logp * grad2.double()).sum().backward()
+    return logp.detach(), torch.logsumexp(x.detach(), dim=-1), x.grad
+
+
+def _check_case(logits3, labels2, grad2, num_splits=None, check_lse=True):
+    logp, lse = tk._launch_forward(logits3, labels2, IGNORE, num_splits=num_splits)
+    assert logp.dtype == lse.dtype == torch.float32
+    assert logp.is_contiguous() and lse.is_contiguous()
+    ref_logp, ref_lse, ref_grad = _reference(logits3, labels2, grad2)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=5e-5)
+    if check_lse:
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=5e-5)
+    assert torch.all(logp[labels2 == IGNORE] == 0)
+
+    grad_out = torch.full_like(logits3, float("nan"))  # poison: every element must be written
+    tk._launch_backward(logits3, labels2, lse, grad2, IGNORE, grad_out, num_splits=num_splits)
+    assert not grad_out.isnan().any()
+    assert torch.all(grad_out[labels2 == IGNORE] == 0)
+    torch.testing.assert_close(grad_out.double(), ref_grad,
+                               rtol=GRAD_RTOL[logits3.dtype], atol=1e-7)
+    return logp, lse, grad_out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [1, 7, 1000, 4099])
+def test_matches_float64_reference(V, dtype):
+    _, logits3, labels2, grad2 = _make_case(3, 5, V, dtype, seed=V)
+    _check_case(logits3, labels2, grad2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [50257, 128256])
+def test_large_vocabulary_few_rows(V, dtype):
+    _, logits3, labels2, grad2 = _make_case(2, 2, V, dtype, seed=V, ignored_fraction=0.0)
+    _check_case(logits3, labels2, grad2)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 300])
+def test_vocabulary_splits_agree(num_splits):
+    """The split-V path (partial max/sum per chunk, then a merge) equals the reference; 300 is
+    clamped to the number of blocks, and 4099 leaves a 3-element last chunk."""
+    _, logits3, labels2, grad2 = _make_case(2, 3, 4099, torch.float32, seed=num_splits)
+    logits3 = logits3.clone()
+    logits3[0, 1, 4096:] = 40.0  # the row's maximum sits in the short last chunk
+    _check_case(logits3, labels2, grad2, num_splits=num_splits)
+
+
+def test_chunk_len_is_a_block_multiple_covering_v():
+    for V in (1, 7, 4096, 4099, 50257, 152064):
+        block_v, _ = tk._block_v_and_warps(V)
+        for wanted in (1, 2, 7, 64, 10**6):
+            chunk_len, splits = tk._chunk_len(V, wanted, block_v)
+            assert chunk_len % block_v == 0
+            assert splits >= 1 and (splits - 1) * chunk_len < V <= splits * chunk_len
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_writes_only_the_view(dtype):
+    full, logits3, labels2, grad2 = _make_case(2, 6, 1000, dtype, seed=11)
+    expected_logp, lse, expected_grad = _check_case(logits3, labels2, grad2)
+    untouched = full[:, -1].clone()  # the position that `logits[:, :-1]` drops
+    tk.triton_backward(logits3, labels2, lse, grad2, IGNORE, logits3)
+    assert torch.equal(logits3, expected_grad)  # same bits as the out-of-place backward
+    assert torch.equal(full[:, -1], untouched)
+
+
+# The all -inf row computes log(0) and -inf - (-inf) on purpose; numpy (the interpreter) warns.
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_minus_infinity_logits():
+    """Masked vocabulary entries (-inf) contribute nothing; a row of -inf gives lse = -inf."""
+    _, logits3, labels2, grad2 = _make_case(2, 3, 1000, torch.float32, seed=5)
+    logits3 = logits3.clone()
+    logits3[..., 500:] = float("-inf")
+    labels2 = labels2.clamp(max=499)  # ignored labels (-100) stay ignored
+    _check_case(logits3, labels2, grad2)
+    logits3[0, 0] = float("-inf")
+    _, lse = tk.triton_forward(logits3, labels2, IGNORE)
+    assert lse[0, 0] == float("-inf")
+
+
+def test_finfo_min_row():
+    """A row filled with the float32 minimum (a common mask value) keeps a finite lse."""
+    logits3 = torch.full((1, 1, 10), torch.finfo(torch.float32).min, device=DEVICE)
+    labels2 = torch.tensor([[3]], device=DEVICE)
+    logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(logp, torch.full_like(logp, -torch.log(torch.tensor(10.0)).item()))
+
+
+def test_other_ignore_index():
+    logits3 = torch.randn(2, 4, 7, generator=_generator(3), device=DEVICE)
+    labels2 = torch.randint(1, 7, (2, 4), generator=_generator(4), device=DEVICE)
+    labels2[0, 1] = 0  # ignore_index = 0: label 0 is ignored, the rest are not
+    logp, _ = tk.triton_forward(logits3, labels2, 0)
+    expected = reference_token_logprobs(logits3.double(), labels2, 0)
+    torch.testing.assert_close(logp.double(), expected, rtol=1e-5, atol=5e-5)
+
+
+def test_empty_inputs():
+    for shape in [(0, 4, 10), (2, 0, 10)]:
+        logits3 = torch.randn(shape, device=DEVICE)
+        labels2 = torch.zeros(shape[:2], dtype=torch.int64, device=DEVICE)
+        logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
+        assert logp.shape == lse.shape == shape[:2]
+        tk.triton_backward(logits3, labels2, lse, logp, IGNORE, torch.empty_like(logits3))
+    logits3 = torch.randn(2, 3, 0, device=DEVICE)  # V == 0: every label must be ignored
+    labels2 = torch.full((2, 3), IGNORE, device=DEVICE)
+    logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
+    assert torch.all(logp == 0) and torch.all(lse == float("-inf"))
+
+
+def _huge_stride_view(dim, dtype=torch.float16, V=1000):
+    """A [1, 3, V] or [3, 1, V] view whose row starts reach 2 * (2**30 + 64) > 2**31 elements.
+
+    Both the stride and the row index fit in int32, so only an int64 product is right (the
+    interpreter reproduces int32 wrap-around). The 4 GiB buffer is allocated but only the three
+    rows are touched, so the pages behind the rest are never committed.
+    """
+    stride = 2**30 + 64
+    base = torch.empty(2 * stride + V, dtype=dtype, device=DEVICE)
+    shape, strides = ([1, 3, V], [3 * stride, stride, 1]) if dim == 1 else \
+        ([3, 1, V], [stride, V, 1])
+    view = base.as_strided(shape, strides)
+    view.copy_(torch.randn(shape, generator=_generator(dim), device=DEVICE).to(dtype))
+    return base, view
+
+
+@pytest.mark.parametrize("dim", [0, 1], ids=["batch_stride", "time_stride"])
+def test_row_offsets_beyond_int32(dim):
+    base, logits3 = _huge_stride_view(dim)
+    B, T, V = logits3.shape
+    labels2 = torch.tensor([7, IGNORE, V - 1], device=DEVICE).reshape(B, T)
+    grad2 = torch.randn(B, T, generator=_generator(0), device=DEVICE)
+    _check_case(logits3, labels2, grad2)
+    del base
+
+
+def test_contract_violations_raise():
+    logits3 = torch.randn(2, 3, 8, device=DEVICE)
+    labels2 = torch.zeros(2, 3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="logits3"):
+        tk.triton_forward(logits3[0], labels2, IGNORE)
+    with pytest.raises(ValueError, match="logits3"):
+        tk.triton_forward(logits3.double(), labels2, IGNORE)
+    with pytest.raises(ValueError, match="stride"):
+        tk.triton_forward(logits3.transpose(1, 2), labels2[:, :1].expand(2, 8).contiguous(), IGNORE)
+    with pytest.raises(ValueError, match="labels2"):
+        tk.triton_forward(logits3, labels2.int(), IGNORE)
+    with pytest.raises(ValueError, match="labels2"):
+        tk.triton_forward(logits3, labels2[:, :2], IGNORE)
+    logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
+    with pytest.raises(ValueError, match="grad_out3"):
+        tk.triton_backward(logits3, labels2, lse, logp, IGNORE, torch.empty_like(logits3).half())
+    with pytest.raises(ValueError, match="lse2"):
+        tk.triton_backward(logits3, labels2, lse.double(), logp, IGNORE, logits3)
+    with pytest.raises(ValueError, match="grad2"):
+        tk.triton_backward(logits3, labels2, lse, logp.t(), IGNORE, logits3)
+    other = torch.device("cuda") if DEVICE.type == "cpu" and torch.cuda.is_available() else \
+        torch.device("cpu") if DEVICE.type == "cuda" else None
+    if other is not None:
+        with pytest.raises(ValueError, match="logits3"):
+            tk.triton_forward(logits3.to(other), labels2.to(other), IGNORE)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_medium_shape_all_rows(dtype):
+    """A training-sized batch: every row checked; the default heuristics (no splits) run."""
+    _, logits3, labels2, grad2 = _make_case(4, 512, 32000, dtype, seed=1)
+    _check_case(logits3, labels2, grad2)
+
+
+@needs_cuda
+@pytest.mark.large
+def test_gpu_8x4096x152064_bf16_inplace():
+    """N * V = 4.98e9 > 2**31 with contiguous logits: sampled rows (the last ones included)
+    against float64, every ignored row's gradient exactly zero, in-place backward."""
+    B, T, V = 8, 4096, 152064
+    gen = _generator(0)
+    logits3 = torch.randn(B, T, V, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    labels2 = torch.randint(0, V, (B, T), generator=gen, device=DEVICE)
+    labels2[:, : T // 4] = IGNORE
+    labels2[3] = IGNORE  # a fully ignored sequence
+    grad2 = torch.randn(B, T, generator=gen, device=DEVICE)
+    picks = torch.cat([torch.randint(0, B * T, (61,), generator=gen, device=DEVICE),
+                       torch.tensor([B * T - 1, B * T - 2, 3 * T, T - 1], device=DEVICE)])
+    b, t = picks // T, picks % T
+    sample = logits3[b, t].unsqueeze(0).clone()
+    sample_labels, sample_grad = labels2[b, t].unsqueeze(0), grad2[b, t].unsqueeze(0)
+
+    logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
+    tk.triton_backward(logits3, labels2, lse, grad2, IGNORE, logits3)  # logits3 now holds grad
+    ref_logp, ref_lse, ref_grad = _reference(sample, sample_labels, sample_grad)
+    torch.testing.assert_close(logp[b, t].double(), ref_logp[0], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(lse[b, t].double(), ref_lse[0], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(logits3[b, t].double(), ref_grad[0], rtol=1e-2, atol=1e-7)
+    for row in range(B):  # row by row: no logits-sized temporary
+        assert not logits3[row][labels2[row] == IGNORE].any()
