@@ -94,3 +94,12 @@ def write_jsonl(path: str | Path, records: Sequence[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def one_thread():
+    """Generator for an autouse fixture: the tiny models run fastest on one thread (on a loaded
+    2-core machine two threads spin against each other, ~50x slower); restores the old count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

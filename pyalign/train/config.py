@@ -1,0 +1,358 @@
+"""Training configuration: YAML (or a dict) -> validated dataclasses.
+
+Every field is checked and every error names the field by its path, e.g.
+``training.lr: expected a positive float, got -1``; unknown fields are refused by name.
+Relative paths are resolved against the current working directory when the config is loaded,
+and stored absolute. YAML reads ``1e-5`` as a string (YAML 1.1 wants ``1.0e-5``); float fields
+accept such strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+LOSSES = ("dpo", "ipo", "hinge", "robust", "apo_zero", "apo_down", "kto_pair", "spo")
+SMOOTHED_LOSSES = ("dpo", "robust")  # the losses that take label_smoothing
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message starts with the field's path."""
+
+
+# ----------------------------------------------------------------------------- field checks
+# Each check takes (path, value) and returns the normalised value or raises ConfigError.
+
+def _fail(path: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: expected {expected}, got {value!r}")
+
+
+def _number(path: str, value: Any, expected: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _fail(path, expected, value) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, expected, value)
+    return float(value)
+
+
+def positive_float(path, value):
+    number = _number(path, value, "a positive float")
+    if number <= 0:
+        raise _fail(path, "a positive float", value)
+    return number
+
+
+def non_negative_float(path, value):
+    number = _number(path, value, "a non-negative float")
+    if number < 0:
+        raise _fail(path, "a non-negative float", value)
+    return number
+
+
+def fraction(path, value):
+    """A float in [0, 1)."""
+    number = _number(path, value, "a float in [0, 1)")
+    if not 0 <= number < 1:
+        raise _fail(path, "a float in [0, 1)", value)
+    return number
+
+
+def unit_interval(path, value):
+    """A float in [0, 1]."""
+    number = _number(path, value, "a float in [0, 1]")
+    if not 0 <= number <= 1:
+        raise _fail(path, "a float in [0, 1]", value)
+    return number
+
+
+def integer(path, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, "an integer", value)
+    return value
+
+
+def positive_int(path, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(path, "a positive integer", value)
+    return value
+
+
+def non_negative_int(path, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(path, "a non-negative integer", value)
+    return value
+
+
+def boolean(path, value):
+    if not isinstance(value, bool):
+        raise _fail(path, "true or false", value)
+    return value
+
+
+def choice(*options: str) -> Callable:
+    def check(path, value):
+        if value not in options:
+            raise _fail(path, "one of " + ", ".join(options), value)
+        return value
+    return check
+
+
+def text(path, value):
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, "a non-empty string", value)
+    return value
+
+
+def path_value(path, value):
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise _fail(path, "a path", value)
+    return str(Path(value).expanduser().resolve())
+
+
+def optional(check: Callable) -> Callable:
+    def check_optional(path, value):
+        return None if value is None else check(path, value)
+    return check_optional
+
+
+def list_of(check: Callable, *, non_empty: bool = True) -> Callable:
+    def check_list(path, value):
+        if not isinstance(value, (list, tuple)) or (non_empty and not value):
+            raise _fail(path, "a non-empty list" if non_empty else "a list", value)
+        return [check(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return check_list
+
+
+def device_name(path, value):
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise _fail(path, "auto, cpu, cuda or cuda:N", value)
+    return value
+
+
+def target_modules(path, value):
+    if value == "all-linear":
+        return value
+    return list_of(text)(path, value)
+
+
+def alpha_value(path, value):
+    """One alpha for every earlier round, or a list (checked against the rounds later)."""
+    if isinstance(value, (list, tuple)):
+        return [unit_interval(f"{path}[{i}]", a) for i, a in enumerate(value)]
+    return unit_interval(path, value)
+
+
+def round_name(path, value):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise _fail(path, "a name of letters, digits, '_', '-', '.'", value)
+    return value
+
+
+def _field(default=dataclasses.MISSING, check: Callable = None, doc: str = ""):
+    """A dataclass field with its check and one-line documentation."""
+    kwargs = {"metadata": {"check": check, "doc": doc}}
+    if isinstance(default, type):  # a section: its own defaults
+        kwargs["default_factory"] = default
+    elif isinstance(default, list):
+        kwargs["default_factory"] = lambda d=default: list(d)
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass
+class ModelConfig:
+    path: str = _field(check=path_value, doc="local HF model folder (weights + tokenizer) of pi_0")
+    dtype: str = _field("float32", choice("float32", "bfloat16"), "weights' dtype in memory and on disk")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _field(8, positive_int, "LoRA rank")
+    alpha: float = _field(32.0, positive_float, "LoRA scaling numerator (lora_alpha)")
+    dropout: float = _field(0.0, fraction, "LoRA dropout")
+    target_modules: Any = _field(["q_proj", "v_proj"], target_modules, "module names, or all-linear")
+    trainable_token_indices: Any = _field(
+        None, optional(list_of(non_negative_int)),
+        "token ids whose embedding rows are trained too (e.g. newly added tokens)",
+    )
+
+
+@dataclass
+class MethodConfig:
+    loss: str = _field("dpo", choice(*LOSSES), "preference loss of every round (spo: round 1 is DPO)")
+    beta: float = _field(0.1, positive_float, "KL strength beta")
+    alpha: Any = _field(0.1, alpha_value, "spo importance of earlier dimensions: one value or one per earlier round")
+    nll_weight: float = _field(0.0, non_negative_float, "weight of the NLL (SFT) term on chosen responses")
+    label_smoothing: float = _field(0.0, fraction, "label smoothing / noise rate (dpo, robust)")
+
+    def alphas_for_round(self, round_number: int) -> list[float]:
+        """alpha_1..alpha_{n-1} for SPO round n (1-based)."""
+        if isinstance(self.alpha, list):
+            return list(self.alpha[: round_number - 1])
+        return [self.alpha] * (round_number - 1)
+
+
+@dataclass
+class RoundConfig:
+    name: str = _field(check=round_name, doc="the preference dimension's name (folder name)")
+    train: str = _field(check=path_value, doc="JSONL preference pairs to train on")
+    eval: Any = _field(None, optional(path_value), "JSONL preference pairs to evaluate on")
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = _field(1e-5, positive_float, "peak learning rate")
+    epochs: int = _field(2, positive_int, "epochs per round")
+    batch_size: int = _field(4, positive_int, "pairs per micro-batch")
+    grad_accum: int = _field(1, positive_int, "micro-batches per optimizer step")
+    eval_batch_size: Any = _field(None, optional(positive_int), "pairs per eval/log-prob batch (default batch_size)")
+    max_length: int = _field(512, positive_int, "max tokens of prompt + response")
+    max_prompt_length: int = _field(256, positive_int, "max prompt tokens (the prompt's tail is kept)")
+    warmup_ratio: float = _field(0.1, fraction, "fraction of steps with linear warm-up")
+    lr_scheduler: str = _field("linear", choice("linear", "cosine", "constant"), "decay after warm-up")
+    weight_decay: float = _field(0.0, non_negative_float, "AdamW weight decay")
+    max_grad_norm: Any = _field(1.0, optional(positive_float), "gradient clipping (null: none)")
+    seed: int = _field(0, integer, "seed of LoRA init, data order and dropout")
+    gradient_checkpointing: bool = _field(False, boolean, "recompute activations in backward")
+    mixed_precision: str = _field("auto", choice("auto", "bf16", "no"), "auto: bf16 autocast on CUDA only")
+    device: str = _field("auto", device_name, "auto, cpu, cuda, cuda:N")
+    eval_every: int = _field(0, non_negative_int, "evaluate every N steps (0: at the end of each round)")
+    save_every: int = _field(50, non_negative_int, "checkpoint every N steps (0: no mid-round checkpoints)")
+    log_every: int = _field(10, positive_int, "log every N steps")
+    keep_checkpoints: int = _field(1, positive_int, "checkpoints kept per round")
+    progress_bar: bool = _field(True, boolean, "tqdm progress bars")
+    tensorboard: bool = _field(True, boolean, "write tensorboard logs")
+
+
+@dataclass
+class SequentialConfig:
+    model: ModelConfig = _field(check=None, doc="the starting model pi_0")
+    rounds: list = _field(check=None, doc="preference dimensions, trained in this order")
+    output_dir: str = _field(check=path_value, doc="where rounds, checkpoints and caches go")
+    lora: LoraConfig = _field(LoraConfig, None, "LoRA adapter")
+    method: MethodConfig = _field(MethodConfig, None, "loss and its coefficients")
+    training: TrainingConfig = _field(TrainingConfig, None, "optimisation")
+    cache_dir: Any = _field(None, optional(path_value), "frozen log-prob cache (default output_dir/logprob_cache)")
+    recompute_stale_cache: bool = _field(False, boolean, "recompute stale cached log-probs instead of refusing")
+
+    @property
+    def logprob_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "logprob_cache"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "method": MethodConfig, "training": TrainingConfig}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _build(cls, data: Any, path: str):
+    """Instantiate dataclass ``cls`` from ``data`` checking every field; ``path`` prefixes errors."""
+    if not isinstance(data, dict):
+        raise _fail(path, "a mapping of fields", data)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}: unknown field (known: {', '.join(fields)})".lstrip("."))
+    values = {}
+    for name, spec in fields.items():
+        where = f"{path}.{name}".lstrip(".")
+        if name not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: required field is missing")
+            continue
+        check = spec.metadata.get("check")
+        values[name] = check(where, data[name]) if check else data[name]
+    return cls(**values)
+
+
+def load_config(source: str | os.PathLike | dict | SequentialConfig) -> SequentialConfig:
+    """A YAML file path, a dict of the same shape, or a config (returned as is)."""
+    if isinstance(source, SequentialConfig):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        import yaml  # noqa: PLC0415
+
+        file = Path(source)
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: config file not found")
+        with file.open(encoding="utf-8") as handle:
+            try:
+                source = yaml.safe_load(handle)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{file}: not valid YAML ({error})") from None
+    if not isinstance(source, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(source).__name__}")
+
+    data = dict(source)
+    for name, cls in SECTIONS.items():
+        if name in data:
+            data[name] = _build(cls, data[name] if data[name] is not None else {}, name)
+    if "rounds" in data:
+        rounds = data["rounds"]
+        if not isinstance(rounds, list) or not rounds:
+            raise _fail("rounds", "a non-empty list of {name, train, eval}", rounds)
+        data["rounds"] = [_build(RoundConfig, r, f"rounds[{i}]") for i, r in enumerate(rounds)]
+    config = _build(SequentialConfig, data, "")
+    _check_across_fields(config)
+    return config
+
+
+def _check_across_fields(config: SequentialConfig) -> None:
+    training, method, rounds = config.training, config.method, config.rounds
+    if training.max_prompt_length >= training.max_length:
+        raise ConfigError(
+            f"training.max_prompt_length: must be below training.max_length={training.max_length} "
+            f"(the response needs room), got {training.max_prompt_length}"
+        )
+    names = [r.name for r in rounds]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"rounds[{i}].name: {name!r} is used twice")
+    if isinstance(method.alpha, list) and len(method.alpha) != len(rounds) - 1:
+        raise ConfigError(
+            f"method.alpha: expected {len(rounds) - 1} values (one per round but the last), "
+            f"got {len(method.alpha)}"
+        )
+    if method.label_smoothing and method.loss not in SMOOTHED_LOSSES:
+        raise ConfigError(
+            f"method.label_smoothing: only {' and '.join(SMOOTHED_LOSSES)} use it, "
+            f"got {method.label_smoothing} with loss {method.loss}"
+        )
+    if method.loss == "robust" and method.label_smoothing >= 0.5:
+        raise ConfigError(f"method.label_smoothing: robust needs a value below 0.5, got {method.label_smoothing}")
+    if not Path(config.model.path).is_dir():
+        raise ConfigError(f"model.path: no such model folder: {config.model.path}")
+    for i, r in enumerate(rounds):
+        for split in ("train", "eval"):
+            file = getattr(r, split)
+            if file is not None and not Path(file).is_file():
+                raise ConfigError(f"rounds[{i}].{split}: file not found: {file}")
+
+
+def describe_fields() -> str:
+    """The config reference as text (one line per field), for ``pyalign config --help``."""
+    lines = []
+    for section, cls in [("", SequentialConfig), *SECTIONS.items(), ("rounds[]", RoundConfig)]:
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS or f.name == "rounds":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+            )
+            name = f"{section}.{f.name}" if section else f.name
+            lines.append(f"{name:34s} {default!s:22s} {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""On-disk cache of the frozen models' sequence log-probs.
+
+SPO round n needs log pi_i(y) for i = 0..n-1 on round n's pairs, but only trains pi_n. Each frozen
+model pi_i is run once, right after it is formed, on the data of every later round that needs it;
+the results are stored here, so round n never holds pi_0..pi_{n-2} in memory.
+
+One file per (model i, round r, split): ``model_<i>/round_<r>_<split>.pt`` holding the chosen and
+rejected log-probs ``[N]`` (row = pair index in the JSONL file) and the KEY they were computed
+under: model fingerprint, data fingerprint (hash of the file), tokenisation fingerprint
+(tokenizer, chat template, lengths, recipe version) and log-prob settings (length-averaged or not,
+autocast). A file whose key differs from the one expected now is STALE: it is refused with an
+error naming what changed, or recomputed when ``recompute_stale=True``. Files are written to a
+temporary name and renamed, so a killed run never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pyalign.data import PreferenceDataset
+from pyalign.train.modeling import autocast_context, policy_sequence_logprobs
+
+
+class StaleLogprobCacheError(RuntimeError):
+    """A cached entry was computed under a different model, data or tokenisation."""
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    model_index: int  # i of pi_i
+    model_fingerprint: str
+    round_index: int  # 1-based round whose data this is
+    split: str  # "train" or "eval"
+    data_fingerprint: str
+    tokenization: dict
+    average: bool  # length-averaged log-probs (ipo)
+    precision: str  # "fp32" or "bf16-autocast"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FrozenLogprobs:
+    """Log-probs of the frozen chain pi_0..pi_{n-1} (or a subset) on one data set: ``[n, N]``."""
+
+    chosen: Tensor
+    rejected: Tensor
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Chain log-probs ``[n, 2B]`` for the pairs ``index`` in the collated layout."""
+        return torch.cat([self.chosen[:, index], self.rejected[:, index]], dim=1)
+
+
+def _differences(stored: dict, expected: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for name in sorted(set(stored) | set(expected)):
+        old, new = stored.get(name), expected.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _differences(old, new, f"{prefix}{name}.")
+        elif old != new:
+            changes.append(f"{prefix}{name} (cached {old!r}, now {new!r})")
+    return changes
+
+
+class LogprobCache:
+    def __init__(self, directory: str | Path, *, recompute_stale: bool = False):
+        self.directory = Path(directory)
+        self.recompute_stale = recompute_stale
+
+    def path(self, key: CacheKey) -> Path:
+        return self.directory / f"model_{key.model_index}" / f"round_{key.round_index}_{key.split}.pt"
+
+    def load(self, key: CacheKey) -> tuple[Tensor, Tensor] | None:
+        """The cached (chosen, rejected) for ``key``; None when absent (or stale and
+        ``recompute_stale``); raises :class:`StaleLogprobCacheError` when stale."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        changes = _differences(entry["key"], key.as_dict())
+        if changes:
+            if self.recompute_stale:
+                return None
+            raise StaleLogprobCacheError(
+                f"{path}: stale log-prob cache; changed since it was written: {'; '.join(changes)}. "
+                "Delete the file (or the output directory), or rerun with --recompute-stale-cache "
+                "(config: recompute_stale_cache: true) to recompute it."
+            )
+        return entry["chosen"], entry["rejected"]
+
+    def save(self, key: CacheKey, chosen: Tensor, rejected: Tensor) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save({"key": key.as_dict(), "chosen": chosen.cpu(), "rejected": rejected.cpu()}, partial)
+        os.replace(partial, path)
+        return path
+
+
+@torch.no_grad()
+def dataset_logprobs(
+    model, dataset: PreferenceDataset, *, batch_size: int, device: torch.device,
+    mixed_precision: str, average: bool,
+) -> tuple[Tensor, Tensor]:
+    """Sequence log-probs (chosen ``[N]``, rejected ``[N]``, float32, CPU) of every pair under
+    ``model``, computed exactly as the trainer computes the policy's (same function, same autocast)."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        batch = {k: v.to(device) for k, v in dataset.batch(indices).items()}
+        with autocast_context(device, mixed_precision):
+            logps = policy_sequence_logprobs(model, batch, average=average).float().cpu()
+        half = len(indices)
+        chosen.append(logps[:half])
+        rejected.append(logps[half:])
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)

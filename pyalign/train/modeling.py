@@ -1,0 +1,127 @@
+"""Model plumbing for the trainer: loading, LoRA, merging, fingerprints, policy log-probs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import pyalign
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"training.device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast_context(device: torch.device, mixed_precision: str):
+    """bf16 autocast on CUDA for ``auto``/``bf16``; nothing on CPU unless ``bf16`` is asked for."""
+    if mixed_precision == "no" or (mixed_precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(path: str | Path, dtype: str, device: torch.device):
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    return model.to(device)
+
+
+def apply_lora(model, lora, *, seed: int):
+    """Wrap ``model`` in a peft LoRA adapter (``lora``: a :class:`LoraConfig` section).
+    ``seed`` fixes the adapter's random init."""
+    import peft  # noqa: PLC0415
+
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    for i, token in enumerate(lora.trainable_token_indices or []):
+        if token >= vocab_size:
+            raise ValueError(f"lora.trainable_token_indices[{i}]: {token} is outside the vocabulary of {vocab_size}")
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        trainable_token_indices=lora.trainable_token_indices or None,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def policy_sequence_logprobs(model, batch: dict[str, Tensor], *, average: bool = False) -> Tensor:
+    """Sequence log-probs ``[2B]`` of the batch's responses under ``model``.
+
+    The one place where log-probs come from a model: logits at position t predict token t+1,
+    so logits[:, :-1] pair with labels[:, 1:]. A fused-linear variant (hidden states x lm_head,
+    never materialising the logits) can replace this function without touching the trainer.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return pyalign.sequence_logprobs(logits[:, :-1], batch["labels"][:, 1:], average=average)
+
+
+def response_token_counts(batch: dict[str, Tensor]) -> Tensor:
+    """Scored tokens per row ``[2B]`` (for the length-normalised NLL term)."""
+    return (batch["labels"][:, 1:] != -100).sum(-1)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """blake2b over the config and weight files of a model folder (names and bytes), so a
+    changed or replaced model is detected. Tokenizer files are covered by the tokenisation key."""
+    path = Path(path)
+    digest = hashlib.blake2b(digest_size=20)
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise ValueError(f"model.path: no weight files in {path}")
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def save_merged_model(peft_model, tokenizer, directory: str | Path) -> Path:
+    """Merge the LoRA (and trained token rows) into the base weights and save an ordinary HF
+    folder with the tokenizer. Written next to ``directory`` and renamed into place, so the
+    folder either exists complete or not at all."""
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(partial, directory)
+    return directory
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(partial, path)
