@@ -189,6 +189,14 @@ def _block_v_and_warps(V):
     return block_v, num_warps
 
 
+def _launch_config(V, block_v, num_warps):
+    default_block_v, default_warps = _block_v_and_warps(V)
+    block_v = block_v or default_block_v
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    return block_v, num_warps or default_warps
+
+
 def _target_programs(device):
     """Programs wanted in flight to fill the device: a few per multiprocessor."""
     if device.type == "cuda":
@@ -251,8 +259,9 @@ def _describe(x):
     return type(x).__name__
 
 
-def _launch_forward(logits3, labels2, ignore_index, num_splits=None):
-    """Forward with an optional forced number of vocabulary splits (tests use it)."""
+def _launch_forward(logits3, labels2, ignore_index, num_splits=None, block_v=None,
+                    num_warps=None):
+    """Forward; the keyword arguments override the heuristics (tests and tuning sweeps)."""
     _check_logits("logits3", logits3)
     B, T, V = logits3.shape
     _check_rows("labels2", labels2, (B, T), torch.int64, logits3.device)
@@ -264,7 +273,7 @@ def _launch_forward(logits3, labels2, ignore_index, num_splits=None):
     if V == 0:  # every label must then be ignored (the dispatcher checks labels)
         return logp2.zero_(), lse2.fill_(float("-inf"))
 
-    block_v, num_warps = _block_v_and_warps(V)
+    block_v, num_warps = _launch_config(V, block_v, num_warps)
     if num_splits is None:
         num_splits = _choose_splits(rows, V, block_v, logits3.device)
     chunk_len, num_splits = _chunk_len(V, num_splits, block_v)
@@ -290,8 +299,9 @@ def _launch_forward(logits3, labels2, ignore_index, num_splits=None):
     return logp2, lse2
 
 
-def _launch_backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3, num_splits=None):
-    """Backward with an optional forced number of vocabulary splits (tests use it)."""
+def _launch_backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3, num_splits=None,
+                     block_v=None, num_warps=None):
+    """Backward; the keyword arguments override the heuristics (tests and tuning sweeps)."""
     _check_logits("logits3", logits3)
     B, T, V = logits3.shape
     device = logits3.device
@@ -309,7 +319,7 @@ def _launch_backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3, num
     if rows == 0 or V == 0:
         return
 
-    block_v, num_warps = _block_v_and_warps(V)
+    block_v, num_warps = _launch_config(V, block_v, num_warps)
     if num_splits is None:
         num_splits = _choose_splits(rows, V, block_v, device)
     chunk_len, num_splits = _chunk_len(V, num_splits, block_v)
