@@ -1,0 +1,337 @@
+"""Forward + backward of a DPO loss from logits: pyalign's backends against eager PyTorch (both
+styles), torch.compile and Liger-Kernel, in one process, on the same inputs (SPEC section 4).
+
+    python -m bench.logprobs                      # CPU: 8x256x32000 fp32
+    python -m bench.logprobs --device cuda        # the three SPEC shapes, bf16 and fp32
+
+Workload: 4 pairs (8 sequences, chosen rows first), labels ignored (-100) on the first quarter of
+positions, logits a random normal tensor requiring grad, fixed random reference log-probs. Every
+method's loss value and logits gradient are checked against a float64 computation on the same
+logits. Prints one table per case; writes JSON, markdown and a PNG chart under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import common
+from bench.methods import (
+    BETA, IGNORE_INDEX, Method, dpo_loss, logits_methods, masked_labels,
+)
+from bench.plot import plot_cases
+
+DEFAULTS = {
+    "cpu": {"shapes": "8x256x32000", "dtypes": "fp32", "repeats": 5, "warmup": 1, "copy_mib": 256},
+    "cuda": {"shapes": "8x1024x32000,8x1024x128256,8x4096x152064", "dtypes": "bf16,fp32",
+             "repeats": 20, "warmup": 3, "copy_mib": 2048},
+}
+REFERENCE_CHUNK_BYTES = 256 * common.MIB
+
+
+class LogitsCase:
+    """The inputs of one (shape, dtype): logits [seqs, T, V] requiring grad, labels, reference
+    log-probs. The logits can be regenerated bit for bit from the seed, which is how methods that
+    overwrite them (in-place gradients) get fresh inputs without a second logits-sized copy."""
+
+    def __init__(self, shape, dtype, device, logit_std: float, seed: int):
+        seqs, time, vocab = shape
+        if seqs % 2:
+            raise ValueError(f"--shapes: the number of sequences must be even (pairs), got {seqs}")
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.logit_std, self.seed = logit_std, seed
+        self.logits = torch.empty(shape, dtype=dtype, device=device, requires_grad=True)
+        self._fill()
+        self._fingerprint = self._take_fingerprint()
+        self.dirty = False
+        labels_gen = torch.Generator().manual_seed(seed + 1)
+        labels = torch.randint(0, vocab, (seqs, time), generator=labels_gen)
+        labels[:, : time // 4] = IGNORE_INDEX
+        self.labels = labels.to(device)
+        self.safe_labels, self.mask = masked_labels(self.labels)
+        self.ref_logps = None  # set from the float64 reference (see main)
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.logits.numel() * self.logits.element_size()
+
+    def _fill(self) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        with torch.no_grad():
+            self.logits.normal_(0.0, self.logit_std, generator=generator)
+
+    def _take_fingerprint(self):
+        flat = self.logits.detach().view(-1)
+        return torch.sum(flat, dtype=torch.float64).item(), flat[:: 7919].clone()
+
+    def restore(self) -> None:
+        """Regenerate the logits if a method overwrote them, and prove they are the same."""
+        if not self.dirty:
+            return
+        self._fill()
+        total, sample = self._take_fingerprint()
+        if total != self._fingerprint[0] or not torch.equal(sample, self._fingerprint[1]):
+            raise RuntimeError("regenerating the logits from the seed gave different values")
+        self.dirty = False
+
+
+class Reference:
+    """Float64 log-sum-exp per row, sequence log-probs, and the DPO loss and its gradient, computed
+    chunk by chunk (never a float64 copy of all the logits)."""
+
+    def __init__(self, case: LogitsCase):
+        vocab = case.shape[-1]
+        self.case = case
+        self.rows_per_chunk = max(1, REFERENCE_CHUNK_BYTES // (vocab * 8))
+        flat = case.logits.detach().view(-1, vocab)
+        labels = case.safe_labels.view(-1, 1)
+        mask = case.mask.view(-1)
+        self.lse = torch.empty(flat.shape[0], dtype=torch.float64, device=case.device)
+        token = torch.empty_like(self.lse)
+        for start in range(0, flat.shape[0], self.rows_per_chunk):
+            rows = slice(start, start + self.rows_per_chunk)
+            x = flat[rows].double()
+            self.lse[rows] = torch.logsumexp(x, dim=-1)
+            token[rows] = (x.gather(1, labels[rows]).squeeze(1) - self.lse[rows]) * mask[rows]
+            del x
+        self.sequence = token.view(case.shape[:2]).sum(-1)
+
+    def loss_and_dsequence(self, ref_logps: torch.Tensor) -> tuple[float, torch.Tensor]:
+        sequence = self.sequence.clone().requires_grad_(True)
+        loss = dpo_loss(sequence, ref_logps.double())
+        (dsequence,) = torch.autograd.grad(loss, sequence)
+        return loss.item(), dsequence
+
+    def grad_errors(self, grad: torch.Tensor, dsequence: torch.Tensor) -> dict:
+        """max |grad - ref| and ||grad - ref|| / ||ref|| over all logits (the case's logits must
+        be the original ones again)."""
+        seqs, time, vocab = self.case.shape
+        flat = self.case.logits.detach().view(-1, vocab)
+        grad_flat = grad.reshape(-1, vocab)
+        labels = self.case.safe_labels.view(-1, 1)
+        # Upstream gradient per position: d loss / d sequence log-prob, zero where ignored.
+        coef = (dsequence.view(seqs, 1).expand(seqs, time).reshape(-1)
+                * self.case.mask.view(-1).double())
+        max_abs = diff_sq = ref_sq = 0.0
+        finite = True
+        for start in range(0, flat.shape[0], self.rows_per_chunk):
+            rows = slice(start, start + self.rows_per_chunk)
+            expected = torch.exp(flat[rows].double() - self.lse[rows, None])
+            expected.mul_(-coef[rows, None])
+            expected.scatter_add_(1, labels[rows], coef[rows, None])
+            got = grad_flat[rows].double()
+            finite = finite and bool(torch.isfinite(got).all())
+            got.sub_(expected)
+            max_abs = max(max_abs, got.abs().max().item())
+            diff_sq += got.square().sum().item()
+            ref_sq += expected.square().sum().item()
+            del expected, got
+        rel = (diff_sq**0.5) / ref_sq**0.5 if ref_sq > 0 else float("nan")
+        return {"grad_max_abs_err": max_abs if finite else float("nan"),
+                "grad_rel_err": rel if finite else float("nan")}
+
+
+def prepare_method(case: LogitsCase, reference: Reference, method: Method, args):
+    """Check the method against the reference, measure its peak memory, warm it up. Returns the
+    result row and, when it ran, the ``(run_once, before_each)`` pair to time."""
+    device = case.device
+    row: dict = {"method": method.name}
+    if method.loss is None:
+        row["skipped"] = method.note
+        return row, None
+    if method.note:
+        row["note"] = method.note
+    margin = 4 * REFERENCE_CHUNK_BYTES + 256 * common.MIB
+    need = method.extra_bytes(case.logits) + margin
+    free = common.free_memory_bytes(device)
+    if need > free:
+        row["skipped"] = (f"would need ~{need / common.GIB:.1f} GiB beyond the inputs, "
+                          f"{free / common.GIB:.1f} GiB free")
+        return row, None
+    last_loss: list = []
+
+    def run_once():
+        x = case.logits.view_as(case.logits)  # a non-leaf view (no copy) that the loss sees
+        loss = method.loss(x, case)
+        (grad,) = torch.autograd.grad(loss, x)
+        if method.overwrites_logits:
+            case.dirty = True
+        last_loss[:] = [loss.detach()]
+        return (grad,)
+
+    try:
+        case.restore()
+        (grad,) = run_once()  # also the first warm-up: compiles and autotunes happen here
+        loss_value = last_loss[0].item()
+        if grad.untyped_storage().data_ptr() == case.logits.untyped_storage().data_ptr():
+            grad = grad.clone()  # the gradient sits in the logits' storage: keep it, then restore
+        case.restore()
+        ref_loss, dsequence = reference.loss_and_dsequence(case.ref_logps)
+        row["loss"] = loss_value
+        row["loss_abs_err"] = abs(loss_value - ref_loss)
+        row.update(reference.grad_errors(grad, dsequence))
+        del grad
+        row.update(common.measure_peak(run_once, case.restore, device, [case.logits]))
+        common.warm_up(run_once, case.restore, device, args.warmup)
+        return row, (run_once, case.restore)
+    except torch.cuda.OutOfMemoryError as err:
+        row["skipped"] = f"out of memory: {str(err).splitlines()[0][:200]}"
+    except Exception as err:  # one broken method must not lose the others' numbers
+        message = str(err).splitlines()[0][:300] if str(err) else ""
+        row["skipped"] = f"failed: {type(err).__name__}: {message}"
+    finally:
+        last_loss.clear()
+        common.release_memory(device)
+    return row, None
+
+
+def run_case(shape, dtype, device, methods_filter, args, bandwidth) -> dict:
+    case = LogitsCase(shape, dtype, device, args.logit_std, args.seed)
+    reference = Reference(case)
+    noise = torch.randn(shape[0], generator=torch.Generator().manual_seed(args.seed + 2))
+    case.ref_logps = (reference.sequence.cpu() + noise.double()).float().to(device)
+    ref_loss, _ = reference.loss_and_dsequence(case.ref_logps)
+    floor_bytes = 3 * case.logits_bytes
+    floor_ms = floor_bytes / bandwidth * 1e3
+    label = f"{'x'.join(map(str, shape))} {common.dtype_name(dtype)}"
+    rows, timed = [], []
+    for method in logits_methods(device, methods_filter):
+        print(f"  {label}: {method.name} ...", file=sys.stderr, flush=True)
+        row, entry = prepare_method(case, reference, method, args)
+        rows.append(row)
+        if entry is not None:
+            timed.append((row, entry))
+    print(f"  {label}: timing {len(timed)} methods, {args.repeats} rounds", file=sys.stderr, flush=True)
+    try:
+        stats = common.time_interleaved([entry for _, entry in timed], device, args.repeats)
+        for (row, _), numbers in zip(timed, stats):
+            row.update(numbers)
+    except torch.cuda.OutOfMemoryError as err:  # fragmentation can still bite while interleaving
+        for row, _ in timed:
+            row["skipped"] = f"out of memory while timing: {str(err).splitlines()[0][:200]}"
+    eager = next((r for r in rows if r["method"] == "eager_fp32" and "median_ms" in r), None)
+    for row in rows:
+        if "median_ms" not in row:
+            continue
+        row["x_floor"] = row["median_ms"] / floor_ms
+        row["extra_beyond_grad_frac_of_logits"] = (
+            (row["peak_extra_bytes"] - row["grad_bytes"]) / case.logits_bytes)
+        if eager:
+            row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
+    del case, reference, timed
+    common.release_memory(device)
+    return {"label": label, "shape": list(shape), "dtype": common.dtype_name(dtype),
+            "logits_bytes": floor_bytes // 3, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
+            "reference_loss": ref_loss, "methods": rows}
+
+
+COLUMNS = [
+    ("method", "method", ""), ("median ms", "median_ms", ".3f"), ("IQR ms", "iqr_ms", ".3f"),
+    ("x floor", "x_floor", ".2f"), ("vs eager", "speedup_vs_eager", ".2f"),
+    ("peak extra GiB", "peak_extra_gib", ".3f"), ("grad GiB", "grad_gib", ".3f"),
+    ("extra beyond grad GiB", "extra_beyond_grad_gib", ".3f"),
+    ("|loss err|", "loss_abs_err", ".1e"), ("grad max err", "grad_max_abs_err", ".1e"),
+    ("grad rel err", "grad_rel_err", ".1e"), ("skipped / note", "status", ""),
+]
+
+
+def _with_status(rows):
+    return [{**r, "status": r.get("skipped") or r.get("note") or ""} for r in rows]
+
+
+def render_markdown(payload: dict) -> str:
+    env = payload["environment"]
+    columns = list(COLUMNS)
+    if env["device_type"] == "cpu":
+        columns.insert(8, ("RSS peak GiB", "rss_peak_extra_gib", ".3f"))
+    lines = [
+        f"# DPO loss from logits, forward + backward: {env['device']}", "",
+        f"`{env['command']}`  ",
+        f"{env['timestamp_utc']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['torch_cuda']}, "
+        f"liger-kernel {env['liger_kernel']}; commit {env['git_commit']}"
+        f"{' (dirty)' if env['git_dirty'] else ''}  ",
+        f"copy bandwidth {payload['ceilings']['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read + write); "
+        "floor = 3 x logits bytes / copy bandwidth; median of "
+        f"{payload['settings']['repeats']} after {payload['settings']['warmup']} warm-up; "
+        "errors against float64 on the same inputs", "",
+    ]
+    for case in payload["cases"]:
+        rows = _with_status(case["methods"])
+        for row in rows:
+            if row.get("rss_peak_extra_bytes") is not None:
+                row["rss_peak_extra_gib"] = row["rss_peak_extra_bytes"] / common.GIB
+        lines += [f"## {case['label']} (logits {case['logits_bytes'] / common.GIB:.3f} GiB, "
+                  f"floor {case['floor_ms']:.3f} ms)", "", common.markdown_table(rows, columns), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.logprobs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", help="seqs x T x V, comma separated (default depends on --device)")
+    parser.add_argument("--dtypes", help="fp32, bf16, fp16, comma separated")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--methods", default="",
+                        help="only methods whose name starts with one of these (comma separated)")
+    parser.add_argument("--logit-std", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--copy-mib", type=int, help="buffer size of the copy-bandwidth measurement")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    device = common.resolve_device(args.device)
+    for key, value in DEFAULTS[device.type].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args, device
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with common.collections_skip_existing_objects():
+        return _run(argv)
+
+
+def _run(argv) -> dict:
+    args, device = parse_args(argv)
+    common.set_threads(args.threads)
+    shapes = common.parse_shapes(args.shapes, rank=3)
+    dtypes = common.parse_dtypes(args.dtypes)
+    methods_filter = [m.strip() for m in args.methods.split(",") if m.strip()]
+    env = common.environment(device, "bench.logprobs", argv)
+    copy = common.copy_bandwidth(device, args.copy_mib * common.MIB)
+    payload = {
+        "benchmark": "logprobs", "environment": env,
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "logit_std": args.logit_std,
+                     "seed": args.seed, "beta": BETA, "ignore_index": IGNORE_INDEX,
+                     "labels_ignored": "first quarter of positions",
+                     "loss": "DPO sigmoid, 4 pairs, chosen rows first"},
+        "ceilings": {"copy": copy},
+        "memory_tracker": common.verify_cpu_tracker() if device.type == "cpu" else
+        {"ok": True, "tracker": "torch.cuda.max_memory_allocated"},
+        "cases": [],
+    }
+    for shape in shapes:
+        for dtype in dtypes:
+            case = run_case(shape, dtype, device, methods_filter, args, copy["bytes_per_s"])
+            payload["cases"].append(case)
+            print(f"\n## {case['label']}  floor {case['floor_ms']:.3f} ms")
+            print(common.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
+    markdown = render_markdown(payload)
+    stem = common.result_stem("logprobs", device, env["timestamp_utc"])
+    title = f"DPO loss from logits, fwd+bwd, {env['device']}"
+    paths = common.write_outputs(args.out, stem, payload, markdown,
+                                 lambda path: plot_cases(payload["cases"], path, title))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
