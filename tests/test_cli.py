@@ -1,0 +1,143 @@
+"""Config validation (every error names its field) and the `pyalign` command line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers_tiny_lm import make_pairs, one_thread, save_tiny_model, write_jsonl
+from pyalign.cli import main
+from pyalign.train.config import ConfigError, load_config
+
+single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_assets")
+    model = save_tiny_model(root / "pi0")
+    train = write_jsonl(root / "train.jsonl", make_pairs(8, seed=1))
+    held_out = write_jsonl(root / "eval.jsonl", make_pairs(4, seed=2))
+    return root, model, train, held_out
+
+
+def base_config(assets, output_dir="out"):
+    root, model, train, held_out = assets
+    return {
+        "model": {"path": str(model)},
+        "rounds": [{"name": "helpful", "train": str(train), "eval": str(held_out)},
+                   {"name": "concise", "train": str(train)}],
+        "method": {"loss": "spo", "alpha": 0.1},
+        "training": {"epochs": 1, "batch_size": 4, "max_length": 32, "max_prompt_length": 16,
+                     "progress_bar": False, "tensorboard": False},
+        "output_dir": str(root / output_dir),
+    }
+
+
+def with_change(config, path, value):
+    """Copy of ``config`` with the dotted ``path`` set (``value=...`` deletes it)."""
+    config = json.loads(json.dumps(config))
+    *parents, last = path.split(".")
+    node = config
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if value is ...:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return config
+
+
+BAD_CONFIGS = [
+    ("training.lr", -1, r"^training\.lr: expected a positive float, got -1$"),
+    ("training.lr", "fast", r"^training\.lr: expected a positive float, got 'fast'"),
+    ("training.epochs", 1.5, r"^training\.epochs: expected a positive integer, got 1\.5"),
+    ("training.batch_size", 0, r"^training\.batch_size: expected a positive integer"),
+    ("training.warmup_ratio", 1.0, r"^training\.warmup_ratio: expected a float in \[0, 1\)"),
+    ("training.device", "tpu", r"^training\.device: expected auto, cpu, cuda or cuda:N"),
+    ("training.gradient_checkpointing", "yes", r"^training\.gradient_checkpointing: expected true or false"),
+    ("training.max_prompt_length", 32, r"^training\.max_prompt_length: must be below training\.max_length=32"),
+    ("training.learning_rate", 1e-5, r"^training\.learning_rate: unknown field \(known: lr, "),
+    ("method.loss", "ppo", r"^method\.loss: expected one of dpo, ipo, hinge, robust, apo_zero, apo_down, kto_pair, spo"),
+    ("method.beta", 0, r"^method\.beta: expected a positive float, got 0"),
+    ("method.alpha", 1.5, r"^method\.alpha: expected a float in \[0, 1\], got 1\.5"),
+    ("method.alpha", [0.1, 0.2], r"^method\.alpha: expected 1 values \(one per round but the last\), got 2"),
+    ("method.label_smoothing", 0.1, r"^method\.label_smoothing: only dpo and robust use it"),
+    ("lora.r", 0, r"^lora\.r: expected a positive integer, got 0"),
+    ("lora.trainable_token_indices", [3, -1], r"^lora\.trainable_token_indices\[1\]: expected a non-negative integer"),
+    ("lora.target_modules", "q_proj", r"^lora\.target_modules: expected a non-empty list"),
+    ("model.dtype", "float16", r"^model\.dtype: expected one of float32, bfloat16"),
+    ("model.path", "/no/such/model", r"^model\.path: no such model folder"),
+    ("model", ..., r"^model: required field is missing"),
+    ("rounds.0.name", "a/b", r"^rounds\[0\]\.name: expected a name of letters"),
+    ("rounds.1.name", "helpful", r"^rounds\[1\]\.name: 'helpful' is used twice"),
+    ("rounds.1.train", "/no/such.jsonl", r"^rounds\[1\]\.train: file not found"),
+    ("rounds.0.weight", 2, r"^rounds\[0\]\.weight: unknown field"),
+    ("rounds", [], r"^rounds: expected a non-empty list"),
+    ("epochs", 3, r"^epochs: unknown field"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", BAD_CONFIGS, ids=[f"{p}={v!r}" for p, v, _ in BAD_CONFIGS])
+def test_bad_config_names_the_field(assets, path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(with_change(base_config(assets), path, value))
+
+
+def test_config_from_yaml_with_defaults_and_exponent_strings(assets, tmp_path):
+    config = base_config(assets)
+    config["training"]["lr"] = "1e-5"  # what PyYAML makes of `lr: 1e-5`
+    config["method"]["alpha"] = [0.2]
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump(config))
+    loaded = load_config(file)
+    assert loaded.training.lr == 1e-5
+    assert loaded.lora.r == 8 and loaded.lora.alpha == 32 and loaded.method.beta == 0.1
+    assert loaded.method.alphas_for_round(2) == [0.2]
+    assert loaded.logprob_cache_dir == Path(loaded.output_dir) / "logprob_cache"
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_config_reports_bad_field_with_exit_status_2(assets, tmp_path, capsys):
+    file = tmp_path / "bad.yaml"
+    file.write_text(yaml.safe_dump(with_change(base_config(assets), "training.lr", -1)))
+    assert main(["config", str(file)]) == 2
+    assert "training.lr: expected a positive float, got -1" in capsys.readouterr().err
+    assert main(["config"]) == 0
+    assert "training.max_prompt_length" in capsys.readouterr().out
+
+
+def test_cli_train_then_eval(assets, tmp_path, capsys):
+    root, model, train, held_out = assets
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump(base_config(assets, output_dir=tmp_path / "run")))
+    assert main(["train", str(file), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    final = tmp_path / "run" / "round_2_concise" / "model"
+    assert f"final model: {final}" in out
+
+    table_file = tmp_path / "table.json"
+    assert main(["eval", str(file), "--json", str(table_file)]) == 0
+    assert "pi_2 (concise)" in capsys.readouterr().out
+    table = json.loads(table_file.read_text())
+    assert table["dimensions"] == ["helpful", "concise"]
+    assert table["models"] == ["pi_1 (helpful)", "pi_2 (concise)"]
+    assert 0 <= table["metrics"]["pi_1 (helpful)"]["helpful"]["reward_accuracy"] <= 1
+
+    assert main(["eval", str(final), "--data", str(held_out), "--ref", str(model),
+                 "--max-length", "32", "--max-prompt-length", "16"]) == 0
+    assert "reward_accuracy=" in capsys.readouterr().out
+    assert main(["eval", str(final)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_python_dash_m_pyalign(assets):
+    done = subprocess.run([sys.executable, "-m", "pyalign", "config"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "method.alpha" in done.stdout
