@@ -1,0 +1,28 @@
+// The "cpu" backend of the token log-prob op on tensors (contract: docs/DESIGN.md).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace pyalign::cpu {
+
+// logits3 [B, T, V] (float32/bfloat16/float16/float64, stride(2) == 1), labels2 [B, T] int64
+// -> (logp2, lse2), [B, T] float32 (float64 for float64 logits).
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits3, const at::Tensor& labels2,
+                                           int64_t ignore_index);
+
+// grad_out3 <- grad2 * (onehot(label) - softmax(logits3)), zeros on ignored rows; grad_out3 may
+// be logits3 itself.
+void backward(const at::Tensor& logits3, const at::Tensor& labels2, const at::Tensor& lse2,
+              const at::Tensor& grad2, int64_t ignore_index, const at::Tensor& grad_out3);
+
+// Instruction-set variant of the row kernels in use ("DEFAULT", "AVX2", "AVX512"), the ones
+// this CPU can run, and a way to force one (for tests and benchmarks).
+std::string capability();
+std::vector<std::string> capabilities();
+void set_capability(const std::string& name);
+
+}  // namespace pyalign::cpu
