@@ -78,6 +78,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         folder, name = str(gguf_file.parent), gguf_file.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -130,8 +131,10 @@ def add_marker_tokens(model, tokenizer, markers: Sequence[str]) -> list[int]:
     them embedding rows. Returns their token ids in the order given.
 
     New rows are the mean of the existing input-embedding rows (and, for an untied lm_head, of
-    the existing output rows): a new token then starts as an "average" token, with a logit close
-    to the typical one rather than a random spike or an impossibly low value. With tied embeddings
+    the existing output rows) plus a small seeded jitter: a new token then starts as an "average"
+    token, with a logit close to the typical one rather than a random spike, and the new tokens
+    are not exact copies of each other (identical output rows would tie their logits for ever
+    unless the rows are trained). With tied embeddings
     (SmolLM2) the input and output rows are one tensor and are initialised once.
     """
     markers = list(markers)
@@ -152,9 +155,18 @@ def add_marker_tokens(model, tokenizer, markers: Sequence[str]) -> list[int]:
         outputs = model.get_output_embeddings()
         new_ids = [i for i in ids if i >= old_vocab]
         if new_ids:
-            inputs[new_ids] = inputs[:old_vocab].mean(dim=0)
+            inputs[new_ids] = _mean_rows_with_jitter(inputs[:old_vocab], len(new_ids))
             if outputs is not None and outputs.weight.data_ptr() != inputs.data_ptr():
-                outputs.weight[new_ids] = outputs.weight[:old_vocab].mean(dim=0)
+                outputs.weight[new_ids] = _mean_rows_with_jitter(outputs.weight[:old_vocab], len(new_ids))
                 if getattr(outputs, "bias", None) is not None:
                     outputs.bias[new_ids] = outputs.bias[:old_vocab].mean()
     return list(ids)
+
+
+def _mean_rows_with_jitter(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows at the mean of ``rows`` plus a small seeded jitter (a tenth of the rows'
+    per-dimension spread), so that new tokens start distinguishable from each other."""
+    generator = torch.Generator().manual_seed(0)
+    mean, spread = rows.float().mean(0), rows.float().std(0)
+    jitter = torch.randn(count, rows.shape[1], generator=generator) * (0.1 * spread)
+    return (mean + jitter).to(rows.dtype)

@@ -1,0 +1,223 @@
+"""Data of the SPO demonstrative experiment (SPO paper, "Experiments with More Preference
+Dimensions", Table 4), built as the paper builds it.
+
+- Prompts: a deterministic bank of short, diverse instructions (templates x topics).
+- Responses: sampled from the model itself (two per prompt), cached on disk.
+- Dimension i (i = 1..K): the preferred response carries marker i, the dispreferred one does not;
+  every other marker j != i is added to BOTH responses with probability ``other_prob`` (10%), so
+  on dimension i only marker i decides the ranking.
+- Where a marker goes: at the START of the response, before its first word, several markers in
+  ascending order (``[Token_1][Token_3]The sea is...``). The paper does not say where it puts the
+  tokens; the start keeps the marker inside the truncation budget of short training sequences
+  and lets evaluation read presence from a few generated tokens.
+- Which of the two sampled responses is preferred is a fresh seeded coin flip for every pair and
+  dimension, so the text itself carries no preference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pyalign.data import encode_prompt
+
+MARKERS = ("[Token_1]", "[Token_2]", "[Token_3]", "[Token_4]")
+# A short system prompt: the model's default one is ~20 tokens, which would dominate the length
+# of every training sequence on a CPU budget.
+SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
+
+_TEMPLATES = (
+    "Give me a tip about {}.",
+    "Write one sentence about {}.",
+    "What is interesting about {}?",
+    "Explain {} to a child.",
+    "Tell me a fact about {}.",
+    "Why do people like {}?",
+    "Describe {} in a few words.",
+    "What should a beginner know about {}?",
+    "Write a short poem about {}.",
+    "What is a common mistake with {}?",
+    "How can I learn more about {}?",
+    "Tell me a short story about {}.",
+    "Name two things related to {}.",
+    "What are the benefits of {}?",
+    "Give me a fun question about {}.",
+    "Summarize the history of {}.",
+    "Compare {} with something similar.",
+    "What is the future of {}?",
+    "Write a slogan about {}.",
+    "Give me advice on {}.",
+)
+_TOPICS = (
+    "the ocean", "coffee", "gardening", "the moon", "bicycles", "chess", "volcanoes",
+    "honey bees", "rain", "music", "cooking pasta", "saving money", "sleep", "running",
+    "photography", "trees", "the internet", "birds", "mountains", "friendship", "recycling",
+    "painting", "electricity", "dogs", "bread", "winter", "trains", "libraries",
+)
+
+
+def prompt_bank() -> list[str]:
+    """All template x topic prompts (560), in a fixed order."""
+    return [template.format(topic) for topic in _TOPICS for template in _TEMPLATES]
+
+
+def split_prompts(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint training and held-out prompts from a seeded shuffle of the bank."""
+    prompts = prompt_bank()
+    if num_train < 1 or num_eval < 1 or num_train + num_eval > len(prompts):
+        raise ValueError(
+            f"num_train + num_eval must be between 2 and {len(prompts)} (both >= 1), "
+            f"got num_train={num_train}, num_eval={num_eval}"
+        )
+    random.Random(seed).shuffle(prompts)
+    return prompts[:num_train], prompts[num_train:num_train + num_eval]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled from the model (all of it is part of the cache key)."""
+
+    num_per_prompt: int = 2
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 32
+    system: str | None = SYSTEM_PROMPT
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Identity of a model folder for the response cache: config, tokenizer files and weight
+    file sizes (hashing 500 MB of weights on every run would cost more than it protects)."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        path = model_dir / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def _generate_batch(model, tokenizer, prompts: Sequence[str], system: str | None, **generate_kwargs) -> list[list[int]]:
+    """Generate for a batch of prompts (left-padded); returns the new token ids of each row,
+    cut after the first EOS."""
+    encoded = [encode_prompt(tokenizer, prompt, system) for prompt in prompts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad, **generate_kwargs
+        )
+    new_tokens = []
+    for row in output[:, width:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        new_tokens.append(row)
+    return new_tokens
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, system: str | None, max_new_tokens: int,
+             do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             batch_size: int = 32, progress: str | None = None) -> list[list[int]]:
+    """New token ids for every prompt (batched, seeded per batch so results do not depend on
+    what ran before; the global RNG state is restored afterwards)."""
+    from tqdm.auto import tqdm
+
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    results: list[list[int]] = []
+    starts = range(0, len(prompts), batch_size)
+    for batch_index, start in enumerate(tqdm(starts, desc=progress, disable=progress is None, leave=False)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 100_003 + batch_index)
+            results += _generate_batch(model, tokenizer, prompts[start:start + batch_size], system, **kwargs)
+    return results
+
+
+def sample_responses(model, tokenizer, prompts: Sequence[str], settings: SamplingSettings, *,
+                     model_id: str, cache_dir: str | os.PathLike | None = None) -> list[list[str]]:
+    """``settings.num_per_prompt`` responses per prompt sampled from ``model``, as text.
+
+    Cached as JSON in ``cache_dir`` under a key of (model_id, prompts, settings); a cache hit
+    skips generation entirely.
+    """
+    key_source = json.dumps({"model": model_id, "prompts": list(prompts), "settings": asdict(settings)}, sort_keys=True)
+    key = hashlib.sha256(key_source.encode()).hexdigest()
+    cache_file = Path(cache_dir) / f"responses-{key[:24]}.json" if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        cached = json.loads(cache_file.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["responses"]
+
+    repeated = [prompt for prompt in prompts for _ in range(settings.num_per_prompt)]
+    token_ids = generate(
+        model, tokenizer, repeated, system=settings.system, max_new_tokens=settings.max_new_tokens,
+        do_sample=True, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+        batch_size=settings.batch_size, progress="sampling responses",
+    )
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+    per = settings.num_per_prompt
+    responses = [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
+
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"key": key, "settings": asdict(settings), "prompts": list(prompts), "responses": responses})
+        with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+            tmp.write(payload)
+        os.replace(tmp.name, cache_file)
+    return responses
+
+
+def with_markers(response: str, markers: Sequence[str]) -> str:
+    """The response with ``markers`` in front of its first word (order as given)."""
+    return "".join(markers) + response
+
+
+def dimension_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], dimension: int, *,
+                    markers: Sequence[str] = MARKERS, other_prob: float = 0.1, seed: int = 0,
+                    system: str | None = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """Preference pairs of dimension ``dimension`` (0-based index into ``markers``) as JSONL
+    records: the preferred response carries ``markers[dimension]``; every other marker is added to
+    both responses with probability ``other_prob``; markers in ascending order at the start."""
+    if not 0 <= dimension < len(markers):
+        raise ValueError(f"dimension must be in [0, {len(markers)}), got {dimension}")
+    if not 0.0 <= other_prob <= 1.0:
+        raise ValueError(f"other_prob must be in [0, 1], got {other_prob}")
+    if len(prompts) != len(responses):
+        raise ValueError(f"responses: expected one list per prompt ({len(prompts)}), got {len(responses)}")
+    rng = random.Random(f"{seed}:dimension{dimension}")
+    records = []
+    for prompt, (first, second, *_) in zip(prompts, responses):
+        chosen, rejected = (first, second) if rng.random() < 0.5 else (second, first)
+        others = [j for j in range(len(markers)) if j != dimension and rng.random() < other_prob]
+        chosen_markers = [markers[j] for j in sorted(others + [dimension])]
+        rejected_markers = [markers[j] for j in others]
+        record = {"prompt": prompt, "chosen": with_markers(chosen, chosen_markers),
+                  "rejected": with_markers(rejected, rejected_markers)}
+        if system is not None:
+            record["system"] = system
+        records.append(record)
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
