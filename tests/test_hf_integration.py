@@ -242,6 +242,54 @@ def test_shift_labels_and_bad_fused():
         hf.causal_lm_sequence_logprobs(tiny_llama(False), *make_batch(), fused="yes")
 
 
+def cpu_peak_bytes(fn):
+    """Peak of live CPU allocations during ``fn()``, from the profiler's allocation events."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:
+        pytest.skip("this torch's profiler does not expose allocation events")
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_fused_step_memory_cpu():
+    """The peak-memory claim where it can be measured without a GPU: a LoRA DPO step with a
+    4000-token vocabulary allocates at least the logits' size less through the fused lm_head."""
+    config = transformers.LlamaConfig(
+        vocab_size=4000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = with_lora(transformers.LlamaForCausalLM(config))
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 4000, (4, 64), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, :16] = -100
+    ref = torch.full((4,), -500.0)
+    losses = {}
+
+    def step(fused):
+        model.zero_grad(set_to_none=True)
+        out = hf.causal_lm_preference_loss(model, input_ids, attention_mask, labels, "dpo",
+                                           ref_logps=ref, fused=fused, memory_budget=1 << 18)
+        out.loss.backward()
+        losses[fused] = out.loss.item()
+
+    fused_peak = cpu_peak_bytes(lambda: step(True))
+    eager_peak = cpu_peak_bytes(lambda: step(False))
+    logits_bytes = input_ids.numel() * 4000 * 4
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert eager_peak - fused_peak >= 0.9 * logits_bytes, (fused_peak, eager_peak, logits_bytes)
+
+
 @pytest.mark.gpu
 def test_fused_step_memory_gpu():
     """A LoRA DPO step of a small Llama with a 128k vocabulary at 8 x 1024 tokens (bf16): peak
