@@ -118,8 +118,8 @@ def _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_log
     with torch.no_grad():
         hidden2 = hidden.reshape(two_b * time, width)
         grad_hidden2 = torch.zeros_like(hidden2) if hidden.requires_grad else None
-        sink = WeightGradSink(weight, bias, weight.requires_grad,
-                              bias is not None and bias.requires_grad, single_step=len(groups) == 1)
+        sink = WeightGradSink(weight, bias, weight.requires_grad, bias is not None and bias.requires_grad,
+                              single_step=len(groups) == 1, accumulate_dtype=plan.weight_grad_dtype)
         for first, last in groups:
             pairs = torch.arange(first, last, device=hidden.device)
             rows = torch.cat([pairs, pairs + num_pairs])
@@ -175,6 +175,7 @@ def linear_preference_loss(
     grad_filter: float | None = None,
     backend: str | None = None,
     pair_separable: bool | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> LossOutput:
     """A preference loss from hidden states ``[2B, T, H]`` and the lm_head ``weight`` ``[V, H]``.
 
@@ -185,7 +186,8 @@ def linear_preference_loss(
     or ``"low_memory"`` (through :func:`linear_token_logprobs`, 32 MiB chunks by default).
     ``pair_separable``: whether the loss needs only each pair's own log-probs (default: inferred
     for PreferenceLoss, False for other callables). ``grad_filter``: the approximate gradient
-    filter of :func:`linear_token_logprobs` (None: exact).
+    filter of :func:`linear_token_logprobs` (None: exact); ``weight_grad_dtype``: its weight-gradient
+    accumulation (None: fp32 for a half-precision weight).
     """
     compute = _loss_callable(loss_fn)
     ignore_index = getattr(loss_fn, "ignore_index", -100) if ignore_index is None else ignore_index
@@ -217,7 +219,8 @@ def linear_preference_loss(
     if groups:
         plan = make_plan(hidden, weight, bias, ignore_index=ignore_index, chunk_size=None,
                          memory_budget=None, mode=mode, grad_filter=grad_filter, backend=backend,
-                         num_rows=labels.numel(), wants_grad=wants_grad)
+                         num_rows=labels.numel(), wants_grad=wants_grad,
+                         weight_grad_dtype=weight_grad_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             return _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_logps,
                                     plan=plan, average=average, groups=groups, counts=counts)
@@ -225,7 +228,7 @@ def linear_preference_loss(
     token_logps = linear_token_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, mode=mode,
         memory_budget=memory_budget,
-        grad_filter=grad_filter, backend=backend,
+        grad_filter=grad_filter, backend=backend, weight_grad_dtype=weight_grad_dtype,
     )
     seq_logps = token_logps.sum(-1)
     if average:

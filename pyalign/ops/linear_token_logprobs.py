@@ -113,12 +113,14 @@ def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(16, 8, device=device, generator=gen).to(dtype)
-        b = torch.randn(8, 16, device=device, generator=gen).to(dtype)
-        acc = torch.ones(16, 16, device=device)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        expected = 1 + 2 * (a.float() @ b.float())
+        # The same layouts as in use: a column slice of d_logits, transposed, into a row slice.
+        d = torch.randn(8, 24, device=device, generator=gen).to(dtype)
+        hidden = torch.randn(8, 16, device=device, generator=gen).to(dtype)
+        acc = torch.ones(24, 16, device=device)
+        for _ in range(2):
+            torch.addmm(acc[4:20], d[:, 4:20].t(), hidden, out_dtype=torch.float32, out=acc[4:20])
+        expected = torch.ones(24, 16, device=device)
+        expected[4:20] += 2 * (d[:, 4:20].float().t() @ hidden.float())
         return bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
     except (RuntimeError, TypeError, ValueError):
         return False
@@ -139,15 +141,18 @@ def accumulate_product(acc: Tensor, left_t: Tensor, right: Tensor) -> None:
 
 
 class WeightGradSink:
-    """Weight and bias gradients summed over chunks, in fp32 when the parameters are half
-    precision and there is more than one chunk to sum."""
+    """Weight and bias gradients summed over chunks: in fp32 when the parameters are half
+    precision and there is more than one chunk to sum, unless ``accumulate_dtype`` says otherwise
+    (the parameter's own dtype: half the memory and traffic, one rounding per chunk)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, want_weight: bool, want_bias: bool,
-                 single_step: bool):
+                 single_step: bool, accumulate_dtype: torch.dtype | None = None):
         def accumulator(param: Tensor) -> Tensor:
-            exact = single_step or param.dtype in (torch.float32, torch.float64)
-            return torch.zeros(param.shape, device=param.device,
-                               dtype=param.dtype if exact else torch.float32)
+            if single_step or param.dtype in (torch.float32, torch.float64):
+                dtype = param.dtype
+            else:
+                dtype = accumulate_dtype or torch.float32
+            return torch.zeros(param.shape, device=param.device, dtype=dtype)
 
         self.weight, self.bias = weight, bias
         self.weight_acc = accumulator(weight) if want_weight else None
@@ -180,6 +185,7 @@ class LinearPlan:
     ignore_index: int
     grad_filter: float | None
     precompute_grad_hidden: bool  # default mode with only hidden needing a gradient
+    weight_grad_dtype: torch.dtype | None = None  # None: fp32 accumulation for half weights
 
 
 def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: Tensor, plan: LinearPlan):
@@ -227,7 +233,8 @@ def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tens
     kept = keep_idx.numel()
     grad_kept = grad_logp.index_select(0, keep_idx).to(lse_kept.dtype)
     grad_hidden = torch.zeros_like(hidden2) if need_hidden else None
-    sink = WeightGradSink(weight, bias, need_weight, need_bias, single_step=kept <= plan.chunk)
+    sink = WeightGradSink(weight, bias, need_weight, need_bias, single_step=kept <= plan.chunk,
+                          accumulate_dtype=plan.weight_grad_dtype)
     if kept:
         buffer = hidden2.new_empty(min(plan.chunk, kept), weight.shape[0])
     for start in range(0, kept, plan.chunk):
@@ -336,7 +343,7 @@ def validate_linear_inputs(hidden, weight, labels, bias, ignore_index) -> None:
 
 
 def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, mode, grad_filter,
-              backend, num_rows, wants_grad) -> LinearPlan:
+              backend, num_rows, wants_grad, weight_grad_dtype=None) -> LinearPlan:
     """Check the options and decide the chunk size and whether the forward pre-forms grad_hidden."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -346,6 +353,11 @@ def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, 
         raise ValueError(f"memory_budget: expected a positive number of bytes or None, got {memory_budget!r}")
     if grad_filter is not None and not (isinstance(grad_filter, (int, float)) and 0 < grad_filter < 1):
         raise ValueError(f"grad_filter: expected None or a threshold in (0, 1), got {grad_filter!r}")
+    if weight_grad_dtype not in (None, torch.float32, weight.dtype):
+        raise ValueError(
+            f"weight_grad_dtype: expected None, torch.float32 or the weight's dtype {weight.dtype}, "
+            f"got {weight_grad_dtype!r}"
+        )
     chosen = resolve_backend(backend, hidden)
     if chunk_size is None:
         budget = memory_budget if memory_budget is not None else DEFAULT_BUDGETS[mode]
@@ -353,7 +365,7 @@ def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, 
     frozen_params = not weight.requires_grad and (bias is None or not bias.requires_grad)
     precompute = mode == "default" and wants_grad and hidden.requires_grad and frozen_params
     return LinearPlan(chosen, chunk_size, ignore_index,
-                      None if grad_filter is None else float(grad_filter), precompute)
+                      None if grad_filter is None else float(grad_filter), precompute, weight_grad_dtype)
 
 
 def linear_token_logprobs(
@@ -368,6 +380,7 @@ def linear_token_logprobs(
     memory_budget: int | None = None,
     grad_filter: float | None = None,
     backend: str = "auto",
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``token_logprobs(hidden @ weight.T + bias, labels)`` without materialising the [N, V] logits.
 
@@ -379,7 +392,9 @@ def linear_token_logprobs(
     ``mode``: ``"default"`` or ``"low_memory"`` (module docstring); ``chunk_size`` (rows of logits
     per chunk) overrides ``memory_budget`` (bytes of logits per chunk; 256 MiB / 32 MiB by mode).
     ``grad_filter``: None (exact) or a threshold in (0, 1) for the approximate gradient filter.
-    ``backend``: as for :func:`pyalign.token_logprobs`.
+    ``backend``: as for :func:`pyalign.token_logprobs`. ``weight_grad_dtype``: None (fp32
+    accumulation over chunks for a half-precision weight) or the weight's dtype (accumulate in
+    place: half the memory and traffic, one rounding per chunk).
     """
     validate_linear_inputs(hidden, weight, labels, bias, ignore_index)
     wants_grad = torch.is_grad_enabled() and any(
@@ -387,7 +402,8 @@ def linear_token_logprobs(
     num_rows = labels.numel()
     plan = make_plan(hidden, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size,
                      memory_budget=memory_budget, mode=mode, grad_filter=grad_filter,
-                     backend=backend, num_rows=num_rows, wants_grad=wants_grad)
+                     backend=backend, num_rows=num_rows, wants_grad=wants_grad,
+                     weight_grad_dtype=weight_grad_dtype)
     out_dtype = output_dtype(hidden.dtype)
     if num_rows == 0 or weight.shape[0] == 0:
         # Still connected to the graph so that .backward() through an empty batch works.
