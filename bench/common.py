@@ -18,16 +18,10 @@ Conventions (see bench/NOTES.md):
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
-import importlib.metadata
-import json
 import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,7 +31,6 @@ import torch
 GIB = 2**30
 MIB = 2**20
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -342,7 +335,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict
     target = torch.empty_like(source)
     stats = time_calls(lambda: target.copy_(source), lambda: None, device, warmup=2, repeats=repeats)
     moved = 2 * elements * 4
-    del source, target
+    source = target = None  # free both before the caching allocator is emptied
     release_memory(device)
     return {
         "bytes_per_copy": moved,
@@ -357,126 +350,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: in
     b = torch.randn(size, size, device=device).to(dtype)
     stats = time_calls(lambda: a @ b, lambda: None, device, warmup=2, repeats=repeats)
     flops = 2 * size**3
-    del a, b
+    a = b = None
     release_memory(device)
     return {"size": size, "dtype": dtype_name(dtype), "median_ms": stats["median_ms"],
             "flop_per_s": flops / (stats["median_ms"] * 1e-3)}
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        name = name.replace("NVIDIA", "").strip()
-    else:
-        name = f"cpu-{_cpu_model()}-{torch.get_num_threads()}t"
-    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict:
-    info = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "command": " ".join(["python", "-m", module, *argv]),
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": package_version("triton"),
-        "liger_kernel": package_version("liger-kernel"),
-        "cut_cross_entropy": package_version("cut-cross-entropy"),
-        "pyalign": package_version("pyalign"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update({
-            "gpu_memory_bytes": props.total_memory,
-            "gpu_multiprocessors": props.multi_processor_count,
-            "gpu_capability": f"{props.major}.{props.minor}",
-        })
-    return info
-
-
-# --------------------------------------------------------------------------- output
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
-    """``columns``: (header, key, format spec); a missing or None value prints as '-'."""
-    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        cells = []
-        for _, key, spec in columns:
-            value = row.get(key)
-            if value is None:
-                cells.append("-")
-            elif isinstance(value, float) and spec:
-                cells.append(format(value, spec))
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def result_stem(kind: str, device: torch.device, timestamp_utc: str) -> str:
-    """``logprobs_h100-80gb-hbm3_2026-11-22T1041`` (kind, device, UTC date and time)."""
-    stamp = timestamp_utc.replace(":", "")[:15]  # 2026-11-22T1041
-    return f"{kind}_{device_slug(device)}_{stamp}"
-
-
-def write_outputs(out_dir: Path, stem: str, payload: dict, markdown: str,
-                  plot: Callable[[Path], None] | None) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    paths[1].write_text(markdown + "\n")
-    if plot is not None:
-        png = out_dir / f"{stem}.png"
-        try:
-            plot(png)
-            paths.append(png)
-        except Exception as err:  # the numbers matter more than the picture
-            print(f"note: no chart written ({err!r})", file=sys.stderr)
-    return paths
 
 
 def set_threads(threads: int | None) -> None:

@@ -15,12 +15,13 @@ checked against a float64 computation. Floor: 6*N*H*V flops at the measured matm
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 import torch
 
-from bench import common
+from bench import common, report
 from bench.methods import (
     BETA, IGNORE_INDEX, Method, dpo_loss, eager_sequence_logps, masked_labels, trl_token_logps,
 )
@@ -103,11 +104,22 @@ class LinearReference:
 
 
 def _errors(got: torch.Tensor, expected: torch.Tensor, name: str) -> dict:
-    diff = got.double() - expected.double()
-    finite = bool(torch.isfinite(got).all())
-    norm = expected.double().norm().item()
-    return {f"{name}_max_abs_err": diff.abs().max().item() if finite else float("nan"),
-            f"{name}_rel_err": (diff.norm().item() / norm if norm else float("nan")) if finite else float("nan")}
+    """max |got - expected| and ||got - expected|| / ||expected||, in float64, 16M elements at a
+    time (a weight gradient in float64 would be 4 GiB at V = 128256)."""
+    got, expected = got.reshape(-1), expected.reshape(-1)
+    max_abs = diff_sq = ref_sq = 0.0
+    finite = True
+    for start in range(0, got.numel(), 16 * common.MIB):
+        piece, ref = got[start:start + 16 * common.MIB].double(), expected[start:start + 16 * common.MIB].double()
+        finite = finite and bool(torch.isfinite(piece).all())
+        piece.sub_(ref)
+        max_abs = max(max_abs, piece.abs().max().item())
+        diff_sq += piece.square().sum().item()
+        ref_sq += ref.square().sum().item()
+    if not finite:
+        return {f"{name}_max_abs_err": float("nan"), f"{name}_rel_err": float("nan")}
+    return {f"{name}_max_abs_err": max_abs,
+            f"{name}_rel_err": diff_sq**0.5 / ref_sq**0.5 if ref_sq else float("nan")}
 
 
 # --------------------------------------------------------------------------- contenders
@@ -135,7 +147,8 @@ def linear_methods(device: torch.device, only=()) -> list[Method]:
 def _pyalign_methods() -> list[Method]:
     try:
         import pyalign  # noqa: PLC0415
-        from pyalign.ops import linear_token_logprobs as _op  # noqa: PLC0415, F401
+
+        importlib.import_module("pyalign.ops.linear_token_logprobs")  # written in parallel: present?
     except ImportError as err:
         return [Method("pyalign.linear", None, _grads_only, note=f"pyalign's fused-linear op not importable: {err}")]
     methods = []
@@ -327,7 +340,7 @@ def render_markdown(payload: dict) -> str:
              f"{payload['settings']['repeats']}; errors against float64 on the same inputs", ""]
     for case in payload["cases"]:
         lines += [f"## {case['label']} (floor {case['floor_ms']:.3f} ms)", "",
-                  common.markdown_table(_with_status(case["methods"]), COLUMNS), ""]
+                  report.markdown_table(_with_status(case["methods"]), COLUMNS), ""]
     return "\n".join(lines)
 
 
@@ -371,7 +384,7 @@ def _run(argv) -> dict:
     shapes = common.parse_shapes(args.shapes, rank=4)
     dtypes = common.parse_dtypes(args.dtypes)
     only = [m.strip() for m in args.methods.split(",") if m.strip()]
-    env = common.environment(device, "bench.linear", argv)
+    env = report.environment(device, "bench.linear", argv)
     matmul = common.matmul_rate(device, dtypes[0], args.matmul_size)
     payload = {"benchmark": "linear", "environment": env,
                "settings": {"repeats": args.repeats, "warmup": args.warmup, "logit_std": args.logit_std,
@@ -387,10 +400,10 @@ def _run(argv) -> dict:
             case = run_case(shape, dtype, device, only, args, matmul["flop_per_s"])
             payload["cases"].append(case)
             print(f"\n## {case['label']}  floor {case['floor_ms']:.3f} ms")
-            print(common.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
-    stem = common.result_stem("linear", device, env["timestamp_utc"])
+            print(report.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
+    stem = report.result_stem("linear", device, env["timestamp_utc"])
     title = f"DPO loss from hidden states, fwd+bwd, {env['device']}"
-    paths = common.write_outputs(args.out, stem, payload, render_markdown(payload),
+    paths = report.write_outputs(args.out, stem, payload, render_markdown(payload),
                                  lambda path: plot_cases(payload["cases"], path, title))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return payload

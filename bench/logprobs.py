@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from bench import common
+from bench import common, report
 from bench.methods import (
     BETA, IGNORE_INDEX, Method, dpo_loss, logits_methods, masked_labels,
 )
@@ -65,8 +64,12 @@ class LogitsCase:
             self.logits.normal_(0.0, self.logit_std, generator=generator)
 
     def _take_fingerprint(self):
+        """A float64 sum over all logits (in 64 MiB pieces: a whole-tensor sum with
+        dtype=float64 would cast a full copy first) and a strided sample of them."""
         flat = self.logits.detach().view(-1)
-        return torch.sum(flat, dtype=torch.float64).item(), flat[:: 7919].clone()
+        step = 8 * common.MIB
+        total = sum(flat[start:start + step].sum(dtype=torch.float64) for start in range(0, flat.numel(), step))
+        return float(total), flat[:: 7919].clone()
 
     def restore(self) -> None:
         """Regenerate the logits if a method overwrote them, and prove they are the same."""
@@ -265,7 +268,7 @@ def render_markdown(payload: dict) -> str:
             if row.get("rss_peak_extra_bytes") is not None:
                 row["rss_peak_extra_gib"] = row["rss_peak_extra_bytes"] / common.GIB
         lines += [f"## {case['label']} (logits {case['logits_bytes'] / common.GIB:.3f} GiB, "
-                  f"floor {case['floor_ms']:.3f} ms)", "", common.markdown_table(rows, columns), ""]
+                  f"floor {case['floor_ms']:.3f} ms)", "", report.markdown_table(rows, columns), ""]
     return "\n".join(lines)
 
 
@@ -305,7 +308,7 @@ def _run(argv) -> dict:
     shapes = common.parse_shapes(args.shapes, rank=3)
     dtypes = common.parse_dtypes(args.dtypes)
     methods_filter = [m.strip() for m in args.methods.split(",") if m.strip()]
-    env = common.environment(device, "bench.logprobs", argv)
+    env = report.environment(device, "bench.logprobs", argv)
     copy = common.copy_bandwidth(device, args.copy_mib * common.MIB)
     payload = {
         "benchmark": "logprobs", "environment": env,
@@ -323,11 +326,11 @@ def _run(argv) -> dict:
             case = run_case(shape, dtype, device, methods_filter, args, copy["bytes_per_s"])
             payload["cases"].append(case)
             print(f"\n## {case['label']}  floor {case['floor_ms']:.3f} ms")
-            print(common.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
+            print(report.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
     markdown = render_markdown(payload)
-    stem = common.result_stem("logprobs", device, env["timestamp_utc"])
+    stem = report.result_stem("logprobs", device, env["timestamp_utc"])
     title = f"DPO loss from logits, fwd+bwd, {env['device']}"
-    paths = common.write_outputs(args.out, stem, payload, markdown,
+    paths = report.write_outputs(args.out, stem, payload, markdown,
                                  lambda path: plot_cases(payload["cases"], path, title))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return payload

@@ -5,7 +5,6 @@ too as the one-call public path (its metrics read values back, which synchronise
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -66,9 +65,11 @@ def eager_sequence_logps(logits: Tensor, safe_labels: Tensor, mask: Tensor) -> T
     return (eager_token_logps(logits, safe_labels) * mask).sum(-1)
 
 
-@functools.cache
 def compiled_sequence_logps():
-    return torch.compile(eager_sequence_logps)
+    """A fresh static-shape compile of the eager function (dynamo's caches reset, so that no
+    earlier case turns it into a dynamic-shape graph or fills its recompile limit)."""
+    torch._dynamo.reset()
+    return torch.compile(eager_sequence_logps, dynamic=False)
 
 
 # --------------------------------------------------------------------------- estimates
@@ -163,8 +164,12 @@ def logits_methods(device: torch.device, only: Sequence[str] = ()) -> list[Metho
     def trl(x, case):
         return dpo_loss((trl_token_logps(x, case.safe_labels) * case.mask).sum(-1), case.ref_logps)
 
+    compiled_fn = []  # compiled at the first call of this case, not when the list is built
+
     def compiled(x, case):
-        return dpo_loss(compiled_sequence_logps()(x, case.safe_labels, case.mask), case.ref_logps)
+        if not compiled_fn:
+            compiled_fn.append(compiled_sequence_logps())
+        return dpo_loss(compiled_fn[0](x, case.safe_labels, case.mask), case.ref_logps)
 
     methods = _pyalign_methods(device)
     methods += [

@@ -1,0 +1,135 @@
+"""The record of a run: environment (device, versions, command), markdown tables and the result
+files (JSON, markdown, PNG) named by benchmark, device and date."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        name = name.replace("NVIDIA", "").strip()
+    else:
+        name = f"cpu-{_cpu_model()}-{torch.get_num_threads()}t"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict:
+    info = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "command": " ".join(["python", "-m", module, *argv]),
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": package_version("triton"),
+        "liger_kernel": package_version("liger-kernel"),
+        "cut_cross_entropy": package_version("cut-cross-entropy"),
+        "pyalign": package_version("pyalign"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({
+            "gpu_memory_bytes": props.total_memory,
+            "gpu_multiprocessors": props.multi_processor_count,
+            "gpu_capability": f"{props.major}.{props.minor}",
+        })
+    return info
+
+
+# --------------------------------------------------------------------------- output
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """``columns``: (header, key, format spec); a missing or None value prints as '-'."""
+    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for _, key, spec in columns:
+            value = row.get(key)
+            if value is None:
+                cells.append("-")
+            elif isinstance(value, float) and spec:
+                cells.append(format(value, spec))
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def result_stem(kind: str, device: torch.device, timestamp_utc: str) -> str:
+    """``logprobs_h100-80gb-hbm3_2026-11-22T1041`` (kind, device, UTC date and time)."""
+    stamp = timestamp_utc.replace(":", "")[:15]  # 2026-11-22T1041
+    return f"{kind}_{device_slug(device)}_{stamp}"
+
+
+def write_outputs(out_dir: Path, stem: str, payload: dict, markdown: str,
+                  plot: Callable[[Path], None] | None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    paths[1].write_text(markdown + "\n")
+    if plot is not None:
+        png = out_dir / f"{stem}.png"
+        try:
+            plot(png)
+            paths.append(png)
+        except Exception as err:  # the numbers matter more than the picture
+            print(f"note: no chart written ({err!r})", file=sys.stderr)
+    return paths
