@@ -7,7 +7,7 @@ The extension compiles against the torch that is already installed, so build wit
 
 CMake's build tree is kept under build/cmake-<python>-<platform>/, so a rebuild after editing a
 source file recompiles only that file. Environment knobs:
-    PYALIGN_BUILD_JOBS=2        parallel compile jobs (default 2)
+    PYALIGN_BUILD_JOBS=N        parallel compile jobs (default: the CPU count, at most 8)
     PYALIGN_NO_CUDA=1           skip the CUDA kernels even where torch has CUDA and nvcc exists
     TORCH_CUDA_ARCH_LIST="9.0"  GPU architectures (default: the visible GPU's, else 9.0 = H100)
 """
@@ -93,7 +93,7 @@ class CMakeBuild(build_ext):
         # A build tree remembers its generator; pick one only for a fresh tree.
         if not (build_dir / "CMakeCache.txt").exists() and shutil.which("ninja"):
             configure += ["-G", "Ninja"]
-        jobs = os.environ.get("PYALIGN_BUILD_JOBS", "2")
+        jobs = os.environ.get("PYALIGN_BUILD_JOBS") or str(min(8, os.cpu_count() or 1))
         subprocess.run(configure, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs],
                        check=True)
