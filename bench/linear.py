@@ -15,7 +15,7 @@ checked against a float64 computation. Floor: 6*N*H*V flops at the measured matm
 from __future__ import annotations
 
 import argparse
-import importlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -148,7 +148,7 @@ def _pyalign_methods() -> list[Method]:
     try:
         import pyalign  # noqa: PLC0415
 
-        importlib.import_module("pyalign.ops.linear_token_logprobs")  # written in parallel: present?
+        from pyalign.ops.linear_preference_loss import linear_preference_loss  # noqa: PLC0415
     except ImportError as err:
         return [Method("pyalign.linear", None, _grads_only, note=f"pyalign's fused-linear op not importable: {err}")]
     methods = []
@@ -157,14 +157,21 @@ def _pyalign_methods() -> list[Method]:
             logps = pyalign.linear_token_logprobs(hidden, weight, case.labels, mode=mode)
             return dpo_loss(logps.sum(-1), case.ref_logps)
 
-        def fused(hidden, weight, case, mode=mode):
-            loss_fn = pyalign.PreferenceLoss("dpo", beta=BETA)
+        def fused(hidden, weight, case, mode=mode, loss_fn=pyalign.PreferenceLoss("dpo", beta=BETA)):
             return loss_fn(labels=case.labels, ref_logps=case.ref_logps, hidden=hidden, weight=weight,
                            mode=mode).loss
+
+        def fused_half_wgrad(hidden, weight, case, mode=mode, loss_fn=pyalign.PreferenceLoss("dpo", beta=BETA)):
+            return loss_fn(labels=case.labels, ref_logps=case.ref_logps, hidden=hidden, weight=weight,
+                           mode=mode, weight_grad_dtype=weight.dtype).loss
 
         methods.append(Method(f"pyalign.linear_token_logprobs[{mode}]", op, _fused_extra))
         methods.append(Method(f"pyalign.PreferenceLoss(hidden)[{mode}]", fused, _fused_extra,
                               note="metrics synchronise"))
+        if "weight_grad_dtype" in inspect.signature(linear_preference_loss).parameters:
+            methods.append(Method(f"pyalign.PreferenceLoss(hidden)[{mode},wgrad-in-weight-dtype]",
+                                  fused_half_wgrad, _fused_extra,
+                                  note="weight gradient accumulated in the weight's dtype, no fp32 buffer"))
     return methods
 
 
@@ -395,16 +402,17 @@ def _run(argv) -> dict:
                "memory_tracker": common.verify_cpu_tracker() if device.type == "cpu" else
                {"ok": True, "tracker": "torch.cuda.max_memory_allocated"},
                "cases": []}
+    stem = report.result_stem("linear", device, env["timestamp_utc"])
+    title = f"DPO loss from hidden states, fwd+bwd, {env['device']}"
     for shape in shapes:
         for dtype in dtypes:
             case = run_case(shape, dtype, device, only, args, matmul["flop_per_s"])
             payload["cases"].append(case)
             print(f"\n## {case['label']}  floor {case['floor_ms']:.3f} ms")
             print(report.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
-    stem = report.result_stem("linear", device, env["timestamp_utc"])
-    title = f"DPO loss from hidden states, fwd+bwd, {env['device']}"
-    paths = report.write_outputs(args.out, stem, payload, render_markdown(payload),
-                                 lambda path: plot_cases(payload["cases"], path, title))
+            # Written after every case, so that a run cut off by a time limit keeps what it did.
+            paths = report.write_outputs(args.out, stem, payload, render_markdown(payload),
+                                         lambda path: plot_cases(payload["cases"], path, title))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return payload
 

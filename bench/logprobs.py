@@ -321,17 +321,17 @@ def _run(argv) -> dict:
         {"ok": True, "tracker": "torch.cuda.max_memory_allocated"},
         "cases": [],
     }
+    stem = report.result_stem("logprobs", device, env["timestamp_utc"])
+    title = f"DPO loss from logits, fwd+bwd, {env['device']}"
     for shape in shapes:
         for dtype in dtypes:
             case = run_case(shape, dtype, device, methods_filter, args, copy["bytes_per_s"])
             payload["cases"].append(case)
             print(f"\n## {case['label']}  floor {case['floor_ms']:.3f} ms")
             print(report.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
-    markdown = render_markdown(payload)
-    stem = report.result_stem("logprobs", device, env["timestamp_utc"])
-    title = f"DPO loss from logits, fwd+bwd, {env['device']}"
-    paths = report.write_outputs(args.out, stem, payload, markdown,
-                                 lambda path: plot_cases(payload["cases"], path, title))
+            # Written after every case, so that a run cut off by a time limit keeps what it did.
+            paths = report.write_outputs(args.out, stem, payload, render_markdown(payload),
+                                         lambda path: plot_cases(payload["cases"], path, title))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return payload
 

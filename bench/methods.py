@@ -128,8 +128,10 @@ def _pyalign_methods(device: torch.device) -> list[Method]:
                                   overwrites_logits=True,
                                   note="gradient written into the logits' storage"))
 
+    module = pyalign.PreferenceLoss("dpo", beta=BETA)
+
     def preference_loss(x, case):
-        return pyalign.PreferenceLoss("dpo", beta=BETA)(x, case.labels, ref_logps=case.ref_logps).loss
+        return module(x, case.labels, ref_logps=case.ref_logps).loss
 
     methods.append(Method("pyalign.PreferenceLoss", preference_loss, _grad_only,
                           note="public one-call path, backend auto, metrics synchronise"))
