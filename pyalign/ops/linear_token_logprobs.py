@@ -256,14 +256,14 @@ def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tens
 
 
 def scale_unscaled_grad_hidden(grad_logp: Tensor, unscaled: Tensor, keep_idx: Tensor,
-                               hidden2: Tensor, chunk: int) -> Tensor:
+                               shape: torch.Size, chunk: int) -> Tensor:
     """grad_hidden[t] = g[t] * unscaled[t] (fp32 product, one rounding), zeros on ignored rows."""
-    grad_hidden = torch.zeros_like(hidden2)
-    math_dtype = torch.promote_types(hidden2.dtype, torch.float32)
+    grad_hidden = unscaled.new_zeros(shape)
+    math_dtype = torch.promote_types(unscaled.dtype, torch.float32)
     for start in range(0, keep_idx.numel(), chunk):
         rows = keep_idx[start:start + chunk]
         g = grad_logp.index_select(0, rows).to(math_dtype).unsqueeze(1)
-        grad_hidden.index_copy_(0, rows, (unscaled[start:start + chunk].to(math_dtype) * g).to(hidden2.dtype))
+        grad_hidden.index_copy_(0, rows, (unscaled[start:start + chunk].to(math_dtype) * g).to(unscaled.dtype))
     return grad_hidden
 
 
@@ -272,20 +272,26 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden2, weight, bias, labels1, plan):
         logp, keep_idx, labels_kept, lse_kept, unscaled = forward_pass(hidden2, weight, bias, labels1, plan)
         ctx.plan = plan
-        ctx.save_for_backward(hidden2, weight, bias, keep_idx, labels_kept, lse_kept, unscaled)
+        if unscaled is not None:
+            # Only hidden needs a gradient and it is formed already: keep nothing else alive.
+            ctx.hidden_shape = hidden2.shape
+            ctx.save_for_backward(keep_idx, unscaled)
+        else:
+            ctx.save_for_backward(hidden2, weight, bias, keep_idx, labels_kept, lse_kept)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        hidden2, weight, bias, keep_idx, labels_kept, lse_kept, unscaled = ctx.saved_tensors
         plan = ctx.plan
+        if plan.precompute_grad_hidden:
+            keep_idx, unscaled = ctx.saved_tensors
+            grad_hidden = scale_unscaled_grad_hidden(grad_logp, unscaled, keep_idx, ctx.hidden_shape, plan.chunk)
+            return grad_hidden, None, None, None, None
+        hidden2, weight, bias, keep_idx, labels_kept, lse_kept = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         # The backward may run where autocast is on (CPU autocast, same thread): the matmuls
         # must stay in the inputs' dtype, like the forward's.
         with torch.autocast(hidden2.device.type, enabled=False):
-            if unscaled is not None and not needs[1] and not needs[2]:
-                grad_hidden = scale_unscaled_grad_hidden(grad_logp, unscaled, keep_idx, hidden2, plan.chunk)
-                return grad_hidden, None, None, None, None
             grads = backward_pass(grad_logp, hidden2, weight, bias, keep_idx, labels_kept, lse_kept,
                                   plan, needs)
         return (*grads, None, None)
