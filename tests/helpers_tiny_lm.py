@@ -44,13 +44,13 @@ def make_tokenizer(extra_tokens: Sequence[str] = ()):
     return tokenizer
 
 
-def make_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: int = 2):
+def make_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: int = 2, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
+        max_position_embeddings=256, tie_word_embeddings=tied, pad_token_id=0, eos_token_id=2,
         bos_token_id=None,
     )
     torch.manual_seed(seed)
@@ -58,7 +58,7 @@ def make_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: in
     # Random init gives near-uniform predictions; a larger output scale makes log-probs vary
     # between sequences so that tests see non-trivial rewards from the first step.
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight.mul_(2.0 if tied else 8.0)
     return model
 
 

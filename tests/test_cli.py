@@ -10,6 +10,7 @@ import yaml
 
 from helpers_tiny_lm import make_pairs, one_thread, save_tiny_model, write_jsonl
 from pyalign.cli import main
+from pyalign.data import load_preference_pairs
 from pyalign.train.config import ConfigError, load_config
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -141,3 +142,26 @@ def test_python_dash_m_pyalign(assets):
     done = subprocess.run([sys.executable, "-m", "pyalign", "config"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "method.alpha" in done.stdout
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["dpo_example.yaml", "spo_real_data_example.yaml"])
+def test_example_configs_are_valid(assets, name, tmp_path, monkeypatch):
+    """The shipped examples use only real fields and valid values; the model folder and the
+    user-prepared data files are swapped for test fixtures."""
+    root, model, train, held_out = assets
+    monkeypatch.chdir(REPO)  # the examples' relative paths are from the repository root
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    raw["model"]["path"] = str(model)
+    for entry in raw["rounds"]:
+        for split in ("train", "eval"):
+            if split in entry and not Path(entry[split]).is_file():
+                entry[split] = str(held_out if split == "eval" else train)
+    config = load_config(raw)
+    assert config.output_dir.startswith(str(REPO / "outputs"))
+    if name == "dpo_example.yaml":  # its data ships with the repository
+        assert config.rounds[0].train == str(REPO / "configs" / "data" / "helpful_train.jsonl")
+        assert len(load_preference_pairs(config.rounds[0].train)) == 12
+        assert len(load_preference_pairs(config.rounds[0].eval)) == 4

@@ -173,17 +173,20 @@ def test_data_order_is_seeded_and_covers_each_epoch(tokenizer, dataset):
     assert torch.equal(trainer.epoch_order(1), trainer.epoch_order(1))
 
 
-def test_merged_model_reproduces_the_trained_policy(tokenizer, dataset, tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_merged_model_reproduces_the_trained_policy(tokenizer, dataset, tmp_path, tied):
     """The next round's reference is the merged folder: it must compute what the adapter did,
-    trained token rows included."""
-    model = lora_model(tokenizer, trainable_tokens=[tokenizer.convert_tokens_to_ids(MARKER)])
+    trained token rows included (with tied embeddings, as SmolLM2 has, they feed lm_head too)."""
+    lora = LoraConfig(target_modules=["q_proj", "v_proj"],
+                      trainable_token_indices=[tokenizer.convert_tokens_to_ids(MARKER)])
+    model = apply_lora(make_model(len(tokenizer), tied=tied), lora, seed=0)
     perturb_lora(model)
     kwargs = dict(batch_size=4, device=torch.device("cpu"), mixed_precision="no", average=False)
     adapter_logps = dataset_logprobs(model, dataset, **kwargs)
     save_merged_model(model, tokenizer, tmp_path / "merged")
     merged = load_model(tmp_path / "merged", "float32", torch.device("cpu"))
     merged_logps = dataset_logprobs(merged, dataset, **kwargs)
-    base_logps = dataset_logprobs(make_model(len(tokenizer)), dataset, **kwargs)
+    base_logps = dataset_logprobs(make_model(len(tokenizer), tied=tied), dataset, **kwargs)
     for adapted, reloaded, base in zip(adapter_logps, merged_logps, base_logps):
         assert torch.allclose(adapted, reloaded, atol=1e-4, rtol=1e-5)
         assert not torch.allclose(adapted, base, atol=1e-2)

@@ -227,6 +227,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = _field(False, boolean, "recompute activations in backward")
     mixed_precision: str = _field("auto", choice("auto", "bf16", "no"), "auto: bf16 autocast on CUDA only")
     device: str = _field("auto", device_name, "auto, cpu, cuda, cuda:N")
+    num_threads: Any = _field(None, optional(positive_int), "torch CPU threads for the run (null: torch's default)")
     eval_every: int = _field(0, non_negative_int, "evaluate every N steps (0: at the end of each round)")
     save_every: int = _field(50, non_negative_int, "checkpoint every N steps (0: no mid-round checkpoints)")
     log_every: int = _field(10, positive_int, "log every N steps")

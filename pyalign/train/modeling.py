@@ -80,7 +80,7 @@ def policy_sequence_logprobs(model, batch: dict[str, Tensor], *, average: bool =
     so logits[:, :-1] pair with labels[:, 1:]. A fused-linear variant (hidden states x lm_head,
     never materialising the logits) can replace this function without touching the trainer.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return pyalign.sequence_logprobs(logits[:, :-1], batch["labels"][:, 1:], average=average)
 
 

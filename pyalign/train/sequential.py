@@ -179,7 +179,8 @@ class SequentialRun:
         config = self.config
         training = {k: v for k, v in asdict(config.training).items()
                     if k not in ("eval_every", "save_every", "log_every", "keep_checkpoints",
-                                 "progress_bar", "tensorboard", "device", "eval_batch_size")}
+                                 "progress_bar", "tensorboard", "device", "eval_batch_size",
+                                 "num_threads")}
         return {
             "round": round_number,
             "base_model": self.model_fingerprint(round_number - 1),
@@ -252,6 +253,8 @@ def run_sequential(
     config = load_config(config)
     if recompute_stale_cache is not None:
         config.recompute_stale_cache = recompute_stale_cache
+    if config.training.num_threads:
+        torch.set_num_threads(config.training.num_threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "config.json", config.to_dict())
