@@ -121,6 +121,13 @@ def test_paths_taken(monkeypatch):
     assert not is_pair_separable(lambda *args: None)
 
 
+def test_a_fully_ignored_pair():
+    hidden, weight, bias, labels, ref, chain = make_batch(seed=7)
+    labels[[0, 3]] = -100  # pair 0: chosen and rejected both unscored
+    fused, eager = losses_of("dpo", {}, (hidden, weight, bias, labels, ref, chain), memory_budget=2 * 6 * 40 * 8)
+    assert_same(fused, eager, atol=1e-10, rtol=1e-10)
+
+
 def test_pair_groups():
     assert lpl._pair_groups([4, 4, 4, 4], 8) == [(0, 2), (2, 4)]
     assert lpl._pair_groups([4, 5, 0, 3], 8) == [(0, 1), (1, 4)]

@@ -126,6 +126,8 @@ def _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_log
             where = kept.index_select(0, rows).nonzero()  # [K, 2]: (row within the group, t)
             row_of_token = where[:, 0]
             tokens = rows.index_select(0, row_of_token) * time + where[:, 1]
+            if tokens.numel() == 0:  # every token of these pairs is ignored: log-probs 0, no gradient
+                continue
             hidden_rows = hidden2.index_select(0, tokens)
             labels_rows = labels_flat.index_select(0, tokens).to(torch.int64).unsqueeze(0)
             logits = linear_into(hidden2.new_empty(tokens.numel(), weight.shape[0]), hidden_rows, weight, bias)
