@@ -43,8 +43,9 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, *, keep: int 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
+    for leftover in directory.glob(".partial_*"):  # from runs killed while saving
+        shutil.rmtree(leftover, ignore_errors=True)
     partial = directory / f".partial_{name}"
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     torch.save(state, partial / "state.pt")
     final = directory / name

@@ -106,14 +106,18 @@ class LogprobCache:
 @torch.no_grad()
 def dataset_logprobs(
     model, dataset: PreferenceDataset, *, batch_size: int, device: torch.device,
-    mixed_precision: str, average: bool,
+    mixed_precision: str, average: bool, progress: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sequence log-probs (chosen ``[N]``, rejected ``[N]``, float32, CPU) of every pair under
-    ``model``, computed exactly as the trainer computes the policy's (same function, same autocast)."""
+    ``model``, computed exactly as the trainer computes the policy's (same function, same
+    autocast). ``progress``: a tqdm bar with this label."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
-    for start in range(0, len(dataset), batch_size):
+    starts = range(0, len(dataset), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
         indices = range(start, min(start + batch_size, len(dataset)))
         batch = {k: v.to(device) for k, v in dataset.batch(indices).items()}
         with autocast_context(device, mixed_precision):

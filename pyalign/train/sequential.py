@@ -155,6 +155,7 @@ class SequentialRun:
             chosen, rejected = dataset_logprobs(
                 model, self.dataset(n, split), batch_size=batch_size, device=self.device,
                 mixed_precision=self.training.mixed_precision, average=self.average,
+                progress=f"log-probs of pi_{model_index} on round {n} {split}" if self.training.progress_bar else None,
             )
             path = self.cache.save(self.cache_key(model_index, n, split), chosen, rejected)
             self.callback("cache_saved", {"model": model_index, "round": n, "split": split, "path": path})
@@ -264,6 +265,7 @@ def run_sequential(
         run.cache_frozen_logprobs(n - 1)  # pi_{n-1} is final now: cache it for rounds n..K
         if run.finished(n):
             logger.info("round %d (%s): already finished, skipped", n, config.rounds[n - 1].name)
+            shutil.rmtree(round_dir(config, n) / "checkpoints", ignore_errors=True)  # if killed before cleanup
             metrics.append(json.loads((round_dir(config, n) / "metrics.json").read_text(encoding="utf-8")))
             continue
         metrics.append(run.train_round(n))
