@@ -89,6 +89,8 @@ class CMakeBuild(build_ext):
             f"-DPYALIGN_TORCH_CUDA={torch.version.cuda or ''}",
             f"-DPYALIGN_ENABLE_CUDA={'OFF' if os.environ.get('PYALIGN_NO_CUDA') else 'ON'}",
             f"-DTORCH_CUDA_ARCH_LIST={_cuda_arch_list(torch)}",
+            f"-DPYALIGN_TORCH_DIR={Path(torch.__file__).resolve().parent}",
+            f"-DPYALIGN_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         ]
         # A build tree remembers its generator; pick one only for a fresh tree.
         if not (build_dir / "CMakeCache.txt").exists() and shutil.which("ninja"):
