@@ -12,7 +12,9 @@ from pyalign.data import PreferenceDataset, PreferencePair
 from pyalign.reference import reference_token_logprobs
 from pyalign.train.config import LoraConfig, MethodConfig, TrainingConfig
 from pyalign.train.logprob_cache import FrozenLogprobs, dataset_logprobs
-from pyalign.train.modeling import apply_lora, load_model, policy_sequence_logprobs, save_merged_model
+from pyalign.train.modeling import (
+    apply_lora, enable_activation_checkpointing, load_model, policy_sequence_logprobs, save_merged_model,
+)
 from pyalign.train.trainer import Objective, PreferenceTrainer, RoundData
 
 MARKER = "bright"
@@ -221,3 +223,32 @@ def test_checkpoint_round_trip_continues_identically(tokenizer, dataset, tmp_pat
         resumed.optimizer_step(resumed.micro_batches_of_step(step))
     for name, param in straight.params.items():
         assert torch.equal(param, resumed.params[name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, dataset):
+    grads = []
+    for checkpointing in (False, True):
+        base = make_model(len(tokenizer))
+        if checkpointing:
+            enable_activation_checkpointing(base)
+            assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+        model = apply_lora(base, LoraConfig(target_modules=["q_proj", "v_proj"]), seed=0)
+        perturb_lora(model)
+        model.train()
+        policy_sequence_logprobs(model, dataset.batch([0, 1, 2])).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_loss_is_close_to_fp32(tokenizer, dataset):
+    """The CUDA path's bf16 autocast, exercised on CPU (mixed_precision: bf16)."""
+    model = lora_model(tokenizer)
+    perturb_lora(model)
+    chain = random_chain(1, len(dataset))
+    losses = {}
+    for precision in ("no", "bf16"):
+        trainer = PreferenceTrainer(model, RoundData(dataset, chain), Objective(MethodConfig(loss="dpo"), []),
+                                    training(mixed_precision=precision), "unused")
+        losses[precision] = trainer.loss_on_batch(dataset.batch([0, 1, 2, 3]), chain).loss.item()
+    assert losses["bf16"] == pytest.approx(losses["no"], abs=2e-2)
+    assert losses["bf16"] != losses["no"]  # autocast really ran

@@ -58,6 +58,12 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, *, keep: int 
     return final
 
 
+def latest_step(directory: str | Path) -> int | None:
+    """The step of the newest complete checkpoint, or None."""
+    pointer = Path(directory) / "latest.json"
+    return json.loads(pointer.read_text(encoding="utf-8"))["step"] if pointer.is_file() else None
+
+
 def load_latest_checkpoint(directory: str | Path) -> dict | None:
     """The state of the newest complete checkpoint, or None."""
     pointer = Path(directory) / "latest.json"

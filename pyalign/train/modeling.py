@@ -27,9 +27,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def uses_autocast(device: torch.device, mixed_precision: str) -> bool:
+    """bf16 autocast on CUDA for ``auto``/``bf16``; on CPU only when ``bf16`` is asked for."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
 def autocast_context(device: torch.device, mixed_precision: str):
-    """bf16 autocast on CUDA for ``auto``/``bf16``; nothing on CPU unless ``bf16`` is asked for."""
-    if mixed_precision == "no" or (mixed_precision == "auto" and device.type != "cuda"):
+    if not uses_autocast(device, mixed_precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -67,6 +71,17 @@ def apply_lora(model, lora, *, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return peft.get_peft_model(model, config)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, so frozen inputs
+    need no requires_grad). transformers >= 5.2x names it ``activation_checkpointing_enable``;
+    older 5.x releases only have ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:

@@ -42,8 +42,8 @@ from pyalign.data import PreferenceDataset, file_fingerprint, tokenization_finge
 from pyalign.train.config import SequentialConfig, load_config
 from pyalign.train.logprob_cache import CacheKey, FrozenLogprobs, LogprobCache, dataset_logprobs
 from pyalign.train.modeling import (
-    apply_lora, load_model, load_tokenizer, model_fingerprint, resolve_device, save_merged_model,
-    write_json_atomic,
+    apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, model_fingerprint, resolve_device, save_merged_model,
+    uses_autocast, write_json_atomic,
 )
 from pyalign.train.trainer import Objective, PreferenceTrainer, RoundData
 
@@ -92,10 +92,8 @@ class SequentialRun:
             self.tokenizer, self.training.max_length, self.training.max_prompt_length
         )
         self.average = config.method.loss == "ipo"  # ipo works on length-averaged log-probs
-        autocast = self.training.mixed_precision != "no" and (
-            self.training.mixed_precision == "bf16" or self.device.type == "cuda"
-        )
-        self.precision = f"{config.model.dtype}" + ("+bf16-autocast" if autocast else "")
+        autocast = uses_autocast(self.device, self.training.mixed_precision)
+        self.precision = config.model.dtype + ("+bf16-autocast" if autocast else "")
         self.model_dirs = [Path(config.model.path)] + [round_dir(config, n) / "model" for n in self.round_numbers]
         self._datasets: dict[tuple[int, str], PreferenceDataset] = {}
         self._fingerprints: dict[Path, str] = {}
@@ -188,7 +186,8 @@ class SequentialRun:
             "train_data": file_fingerprint(self.data_file(round_number, "train")),
             "tokenization": self.tokenization,
             "lora": asdict(config.lora),
-            "method": asdict(config.method),
+            # this round's alphas only: changing a later round's alpha leaves this round valid
+            "method": {k: v for k, v in asdict(config.method).items() if k != "alpha"},
             "alphas": round_alphas(config, round_number),
             "training": training,
             "model_dtype": config.model.dtype,
@@ -217,7 +216,7 @@ class SequentialRun:
                     chain_models(config, round_number))
         base = load_model(self.model_dirs[round_number - 1], config.model.dtype, self.device)
         if self.training.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(base)
         model = apply_lora(base, config.lora, seed=self.training.seed + round_number)
         data = RoundData(
             train=self.dataset(round_number, "train"),
@@ -228,7 +227,7 @@ class SequentialRun:
         torch.manual_seed(self.training.seed + round_number)  # dropout stream (restored on resume)
         trainer = PreferenceTrainer(
             model, data, Objective(config.method, alphas), self.training, directory,
-            fingerprint=self.round_fingerprint(round_number), callback=self.callback,
+            fingerprint=self.round_fingerprint(round_number), callback=self.callback, round_number=round_number,
             name=f"round {round_number}/{len(config.rounds)} {config.rounds[round_number - 1].name}",
         )
         metrics = trainer.train()

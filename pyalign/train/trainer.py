@@ -23,7 +23,9 @@ from torch import Tensor
 
 from pyalign.data import PreferenceDataset
 from pyalign.preference_loss import PreferenceLoss
-from pyalign.train.checkpoint import load_latest_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from pyalign.train.checkpoint import (
+    latest_step, load_latest_checkpoint, restore_rng_states, rng_states, save_checkpoint,
+)
 from pyalign.train.config import MethodConfig, TrainingConfig
 from pyalign.train.logprob_cache import FrozenLogprobs
 from pyalign.train.modeling import (
@@ -96,6 +98,7 @@ class PreferenceTrainer:
         fingerprint: dict | None = None,
         callback: Callable[[str, dict], None] | None = None,
         name: str = "round",
+        round_number: int = 1,
     ):
         self.model = model
         self.data = data
@@ -105,6 +108,7 @@ class PreferenceTrainer:
         self.fingerprint = fingerprint or {}
         self.callback = callback or (lambda event, info: None)
         self.name = name
+        self.round_number = round_number
         self.device = next(model.parameters()).device
         self.params = trainable_parameters(model)
         if not self.params:
@@ -256,9 +260,10 @@ class PreferenceTrainer:
                     self._log("eval", self.evaluate(), writer)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
                     self.save()
-                self.callback("step", {"round": self.name, "step": self.step})
+                self.callback("step", {"round": self.round_number, "step": self.step,
+                                       "total_steps": self.total_steps, "metrics": metrics})
             progress.close()
-            if load_step(self.checkpoint_dir) != self.step:
+            if latest_step(self.checkpoint_dir) != self.step:
                 self.save()  # the finished round's state: a crash while merging resumes here
             final_eval = self.evaluate()
             self._log("eval", final_eval, writer)
@@ -286,13 +291,6 @@ class PreferenceTrainer:
                 writer.add_scalar(f"{split}/{name}", value, self.step)
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in METRIC_NAMES + ("nll", "lr") if k in metrics)
         logger.info("%s step %d/%d %s: %s", self.name, self.step, self.total_steps, split, shown)
-
-
-def load_step(checkpoint_dir: Path) -> int | None:
-    import json  # noqa: PLC0415
-
-    pointer = checkpoint_dir / "latest.json"
-    return json.loads(pointer.read_text())["step"] if pointer.is_file() else None
 
 
 def _mean_of(window: list[dict[str, float]]) -> dict[str, float]:
