@@ -18,12 +18,30 @@ from torch import Tensor
 
 @dataclass
 class LossOutput:
-    """``loss`` (scalar, differentiable); rewards ``[B]`` float32, detached; scalar metrics."""
+    """``loss`` (scalar, differentiable); rewards ``[B]`` float32, detached.
+
+    ``metrics`` (reward accuracy and margin, mean rewards, plus ``extra`` such as kl or nll) are
+    computed when read: reading them synchronises with the GPU, building the output does not.
+    """
 
     loss: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Tensor | float] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        margin = self.chosen_rewards - self.rejected_rewards
+        values = {}
+        if margin.numel():
+            values = {
+                "reward_accuracy": (margin > 0).float().mean().item(),
+                "reward_margin": margin.mean().item(),
+                "chosen_reward": self.chosen_rewards.mean().item(),
+                "rejected_reward": self.rejected_rewards.mean().item(),
+            }
+        values.update({name: float(value) for name, value in self.extra.items()})
+        return values
 
 
 def _check_beta(beta: float) -> None:
@@ -44,20 +62,9 @@ def _check_pairs(**tensors: Tensor) -> None:
 
 
 def _finish(per_pair: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor) -> LossOutput:
-    chosen_rewards = chosen_rewards.detach().float()
-    rejected_rewards = rejected_rewards.detach().float()
-    margin = chosen_rewards - rejected_rewards
-    metrics = {}
-    if margin.numel():
-        metrics = {
-            "reward_accuracy": (margin > 0).float().mean().item(),
-            "reward_margin": margin.mean().item(),
-            "chosen_reward": chosen_rewards.mean().item(),
-            "rejected_reward": rejected_rewards.mean().item(),
-        }
     # mean() of an empty batch is NaN; an empty batch contributes nothing instead.
     loss = per_pair.mean() if per_pair.numel() else per_pair.sum()
-    return LossOutput(loss, chosen_rewards, rejected_rewards, metrics)
+    return LossOutput(loss, chosen_rewards.detach().float(), rejected_rewards.detach().float())
 
 
 def _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
@@ -135,14 +142,16 @@ def kto_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0
     rejected responses, clamped at 0."""
     _check_beta(beta)
     c, r = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if isinstance(kl, (int, float)) and not kl >= 0:
+        raise ValueError(f"kl: expected a non-negative estimate, got {kl!r}")
     if kl is None:
         kl = torch.cat([c, r]).mean().clamp(min=0).detach() if c.numel() else c.new_zeros(())
     kl = torch.as_tensor(kl, dtype=c.dtype, device=c.device).detach()
-    if bool(kl < 0):
-        raise ValueError(f"kl: expected a non-negative estimate, got {float(kl)}")
+    if kl.numel() != 1:
+        raise ValueError(f"kl: expected a scalar, got shape {tuple(kl.shape)}")
     per_pair = (1 - torch.sigmoid(beta * c - beta * kl)) + (1 - torch.sigmoid(beta * kl - beta * r))
     out = _finish(per_pair, beta * c, beta * r)
-    out.metrics["kl"] = float(kl)
+    out.extra["kl"] = kl
     return out
 
 

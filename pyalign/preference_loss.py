@@ -106,7 +106,7 @@ class PreferenceLoss(torch.nn.Module):
             if num_tokens is not None and not self.average:
                 chosen_tokens, _ = split_pairs(num_tokens, "labels")
             nll = losses.nll(policy_chosen, num_tokens=chosen_tokens)
-            out.metrics["nll"] = nll.item()
+            out.extra["nll"] = nll.detach()
             out.loss = out.loss + self.nll_weight * nll
         return out
 

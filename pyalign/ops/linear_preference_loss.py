@@ -158,7 +158,7 @@ def _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_log
     grad_hidden = None if grad_hidden2 is None else grad_hidden2.view(hidden.shape)
     loss = _PrecomputedGradients.apply(final.loss, hidden, weight, bias, grad_hidden,
                                        sink.weight_grad(), sink.bias_grad())
-    return LossOutput(loss, final.chosen_rewards, final.rejected_rewards, final.metrics)
+    return LossOutput(loss, final.chosen_rewards, final.rejected_rewards, final.extra)
 
 
 def linear_preference_loss(
