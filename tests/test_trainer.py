@@ -252,3 +252,18 @@ def test_bf16_autocast_loss_is_close_to_fp32(tokenizer, dataset):
         losses[precision] = trainer.loss_on_batch(dataset.batch([0, 1, 2, 3]), chain).loss.item()
     assert losses["bf16"] == pytest.approx(losses["no"], abs=2e-2)
     assert losses["bf16"] != losses["no"]  # autocast really ran
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "robust", "apo_zero", "apo_down", "kto_pair", "spo"])
+def test_every_loss_trains_a_step(tokenizer, dataset, loss):
+    method = MethodConfig(loss=loss, nll_weight=0.1, label_smoothing=0.1 if loss in ("dpo", "robust") else 0.0)
+    alphas = [0.1, 0.2] if loss == "spo" else []
+    model = lora_model(tokenizer)
+    perturb_lora(model)
+    trainer = PreferenceTrainer(model, RoundData(dataset, random_chain(len(alphas) + 1, len(dataset))),
+                                Objective(method, alphas), training(), "unused")
+    assert trainer.objective.average == (loss == "ipo")
+    before = {name: p.detach().clone() for name, p in trainer.params.items()}
+    metrics = trainer.optimizer_step(trainer.micro_batches_of_step(0))
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and "nll" in metrics
+    assert any(not torch.equal(before[name], p) for name, p in trainer.params.items())
