@@ -33,7 +33,8 @@ def acc_dtype(dtype):
 
 def expected(logits3, labels2, grad2, lse_for_grad=None):
     """(logp, lse, grad) in float64 from the very values the kernel reads; the gradient uses
-    `lse_for_grad` when given (the backward's contract is relative to the lse it receives)."""
+    `lse_for_grad` when given (the backward's contract is relative to the lse it receives).
+    Ignored rows get a zero gradient whatever they hold; their lse is unspecified."""
     x = logits3.double()
     lse = torch.logsumexp(x, dim=-1)
     keep = labels2 != IGNORE
@@ -42,8 +43,15 @@ def expected(logits3, labels2, grad2, lse_for_grad=None):
     g = torch.where(keep, grad2.double(), 0.0)
     grad_lse = lse if lse_for_grad is None else lse_for_grad.double()
     grad = -torch.exp(x - grad_lse.unsqueeze(-1)) * g.unsqueeze(-1)
+    grad = torch.where(keep.unsqueeze(-1), grad, 0.0)
     grad.scatter_add_(-1, safe.unsqueeze(-1), g.unsqueeze(-1))
     return logp, lse, grad
+
+
+def assert_lse_close_on_kept_rows(lse, want_lse, labels2, **tolerances):
+    """lse is unspecified where the label is ignored (docs/DESIGN.md): compare kept rows only."""
+    keep = labels2 != IGNORE
+    torch.testing.assert_close(lse.double()[keep], want_lse[keep], **tolerances)
 
 
 def grad_tolerances(dtype, grad2):
@@ -69,7 +77,7 @@ def run_and_check(logits3, labels2, grad2, grad_out3=None):
     assert logp.dtype == lse.dtype == acc_dtype(dtype)
     assert logp.shape == lse.shape == labels2.shape and logp.is_contiguous()
     torch.testing.assert_close(logp.double(), want_logp, **value_tolerances(dtype))
-    torch.testing.assert_close(lse.double(), want_lse, **value_tolerances(dtype))
+    assert_lse_close_on_kept_rows(lse, want_lse, labels2, **value_tolerances(dtype))
 
     if grad_out3 is None:
         grad_out3 = torch.full_like(logits3, float("nan"))  # every element must be written
@@ -107,7 +115,25 @@ def test_fully_ignored_sequence_has_zero_logp_and_zero_grad(capability, dtype):
     logp, lse, grad_out = run_and_check(logits, labels, grad)
     assert torch.all(logp[1] == 0)
     assert torch.all(grad_out[1] == 0)
-    assert torch.isfinite(lse).all()
+    assert torch.isfinite(lse[labels != IGNORE]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_ignored_rows_are_not_read(capability, dtype, poison):
+    """Every ignored row is poisoned with NaN or inf, which any read would carry into that row's
+    lse, its logp or its gradient. The contract leaves lse unspecified there; this kernel writes 0
+    without reading the row, and the kept rows are unaffected."""
+    logits, labels, grad = random_case(3, 5, 1000, dtype, seed=8, ignore_fraction=0.4)
+    labels[2] = IGNORE  # a fully ignored sequence too
+    ignored = labels == IGNORE
+    assert ignored.any() and (~ignored).any()
+    logits[ignored] = poison
+    logp, lse, grad_out = run_and_check(logits, labels, grad)  # kept rows against float64
+    assert torch.all(logp[ignored] == 0) and torch.all(lse[ignored] == 0)
+    assert torch.isfinite(logp[~ignored]).all() and torch.isfinite(lse[~ignored]).all()
+    assert torch.all(grad_out[ignored] == 0)
+    assert torch.isfinite(grad_out[~ignored]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -167,7 +193,7 @@ def test_extreme_rows(capability, dtype):
     # lse ~ 1e4 in row 4: float32 keeps about 1e-3 absolute there, which is why the gradient is
     # compared against the float64 formula evaluated at the lse the backward was given.
     atol = 1e-10 if dtype == torch.float64 else 2e-3
-    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=atol)
+    assert_lse_close_on_kept_rows(lse, want_lse, labels, rtol=1e-6, atol=atol)
     torch.testing.assert_close(logp.double(), want_logp, rtol=1e-6, atol=atol)
     torch.testing.assert_close(grad_out.double(), want_grad, **grad_tolerances(dtype, grad))
 

@@ -11,11 +11,13 @@
 // resident in L1): the first block's maximum becomes the shift, and each later block yields its
 // maximum and its sum of exp(x - shift) in one sweep; the rare block that overshoots the shift a
 // lot is summed again from L1 against a new shift (see row_logsumexp). The label's logit is read
-// directly.
+// directly. A row whose label is ignored is not read at all (logp = lse = 0; lse is unspecified
+// there by the contract), which saves a pass over the prompt tokens of a preference batch.
 //
 // Backward, per row: one read of the logits and one write of the gradient,
 // grad_out = -g * exp(x - lse), then the label's element g * (1 - exp(x_label - lse)) from the
-// label logit read before the row was written (so grad_out may be the logits themselves).
+// label logit read before the row was written (so grad_out may be the logits themselves);
+// an ignored row is not read either, only zeroed.
 //
 // Math is float32 for float32/bfloat16/float16 logits and float64 for float64 logits.
 #include "token_logprobs_rows.h"
@@ -229,15 +231,18 @@ void forward_rows_typed(const ForwardArgs& args, int64_t row_begin, int64_t row_
   Acc* logp = static_cast<Acc*>(args.logp);
   Acc* lse = static_cast<Acc*>(args.lse);
   for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t label = args.labels[row];
+    if (label == args.ignore_index) {  // lse is unspecified here: the row is never read
+      lse[row] = Acc(0);
+      logp[row] = Acc(0);
+      continue;
+    }
     const int64_t b = row / args.seq_len;
     const int64_t t = row - b * args.seq_len;
     const T* x = logits + b * args.stride_batch + t * args.stride_time;
     const double row_lse = row_logsumexp(x, args.vocab);
-    const int64_t label = args.labels[row];
     lse[row] = static_cast<Acc>(row_lse);
-    logp[row] = label == args.ignore_index
-        ? Acc(0)
-        : static_cast<Acc>(double(static_cast<Acc>(x[label])) - row_lse);
+    logp[row] = static_cast<Acc>(double(static_cast<Acc>(x[label])) - row_lse);
   }
 }
 

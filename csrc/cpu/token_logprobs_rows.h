@@ -25,7 +25,7 @@ struct ForwardArgs {
   const int64_t* labels;
   int64_t ignore_index;
   void* logp;  // out: logits[label] - lse, 0 where the label is ignored
-  void* lse;   // out: log-sum-exp of the row
+  void* lse;   // out: log-sum-exp of the row; 0 where the label is ignored (row not read)
 };
 
 // grad_out row r starts at b * out_stride_batch + t * out_stride_time of `grad_out`, which has
