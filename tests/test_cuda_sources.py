@@ -52,13 +52,19 @@ GRAD_TOLERANCE = {
 }
 
 
-def _check(_C, logits3, labels2, grad2, *, in_place=False):
-    want_logp, want_grad = _reference(logits3, labels2, grad2)
+def _check(_C, logits3, labels2, grad2, *, in_place=False, reference_logits3=None):
+    """The cuda backend against float64; `reference_logits3` (default: logits3) is what the
+    reference sees, so that ignored rows may hold values no reference could digest. lse is
+    compared on kept rows only: the contract leaves it unspecified on ignored rows."""
+    if reference_logits3 is None:
+        reference_logits3 = logits3
+    want_logp, want_grad = _reference(reference_logits3, labels2, grad2)
     logp, lse = _C.cuda_forward(logits3, labels2, IGNORE)
     assert logp.dtype == lse.dtype == torch.float32 and logp.shape == labels2.shape
     torch.testing.assert_close(logp.double(), want_logp.double(), rtol=1e-6, atol=2e-5)
-    want_lse = torch.logsumexp(logits3.double(), dim=-1)
-    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=2e-5)
+    kept = labels2 != IGNORE
+    want_lse = torch.logsumexp(reference_logits3.double(), dim=-1)
+    torch.testing.assert_close(lse.double()[kept], want_lse[kept], rtol=1e-6, atol=2e-5)
     scale = float(grad2.abs().max()) if grad2.numel() else 1.0
     tol = dict(GRAD_TOLERANCE[logits3.dtype])
     tol["atol"] *= scale
@@ -70,6 +76,7 @@ def _check(_C, logits3, labels2, grad2, *, in_place=False):
         _C.cuda_backward(logits3, labels2, lse, grad2, IGNORE, got)
     torch.cuda.synchronize()
     torch.testing.assert_close(got.double(), want_grad, **tol)
+    return logp, lse, got
 
 
 def _case(batch, seq, vocab, dtype, seed, extra_time=0):
@@ -118,6 +125,27 @@ def test_cuda_fully_ignored_rows_and_special_values():
     out = torch.full_like(logits, float("nan"))
     _C.cuda_backward(logits, labels, lse, grad, IGNORE, out)
     assert torch.all(logp[1] == 0) and torch.all(out[1] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [7, 4099, 50257])  # 32, 64 and 512 threads per row
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_cuda_ignored_rows_are_not_read(poison, vocab):
+    """Every ignored row is poisoned with NaN or inf, which any read would carry into that row's
+    lse, its logp or its gradient (the reference sees the unpoisoned logits). The contract leaves
+    lse unspecified there; the kernel writes 0 without reading the row (its block exits early,
+    skipping the reduction's barriers). Ignored and kept rows alternate."""
+    _C = _cuda_backend_or_skip()
+    clean, labels, grad = _case(3, 6, vocab, torch.bfloat16, seed=5)
+    labels[:, 1::2] = IGNORE
+    labels[2] = IGNORE  # a fully ignored sequence
+    ignored = labels == IGNORE
+    poisoned = clean.clone()
+    poisoned[ignored] = poison
+    logp, lse, grad_out = _check(_C, poisoned, labels, grad, reference_logits3=clean)
+    assert torch.all(logp[ignored] == 0) and torch.all(lse[ignored] == 0)
+    assert torch.isfinite(lse[~ignored]).all() and torch.isfinite(logp[~ignored]).all()
+    assert torch.all(grad_out[ignored] == 0) and torch.isfinite(grad_out).all()
 
 
 @pytest.mark.gpu

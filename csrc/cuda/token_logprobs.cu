@@ -1,7 +1,9 @@
 // CUDA kernels of the token log-prob op (interface and layout: token_logprobs.h).
 //
 // Memory-bound by design: the forward reads each logit once, the backward reads each once and
-// writes each gradient once, so the floor is 3 passes over the logits at copy bandwidth.
+// writes each gradient once, so the floor is 3 passes over the logits at copy bandwidth. Rows
+// whose label is ignored are never read: the forward writes logp = lse = 0 for them and the
+// backward writes zeros.
 // - One CTA per row; the block size grows with the vocabulary (32..512 threads).
 // - 16-byte loads and stores: a scalar head up to the first 16-byte boundary of the row (rows of
 //   odd V, or of logits[:, :-1], start anywhere), a vectorised body, a scalar tail; kUnroll
@@ -167,13 +169,22 @@ __global__ void __launch_bounds__(kThreads)
   const int vocab = static_cast<int>(layout.vocab);
   const int64_t rows = layout.batch * layout.seq_len;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t label = labels[row];
+    // An ignored row is not read (lse is unspecified there by the contract). The branch is
+    // uniform over the block, whose threads all work on this row, so skipping the reduction's
+    // barriers is safe; the barrier at the end of the previous row already protects scratch.
+    if (label == ignore_index) {
+      if (threadIdx.x == 0) {
+        lse[row] = 0.f;
+        logp[row] = 0.f;
+      }
+      continue;
+    }
     const T* x = static_cast<const T*>(row_start(logits, row, layout.seq_len, layout.stride_batch,
                                                  layout.stride_time, sizeof(T)));
-    const int64_t label = labels[row];
-    const bool ignored = label == ignore_index;
     const bool label_ok = label >= 0 && label < vocab;
     float label_logit = 0.f;
-    if (threadIdx.x == 0 && !ignored && label_ok) label_logit = Elem<T>::to_float(x[label]);
+    if (threadIdx.x == 0 && label_ok) label_logit = Elem<T>::to_float(x[label]);
 
     MaxSum state{neg_inf(), 0.f};
     const int head = head_elements(x, vocab);
@@ -200,7 +211,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       const float row_lse = state.m + log2f(state.s) * kLn2;
       lse[row] = row_lse;
-      logp[row] = ignored ? 0.f : (label_ok ? label_logit - row_lse : __int_as_float(0x7fc00000));
+      logp[row] = label_ok ? label_logit - row_lse : __int_as_float(0x7fc00000);
     }
     __syncthreads();  // scratch is reused by the next row
   }

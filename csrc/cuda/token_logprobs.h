@@ -23,7 +23,8 @@ struct RowLayout {
 };
 
 // logp[r] = logits[r, labels[r]] - lse[r] (0 where labels[r] == ignore_index, NaN where the label
-// is out of range), lse[r] = log-sum-exp of row r. One read of the logits.
+// is out of range), lse[r] = log-sum-exp of row r (0 where labels[r] == ignore_index: an ignored
+// row is not read). One read of the kept rows of the logits.
 cudaError_t launch_forward(DType dtype, const void* logits, RowLayout layout,
                            const int64_t* labels, int64_t ignore_index, float* logp, float* lse,
                            cudaStream_t stream);
