@@ -8,7 +8,8 @@ Backend contract (docs/DESIGN.md):
 Traffic: the forward reads every logit once (online max / sum-exp, the label's logit fetched by
 pointer in the same program); the backward reads every logit once and writes the gradient once,
 elementwise, so that it may write into the logits' own storage (in-place backward). Rows whose
-label is `ignore_index` are not read by the backward: their gradient is written as zeros.
+label is `ignore_index` are read by neither: the forward writes logp = lse = 0 for them (lse is
+unspecified there by the contract) and the backward writes zeros.
 
 Layout: one program per (row, vocabulary split). With many rows there is one split per row and
 the forward writes lse/logp directly. With few rows and a large vocabulary (a handful of long
@@ -56,17 +57,17 @@ def _merge_lanes(m, s):
 
 
 @triton.jit
-def _finish_row(row_ptr, labels_ptr, logp_ptr, lse_ptr, row, row_max, row_sum, ignore_index):
+def _finish_row(row_ptr, logp_ptr, lse_ptr, row, label, valid, row_max, row_sum):
     """Store lse and logp of one row, reading the label's logit by pointer.
 
     logp = (x_label - max) - log(sum) rather than x_label - lse: the subtraction of nearby large
-    numbers happens first, exactly, as in torch's log_softmax.
+    numbers happens first, exactly, as in torch's log_softmax. An ignored row (not `valid`) reads
+    nothing and gets logp = lse = 0.
     """
-    log_sum = tl.log(row_sum)
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
-    label_logit = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32)
-    tl.store(lse_ptr + row, row_max + log_sum)
+    log_sum = tl.log(tl.where(valid, row_sum, 1.0))
+    label_logit = tl.load(row_ptr + tl.where(valid, label, 0), mask=valid, other=0.0)
+    label_logit = label_logit.to(tl.float32)
+    tl.store(lse_ptr + row, tl.where(valid, row_max + log_sum, 0.0))
     tl.store(logp_ptr + row, tl.where(valid, (label_logit - row_max) - log_sum, 0.0))
 
 
@@ -83,16 +84,19 @@ def _forward_kernel(
     x > m: s = s * exp(m - x) + 1, m = x;  otherwise: s = s + exp(x - m);
     both cases use e = exp(-|x - m|). `m` starts at -FLT_MAX, not -inf, so that x - m is never
     -inf - (-inf) = nan: a -inf logit (or the masked tail) gives e = 0 and leaves s unchanged.
+    A row whose label is ignored runs no iteration: its chunk is empty.
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
     row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
     lanes = tl.arange(0, BLOCK_V)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
 
     m = tl.full([BLOCK_V], -FLT_MAX, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
     v_begin = split * chunk_len
-    v_end = tl.minimum(v_begin + chunk_len, V)
+    v_end = tl.where(valid, tl.minimum(v_begin + chunk_len, V), v_begin)
     for v0 in range(v_begin, v_end, BLOCK_V):
         v = v0 + lanes
         x = tl.load(row_ptr + v, mask=v < v_end, other=float("-inf")).to(tl.float32)
@@ -106,7 +110,7 @@ def _forward_kernel(
         tl.store(part_max_ptr + part, row_max)
         tl.store(part_sum_ptr + part, row_sum)
     else:
-        _finish_row(row_ptr, labels_ptr, logp_ptr, lse_ptr, row, row_max, row_sum, ignore_index)
+        _finish_row(row_ptr, logp_ptr, lse_ptr, row, label, valid, row_max, row_sum)
 
 
 @triton.jit
@@ -115,16 +119,19 @@ def _forward_merge_kernel(
     T, stride_b, stride_t, num_splits, ignore_index,
     BLOCK_SPLITS: tl.constexpr,
 ):
-    """Program per row: merge the row's partial (max, sum) pairs, gather the label's logit."""
+    """Program per row: merge the row's partial (max, sum) pairs, gather the label's logit.
+    An ignored row reads neither its partials nor its logits."""
     row = tl.program_id(0)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
     splits = tl.arange(0, BLOCK_SPLITS)
     part = row.to(tl.int64) * num_splits + splits
-    in_row = splits < num_splits
-    m = tl.load(part_max_ptr + part, mask=in_row, other=float("-inf"))
+    in_row = splits < tl.where(valid, num_splits, 0)  # ignored rows: every load masked off
+    m = tl.load(part_max_ptr + part, mask=in_row, other=-FLT_MAX)
     s = tl.load(part_sum_ptr + part, mask=in_row, other=0.0)
     row_max, row_sum = _merge_lanes(m, s)
     row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
-    _finish_row(row_ptr, labels_ptr, logp_ptr, lse_ptr, row, row_max, row_sum, ignore_index)
+    _finish_row(row_ptr, logp_ptr, lse_ptr, row, label, valid, row_max, row_sum)
 
 
 @triton.jit

@@ -75,15 +75,21 @@ def _reference(logits3, labels2, grad2):
     return logp.detach(), torch.logsumexp(x.detach(), dim=-1), x.grad
 
 
-def _check_case(logits3, labels2, grad2, check_lse=True, **launch):
+def _check_case(logits3, labels2, grad2, check_lse=True, reference_logits3=None, **launch):
+    """Forward and backward against float64; `reference_logits3` (default: logits3) is what the
+    reference sees, so that ignored rows may hold values no reference could digest. lse is
+    compared on kept rows only: the contract leaves it unspecified on ignored rows."""
     logp, lse = tk._launch_forward(logits3, labels2, IGNORE, **launch)
     assert logp.dtype == lse.dtype == torch.float32
     assert logp.is_contiguous() and lse.is_contiguous()
-    ref_logp, ref_lse, ref_grad = _reference(logits3, labels2, grad2)
+    if reference_logits3 is None:
+        reference_logits3 = logits3
+    ref_logp, ref_lse, ref_grad = _reference(reference_logits3, labels2, grad2)
     torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=5e-5)
+    kept = labels2 != IGNORE
     if check_lse:
-        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=5e-5)
-    assert torch.all(logp[labels2 == IGNORE] == 0)
+        torch.testing.assert_close(lse.double()[kept], ref_lse[kept], rtol=1e-5, atol=5e-5)
+    assert torch.all(logp[~kept] == 0)
 
     grad_out = torch.full_like(logits3, float("nan"))  # poison: every element must be written
     tk._launch_backward(logits3, labels2, lse, grad2, IGNORE, grad_out, **launch)
@@ -129,6 +135,25 @@ def test_many_blocks_per_row(block_v):
     labels2[1, 1] = 5
     _check_case(logits3, labels2, grad2, block_v=block_v, num_warps=1)
     _check_case(logits3, labels2, grad2, block_v=block_v, num_warps=1, num_splits=3)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_ignored_rows_are_not_read(num_splits, poison):
+    """Every ignored row is poisoned with NaN or inf, which any read would carry into that row's
+    lse, its logp or its gradient (the reference sees the unpoisoned logits). The contract leaves
+    lse unspecified there; these kernels write 0 without reading the row. Both the one-program
+    path and the split-V path with its merge kernel."""
+    _, clean, labels2, grad2 = _make_case(3, 4, 1000, torch.float32, seed=21, ignored_fraction=0.4)
+    ignored = labels2 == IGNORE
+    assert ignored.any() and (~ignored).any()
+    poisoned = clean.clone()
+    poisoned[ignored] = poison
+    logp, lse, grad_out = _check_case(poisoned, labels2, grad2, reference_logits3=clean,
+                                      num_splits=num_splits, block_v=256, num_warps=1)
+    assert torch.all(logp[ignored] == 0) and torch.all(lse[ignored] == 0)
+    assert torch.isfinite(lse[~ignored]).all() and torch.isfinite(logp[~ignored]).all()
+    assert torch.all(grad_out[ignored] == 0) and torch.isfinite(grad_out).all()
 
 
 def test_chunk_len_is_a_block_multiple_covering_v():
@@ -280,8 +305,9 @@ def test_gpu_8x4096x152064_bf16_inplace():
     logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
     tk.triton_backward(logits3, labels2, lse, grad2, IGNORE, logits3)  # logits3 now holds grad
     ref_logp, ref_lse, ref_grad = _reference(sample, sample_labels, sample_grad)
+    kept = sample_labels[0] != IGNORE  # lse is unspecified on ignored rows
     torch.testing.assert_close(logp[b, t].double(), ref_logp[0], rtol=1e-5, atol=5e-5)
-    torch.testing.assert_close(lse[b, t].double(), ref_lse[0], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(lse[b, t].double()[kept], ref_lse[0][kept], rtol=1e-5, atol=5e-5)
     torch.testing.assert_close(logits3[b, t].double(), ref_grad[0], rtol=1e-2, atol=1e-7)
     for row in range(B):  # row by row: no logits-sized temporary
         assert not logits3[row][labels2[row] == IGNORE].any()
