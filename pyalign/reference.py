@@ -57,5 +57,7 @@ def reference_backward(
     safe_labels = torch.where(keep, labels2, torch.zeros_like(labels2))
     grad = torch.where(keep, grad2.double(), torch.zeros_like(grad2, dtype=torch.float64))
     d = -torch.exp(x - lse2.double().unsqueeze(-1)) * grad.unsqueeze(-1)
+    # lse2 (and the row itself) may be anything on ignored rows: select zeros, never multiply.
+    d = torch.where(keep.unsqueeze(-1), d, torch.zeros_like(d))
     d.scatter_add_(-1, safe_labels.unsqueeze(-1), grad.unsqueeze(-1))
     grad_out3.copy_(d)
