@@ -267,3 +267,10 @@ def test_every_loss_trains_a_step(tokenizer, dataset, loss):
     metrics = trainer.optimizer_step(trainer.micro_batches_of_step(0))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and "nll" in metrics
     assert any(not torch.equal(before[name], p) for name, p in trainer.params.items())
+
+
+def test_chain_of_the_wrong_shape_is_refused(tokenizer, dataset):
+    spo_round_3 = Objective(MethodConfig(loss="spo"), [0.1, 0.1])  # needs pi_0, pi_1, pi_2
+    with pytest.raises(ValueError, match=r"data.train_chain: expected frozen log-probs of shape \(3, 12\)"):
+        PreferenceTrainer(lora_model(tokenizer), RoundData(dataset, random_chain(2, len(dataset))),
+                          spo_round_3, training(), "unused")

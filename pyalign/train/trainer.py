@@ -87,6 +87,9 @@ class _Averages:
 
 
 class PreferenceTrainer:
+    """Trains ``model`` (a peft model: only its trainable parameters move) for one round on
+    ``data`` with ``objective``; checkpoints and logs go under ``round_dir``."""
+
     def __init__(
         self,
         model,
@@ -113,6 +116,14 @@ class PreferenceTrainer:
         self.params = trainable_parameters(model)
         if not self.params:
             raise ValueError("model: has no trainable parameters (is the LoRA adapter applied?)")
+        for split, dataset, chain in (("train", data.train, data.train_chain), ("eval", data.eval, data.eval_chain)):
+            if dataset is None:
+                continue
+            expected = (objective.chain_length, len(dataset))
+            if chain is None or tuple(chain.chosen.shape) != expected or tuple(chain.rejected.shape) != expected:
+                got = None if chain is None else tuple(chain.chosen.shape)
+                raise ValueError(f"data.{split}_chain: expected frozen log-probs of shape {expected} "
+                                 f"(models x pairs), got {got}")
 
         micro_batches = math.ceil(len(data.train) / training.batch_size)
         self.steps_per_epoch = math.ceil(micro_batches / training.grad_accum)
