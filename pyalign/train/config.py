@@ -105,6 +105,12 @@ def choice(*options: str) -> Callable:
     return check
 
 
+def fused_choice(path, value):
+    if value not in ("auto", True, False):
+        raise _fail(path, "auto, true or false", value)
+    return value
+
+
 def text(path, value):
     if not isinstance(value, str) or not value.strip():
         raise _fail(path, "a non-empty string", value)
@@ -228,6 +234,9 @@ class TrainingConfig:
     mixed_precision: str = _field("auto", choice("auto", "bf16", "no"), "auto: bf16 autocast on CUDA only")
     device: str = _field("auto", device_name, "auto, cpu, cuda, cuda:N")
     num_threads: Any = _field(None, optional(positive_int), "torch CPU threads for the run (null: torch's default)")
+    fused_lm_head: Any = _field("auto", fused_choice,
+                                "log-probs from hidden states x lm_head without the [B, T, V] logits "
+                                "(auto: when the model allows it, else the logits path with a logged reason)")
     eval_every: int = _field(0, non_negative_int, "evaluate every N steps (0: at the end of each round)")
     save_every: int = _field(50, non_negative_int, "checkpoint every N steps (0: no mid-round checkpoints)")
     log_every: int = _field(10, positive_int, "log every N steps")

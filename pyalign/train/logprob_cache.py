@@ -106,7 +106,7 @@ class LogprobCache:
 @torch.no_grad()
 def dataset_logprobs(
     model, dataset: PreferenceDataset, *, batch_size: int, device: torch.device,
-    mixed_precision: str, average: bool, progress: str | None = None,
+    mixed_precision: str, average: bool, progress: str | None = None, fused: bool | str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Sequence log-probs (chosen ``[N]``, rejected ``[N]``, float32, CPU) of every pair under
     ``model``, computed exactly as the trainer computes the policy's (same function, same
@@ -121,7 +121,7 @@ def dataset_logprobs(
         indices = range(start, min(start + batch_size, len(dataset)))
         batch = {k: v.to(device) for k, v in dataset.batch(indices).items()}
         with autocast_context(device, mixed_precision):
-            logps = policy_sequence_logprobs(model, batch, average=average).float().cpu()
+            logps = policy_sequence_logprobs(model, batch, average=average, fused=fused).float().cpu()
         half = len(indices)
         chosen.append(logps[:half])
         rejected.append(logps[half:])

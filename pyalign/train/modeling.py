@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import pyalign
+from pyalign.integrations.hf import causal_lm_sequence_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -88,15 +88,19 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def policy_sequence_logprobs(model, batch: dict[str, Tensor], *, average: bool = False) -> Tensor:
+def policy_sequence_logprobs(
+    model, batch: dict[str, Tensor], *, average: bool = False, fused: bool | str = "auto"
+) -> Tensor:
     """Sequence log-probs ``[2B]`` of the batch's responses under ``model``.
 
     The one place where log-probs come from a model: logits at position t predict token t+1,
-    so logits[:, :-1] pair with labels[:, 1:]. A fused-linear variant (hidden states x lm_head,
-    never materialising the logits) can replace this function without touching the trainer.
+    so logits[:, :-1] pair with labels[:, 1:]. ``fused``: through the fused lm_head (hidden
+    states x lm_head weight, never materialising the [B, T, V] logits) when the model allows it
+    (see :mod:`pyalign.integrations.hf`).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return pyalign.sequence_logprobs(logits[:, :-1], batch["labels"][:, 1:], average=average)
+    return causal_lm_sequence_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"], average=average, fused=fused
+    )
 
 
 def response_token_counts(batch: dict[str, Tensor]) -> Tensor:

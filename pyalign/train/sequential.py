@@ -153,6 +153,7 @@ class SequentialRun:
             chosen, rejected = dataset_logprobs(
                 model, self.dataset(n, split), batch_size=batch_size, device=self.device,
                 mixed_precision=self.training.mixed_precision, average=self.average,
+                fused=self.training.fused_lm_head,
                 progress=f"log-probs of pi_{model_index} on round {n} {split}" if self.training.progress_bar else None,
             )
             path = self.cache.save(self.cache_key(model_index, n, split), chosen, rejected)

@@ -154,7 +154,8 @@ class PreferenceTrainer:
         """Forward the policy on a collated batch and return the LossOutput."""
         batch = self._to_device(batch)
         with autocast_context(self.device, self.cfg.mixed_precision):
-            policy = policy_sequence_logprobs(self.model, batch, average=self.objective.average)
+            policy = policy_sequence_logprobs(self.model, batch, average=self.objective.average,
+                                              fused=self.cfg.fused_lm_head)
         chain_logps = chain.rows(batch["index"].cpu()).to(self.device)
         return self.objective(policy.float(), chain_logps, response_token_counts(batch))
 
@@ -191,7 +192,8 @@ class PreferenceTrainer:
         for start in range(0, len(data), batch_size):
             batch = self._to_device(data.batch(range(start, min(start + batch_size, len(data)))))
             with autocast_context(self.device, self.cfg.mixed_precision):
-                logps = policy_sequence_logprobs(self.model, batch, average=self.objective.average).float()
+                logps = policy_sequence_logprobs(self.model, batch, average=self.objective.average,
+                                                 fused=self.cfg.fused_lm_head).float()
             half = logps.shape[0] // 2
             policy.append(logps.view(2, half))
             chains.append(chain.rows(batch["index"].cpu()).view(-1, 2, half))
