@@ -305,9 +305,9 @@ def run_case(shape, dtype, device, methods_filter, args, flop_rate) -> dict:
     try:
         for (row, _), numbers in zip(timed, common.time_interleaved([e for _, e in timed], device, args.repeats)):
             row.update(numbers)
-    except torch.cuda.OutOfMemoryError as err:
+    except Exception as err:  # e.g. out of memory through fragmentation while interleaving
         for row, _ in timed:
-            row["skipped"] = f"out of memory while timing: {str(err).splitlines()[0][:200]}"
+            row["skipped"] = f"failed while timing: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     eager = next((r for r in rows if r["method"] == "eager" and "median_ms" in r), None)
     for row in rows:
         if "median_ms" in row:
@@ -381,8 +381,12 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    with common.collections_skip_existing_objects():
-        return _run(argv)
+    threads = torch.get_num_threads()
+    try:
+        with common.collections_skip_existing_objects():
+            return _run(argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads must not outlive the call (tests share a process)
 
 
 def _run(argv) -> dict:

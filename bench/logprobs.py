@@ -64,12 +64,15 @@ class LogitsCase:
             self.logits.normal_(0.0, self.logit_std, generator=generator)
 
     def _take_fingerprint(self):
-        """A float64 sum over all logits (in 64 MiB pieces: a whole-tensor sum with
-        dtype=float64 would cast a full copy first) and a strided sample of them."""
-        flat = self.logits.detach().view(-1)
+        """An integer sum of the logits' bit patterns (exact and independent of the reduction
+        order, unlike a float sum; taken in 8M-element pieces, since a whole-tensor sum with an
+        int64 dtype would cast a full copy first) and a strided sample of the logits."""
+        bits = self.logits.detach().view(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}
+                                                  [self.logits.element_size()])
         step = 8 * common.MIB
-        total = sum(flat[start:start + step].sum(dtype=torch.float64) for start in range(0, flat.numel(), step))
-        return float(total), flat[:: 7919].clone()
+        total = sum(int(bits[start:start + step].sum(dtype=torch.int64))
+                    for start in range(0, bits.numel(), step))
+        return total, self.logits.detach().view(-1)[:: 7919].clone()
 
     def restore(self) -> None:
         """Regenerate the logits if a method overwrote them, and prove they are the same."""
@@ -213,9 +216,9 @@ def run_case(shape, dtype, device, methods_filter, args, bandwidth) -> dict:
         stats = common.time_interleaved([entry for _, entry in timed], device, args.repeats)
         for (row, _), numbers in zip(timed, stats):
             row.update(numbers)
-    except torch.cuda.OutOfMemoryError as err:  # fragmentation can still bite while interleaving
+    except Exception as err:  # e.g. out of memory through fragmentation while interleaving
         for row, _ in timed:
-            row["skipped"] = f"out of memory while timing: {str(err).splitlines()[0][:200]}"
+            row["skipped"] = f"failed while timing: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     eager = next((r for r in rows if r["method"] == "eager_fp32" and "median_ms" in r), None)
     for row in rows:
         if "median_ms" not in row:
@@ -298,8 +301,12 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    with common.collections_skip_existing_objects():
-        return _run(argv)
+    threads = torch.get_num_threads()
+    try:
+        with common.collections_skip_existing_objects():
+            return _run(argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads must not outlive the call (tests share a process)
 
 
 def _run(argv) -> dict:
