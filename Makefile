@@ -14,13 +14,13 @@ DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetenso
 NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-quick test test-gpu bench bench-linear build venv clean help
+.PHONY: demo demo-quick test test-gpu bench build venv clean help
 
 help:
 	@echo "make demo        SPO vs S-DPO marker experiment on SmolLM2-135M (CPU, ~15 min)"
 	@echo "make test        build and run the test suite (CPU; Triton under its interpreter)"
 	@echo "make test-gpu    the whole suite on CUDA, large shapes included (on a GPU machine)"
-	@echo "make bench       fused op vs eager / torch.compile, table + JSON under bench/results"
+	@echo "make bench       fused op and fused lm_head vs eager / torch.compile; tables + JSON + PNG in bench/results"
 
 $(VENV)/.deps-stamp: Makefile
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV_FLAGS) $(VENV)
@@ -41,11 +41,13 @@ build: $(VENV)/.build-stamp
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-# On the GPU machine: reuse its CUDA torch (the venv sees the system site-packages).
+# On the GPU machine (no network there): its own CUDA torch and packages, no venv, no installs
+# beyond pyalign itself. `bash bench/gpu_session.sh setup test` does the same plus the wheels.
+GPU_PY ?= python3
 test-gpu:
-	$(MAKE) build VENV=.venv-gpu VENV_FLAGS=--system-site-packages
-	.venv-gpu/bin/python -c "import torch; assert torch.cuda.is_available(), 'make test-gpu needs a CUDA device'"
-	.venv-gpu/bin/python -m pytest -q --run-large $(PYTEST_ARGS) tests
+	$(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'make test-gpu needs a CUDA device'"
+	$(GPU_PY) -m pytest -q --run-large $(PYTEST_ARGS) tests
 
 demo: build
 	$(PY) -m pyalign.demo.spo_markers --out outputs/spo_demo
@@ -55,8 +57,6 @@ demo-quick: build
 
 bench: build
 	$(PY) -m bench.logprobs
-
-bench-linear: build
 	$(PY) -m bench.linear
 
 clean:
