@@ -40,8 +40,8 @@ def _import_torch():
     except ImportError as err:
         raise RuntimeError(
             "pyalign's extension builds against an installed torch, and `import torch` failed "
-            f"({err}). Install torch first (CPU wheel: pip install torch --index-url "
-            "https://download.pytorch.org/whl/cpu), then install pyalign with "
+            f"({err}). Install torch first (e.g. `pip install torch==2.13.0`, or the CUDA "
+            "build you use), then install pyalign with "
             "`pip install --no-build-isolation -e .` so the build sees that torch "
             "(build isolation would hide it)."
         ) from err
