@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
 from pathlib import Path
 
 import torch
 
-from bench import common, report
+from bench import common, report, runner
 from bench.methods import (
     BETA, IGNORE_INDEX, Method, dpo_loss, eager_sequence_logps, masked_labels, trl_token_logps,
 )
-from bench.plot import plot_cases
 
 DEFAULTS = {
     "cpu": {"shapes": "8x64x256x8000", "dtypes": "bf16", "repeats": 5, "warmup": 1, "matmul_size": 1024},
@@ -243,18 +241,8 @@ def _liger_extra(hidden, weight):
 
 
 def prepare_method(case: LinearCase, reference: LinearReference, method: Method, args):
-    device = case.device
-    row: dict = {"method": method.name}
-    if method.loss is None:
-        row["skipped"] = method.note
-        return row, None
-    if method.note:
-        row["note"] = method.note
-    need = method.extra_bytes(case.hidden, case.weight) + 4 * REFERENCE_CHUNK_BYTES
-    free = common.free_memory_bytes(device)
-    if need > free:
-        row["skipped"] = f"would need ~{need / common.GIB:.1f} GiB beyond the inputs, {free / common.GIB:.1f} GiB free"
-        return row, None
+    """Check the method against the reference, measure its peak memory, warm it up. Returns the
+    result row and, when it ran, the ``(run_once, before_each)`` pair to time."""
     last_loss: list = []
 
     def run_once():
@@ -263,58 +251,49 @@ def prepare_method(case: LinearCase, reference: LinearReference, method: Method,
         last_loss[:] = [loss.detach()]
         return grads
 
-    try:
-        grad_hidden, grad_weight = run_once()
-        ref = torch.zeros_like(case.ref_logps) if method.name == "liger_fused_dpo" else case.ref_logps
-        ref_loss, ref_hidden, ref_weight = reference.loss_and_grads(ref)
-        row["loss"] = last_loss[0].item()
-        row["loss_abs_err"] = abs(row["loss"] - ref_loss)
-        row.update(_errors(grad_hidden, ref_hidden, "grad_hidden"))
-        row.update(_errors(grad_weight, ref_weight, "grad_weight"))
-        del grad_hidden, grad_weight
-        row.update(common.measure_peak(run_once, lambda: None, device, case.inputs()))
-        common.warm_up(run_once, lambda: None, device, args.warmup)
-        return row, (run_once, lambda: None)
-    except torch.cuda.OutOfMemoryError as err:
-        row["skipped"] = f"out of memory: {str(err).splitlines()[0][:200]}"
-    except Exception as err:  # one broken method must not lose the others' numbers
-        message = str(err).splitlines()[0][:300] if str(err) else ""
-        row["skipped"] = f"failed: {type(err).__name__}: {message}"
-    finally:
-        last_loss.clear()
-        common.release_memory(device)
-    return row, None
+    def check(row: dict):
+        try:
+            grad_hidden, grad_weight = run_once()
+            ref = torch.zeros_like(case.ref_logps) if method.name == "liger_fused_dpo" else case.ref_logps
+            ref_loss, ref_hidden, ref_weight = reference.loss_and_grads(ref)
+            row["loss"] = last_loss[0].item()
+            row["loss_abs_err"] = abs(row["loss"] - ref_loss)
+            row.update(_errors(grad_hidden, ref_hidden, "grad_hidden"))
+            row.update(_errors(grad_weight, ref_weight, "grad_weight"))
+            del grad_hidden, grad_weight
+            row.update(common.measure_peak(run_once, lambda: None, case.device, case.inputs()))
+            common.warm_up(run_once, lambda: None, case.device, args.warmup)
+            return run_once, lambda: None
+        finally:
+            last_loss.clear()
+
+    need = method.extra_bytes(case.hidden, case.weight) + 4 * REFERENCE_CHUNK_BYTES
+    return runner.guarded_prepare(method, case.device, need, check)
 
 
-def run_case(shape, dtype, device, methods_filter, args, flop_rate) -> dict:
+def measure_ceilings(args, device, dtypes) -> dict:
+    return {"matmul": common.matmul_rate(device, dtypes[0], args.matmul_size)}
+
+
+def run_case(shape, dtype, device, methods_filter, args, ceilings) -> dict:
     seqs, time, width, vocab = shape
     case = LinearCase(shape, dtype, device, args.logit_std, args.seed)
     reference = LinearReference(case)
     noise = torch.randn(seqs, generator=torch.Generator().manual_seed(args.seed + 2))
     case.ref_logps = (reference.sequence.cpu() + noise.double()).float().to(device)
     tokens, kept = seqs * time, int(case.mask.sum())
-    floor_ms = 6 * tokens * width * vocab / flop_rate * 1e3
+    floor_ms = 6 * tokens * width * vocab / ceilings["matmul"]["flop_per_s"] * 1e3
     label = f"{seqs}x{time} tokens H={width} V={vocab} {common.dtype_name(dtype)} std={args.logit_std:g}"
-    rows, timed = [], []
-    for method in linear_methods(device, methods_filter):
-        print(f"  {label}: {method.name} ...", file=sys.stderr, flush=True)
-        row, entry = prepare_method(case, reference, method, args)
-        rows.append(row)
-        if entry is not None:
-            timed.append((row, entry))
-    try:
-        for (row, _), numbers in zip(timed, common.time_interleaved([e for _, e in timed], device, args.repeats)):
-            row.update(numbers)
-    except Exception as err:  # e.g. out of memory through fragmentation while interleaving
-        for row, _ in timed:
-            row["skipped"] = f"failed while timing: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    rows = runner.check_and_time_methods(
+        linear_methods(device, methods_filter),
+        lambda method: prepare_method(case, reference, method, args), device, args.repeats, label)
     eager = next((r for r in rows if r["method"] == "eager" and "median_ms" in r), None)
     for row in rows:
         if "median_ms" in row:
             row["x_floor"] = row["median_ms"] / floor_ms
             if eager:
                 row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
-    del case, reference, timed
+    del case, reference
     common.release_memory(device)
     return {"label": label, "shape": list(shape), "dtype": common.dtype_name(dtype), "logit_std": args.logit_std,
             "tokens": tokens, "kept_tokens": kept, "floor_flops": 6 * tokens * width * vocab,
@@ -331,10 +310,6 @@ COLUMNS = [
 ]
 
 
-def _with_status(rows):
-    return [{**r, "status": r.get("skipped") or r.get("note") or ""} for r in rows]
-
-
 def render_markdown(payload: dict) -> str:
     env, rate = payload["environment"], payload["ceilings"]["matmul"]
     lines = [f"# DPO loss from hidden states + lm_head, forward + backward: {env['device']}", "",
@@ -347,7 +322,7 @@ def render_markdown(payload: dict) -> str:
              f"{payload['settings']['repeats']}; errors against float64 on the same inputs", ""]
     for case in payload["cases"]:
         lines += [f"## {case['label']} (floor {case['floor_ms']:.3f} ms)", "",
-                  report.markdown_table(_with_status(case["methods"]), COLUMNS), ""]
+                  report.markdown_table(runner.with_status(case["methods"]), COLUMNS), ""]
     return "\n".join(lines)
 
 
@@ -365,60 +340,19 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
-    args = parser.parse_args(argv)
-    device = common.resolve_device(args.device)
-    for key, value in DEFAULTS[device.type].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args, device = runner.finish_args(parser, argv, DEFAULTS)
     try:
         args.logit_std = LOGIT_STD_PRESETS.get(args.logit_std) or float(args.logit_std)
     except ValueError:
         parser.error(f"--logit-std: expected a number, 'realistic' or 'flat', got {args.logit_std!r}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
     return args, device
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    threads = torch.get_num_threads()
-    try:
-        with common.collections_skip_existing_objects():
-            return _run(argv)
-    finally:
-        torch.set_num_threads(threads)  # --threads must not outlive the call (tests share a process)
-
-
-def _run(argv) -> dict:
-    args, device = parse_args(argv)
-    common.set_threads(args.threads)
-    shapes = common.parse_shapes(args.shapes, rank=4)
-    dtypes = common.parse_dtypes(args.dtypes)
-    only = [m.strip() for m in args.methods.split(",") if m.strip()]
-    env = report.environment(device, "bench.linear", argv)
-    matmul = common.matmul_rate(device, dtypes[0], args.matmul_size)
-    payload = {"benchmark": "linear", "environment": env,
-               "settings": {"repeats": args.repeats, "warmup": args.warmup, "logit_std": args.logit_std,
-                            "seed": args.seed, "beta": BETA, "ignore_index": IGNORE_INDEX,
-                            "labels_ignored": "first quarter of positions",
-                            "loss": "DPO sigmoid, 4 pairs, chosen rows first"},
-               "ceilings": {"matmul": matmul},
-               "memory_tracker": common.verify_cpu_tracker() if device.type == "cpu" else
-               {"ok": True, "tracker": "torch.cuda.max_memory_allocated"},
-               "cases": []}
-    stem = report.result_stem("linear", device, env["timestamp_utc"])
-    title = f"DPO loss from hidden states, fwd+bwd, {env['device']}"
-    for shape in shapes:
-        for dtype in dtypes:
-            case = run_case(shape, dtype, device, only, args, matmul["flop_per_s"])
-            payload["cases"].append(case)
-            print(f"\n## {case['label']}  floor {case['floor_ms']:.3f} ms")
-            print(report.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
-            # Written after every case, so that a run cut off by a time limit keeps what it did.
-            paths = report.write_outputs(args.out, stem, payload, render_markdown(payload),
-                                         lambda path: plot_cases(payload["cases"], path, title))
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return payload
+    return runner.run_benchmark(
+        "linear", argv, parse_args=parse_args, shape_rank=4, measure_ceilings=measure_ceilings,
+        run_case=run_case, columns=COLUMNS, render_markdown=render_markdown,
+        title="DPO loss from hidden states, fwd+bwd")
 
 
 if __name__ == "__main__":

@@ -13,16 +13,12 @@ logits. Prints one table per case; writes JSON, markdown and a PNG chart under `
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from bench import common, report
-from bench.methods import (
-    BETA, IGNORE_INDEX, Method, dpo_loss, logits_methods, masked_labels,
-)
-from bench.plot import plot_cases
+from bench import common, report, runner
+from bench.methods import IGNORE_INDEX, Method, dpo_loss, logits_methods, masked_labels
 
 DEFAULTS = {
     "cpu": {"shapes": "8x256x32000", "dtypes": "fp32", "repeats": 5, "warmup": 1, "copy_mib": 256},
@@ -144,20 +140,6 @@ class Reference:
 def prepare_method(case: LogitsCase, reference: Reference, method: Method, args):
     """Check the method against the reference, measure its peak memory, warm it up. Returns the
     result row and, when it ran, the ``(run_once, before_each)`` pair to time."""
-    device = case.device
-    row: dict = {"method": method.name}
-    if method.loss is None:
-        row["skipped"] = method.note
-        return row, None
-    if method.note:
-        row["note"] = method.note
-    margin = 4 * REFERENCE_CHUNK_BYTES + 256 * common.MIB
-    need = method.extra_bytes(case.logits) + margin
-    free = common.free_memory_bytes(device)
-    if need > free:
-        row["skipped"] = (f"would need ~{need / common.GIB:.1f} GiB beyond the inputs, "
-                          f"{free / common.GIB:.1f} GiB free")
-        return row, None
     last_loss: list = []
 
     def run_once():
@@ -169,56 +151,45 @@ def prepare_method(case: LogitsCase, reference: Reference, method: Method, args)
         last_loss[:] = [loss.detach()]
         return (grad,)
 
-    try:
-        case.restore()
-        (grad,) = run_once()  # also the first warm-up: compiles and autotunes happen here
-        loss_value = last_loss[0].item()
-        if grad.untyped_storage().data_ptr() == case.logits.untyped_storage().data_ptr():
-            grad = grad.clone()  # the gradient sits in the logits' storage: keep it, then restore
-        case.restore()
-        ref_loss, dsequence = reference.loss_and_dsequence(case.ref_logps)
-        row["loss"] = loss_value
-        row["loss_abs_err"] = abs(loss_value - ref_loss)
-        row.update(reference.grad_errors(grad, dsequence))
-        del grad
-        row.update(common.measure_peak(run_once, case.restore, device, [case.logits]))
-        common.warm_up(run_once, case.restore, device, args.warmup)
-        return row, (run_once, case.restore)
-    except torch.cuda.OutOfMemoryError as err:
-        row["skipped"] = f"out of memory: {str(err).splitlines()[0][:200]}"
-    except Exception as err:  # one broken method must not lose the others' numbers
-        message = str(err).splitlines()[0][:300] if str(err) else ""
-        row["skipped"] = f"failed: {type(err).__name__}: {message}"
-    finally:
-        last_loss.clear()
-        common.release_memory(device)
-    return row, None
+    def check(row: dict):
+        try:
+            case.restore()
+            (grad,) = run_once()  # also the first warm-up: compiles and autotunes happen here
+            loss_value = last_loss[0].item()
+            if grad.untyped_storage().data_ptr() == case.logits.untyped_storage().data_ptr():
+                grad = grad.clone()  # the gradient sits in the logits' storage: keep it, then restore
+            case.restore()
+            ref_loss, dsequence = reference.loss_and_dsequence(case.ref_logps)
+            row["loss"] = loss_value
+            row["loss_abs_err"] = abs(loss_value - ref_loss)
+            row.update(reference.grad_errors(grad, dsequence))
+            del grad
+            row.update(common.measure_peak(run_once, case.restore, case.device, [case.logits]))
+            common.warm_up(run_once, case.restore, case.device, args.warmup)
+            return run_once, case.restore
+        finally:
+            last_loss.clear()
+
+    margin = 4 * REFERENCE_CHUNK_BYTES + 256 * common.MIB
+    return runner.guarded_prepare(method, case.device, method.extra_bytes(case.logits) + margin, check)
 
 
-def run_case(shape, dtype, device, methods_filter, args, bandwidth) -> dict:
+def measure_ceilings(args, device, dtypes) -> dict:
+    return {"copy": common.copy_bandwidth(device, args.copy_mib * common.MIB)}
+
+
+def run_case(shape, dtype, device, methods_filter, args, ceilings) -> dict:
     case = LogitsCase(shape, dtype, device, args.logit_std, args.seed)
     reference = Reference(case)
     noise = torch.randn(shape[0], generator=torch.Generator().manual_seed(args.seed + 2))
     case.ref_logps = (reference.sequence.cpu() + noise.double()).float().to(device)
     ref_loss, _ = reference.loss_and_dsequence(case.ref_logps)
     floor_bytes = 3 * case.logits_bytes
-    floor_ms = floor_bytes / bandwidth * 1e3
+    floor_ms = floor_bytes / ceilings["copy"]["bytes_per_s"] * 1e3
     label = f"{'x'.join(map(str, shape))} {common.dtype_name(dtype)}"
-    rows, timed = [], []
-    for method in logits_methods(device, methods_filter):
-        print(f"  {label}: {method.name} ...", file=sys.stderr, flush=True)
-        row, entry = prepare_method(case, reference, method, args)
-        rows.append(row)
-        if entry is not None:
-            timed.append((row, entry))
-    print(f"  {label}: timing {len(timed)} methods, {args.repeats} rounds", file=sys.stderr, flush=True)
-    try:
-        stats = common.time_interleaved([entry for _, entry in timed], device, args.repeats)
-        for (row, _), numbers in zip(timed, stats):
-            row.update(numbers)
-    except Exception as err:  # e.g. out of memory through fragmentation while interleaving
-        for row, _ in timed:
-            row["skipped"] = f"failed while timing: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    rows = runner.check_and_time_methods(
+        logits_methods(device, methods_filter),
+        lambda method: prepare_method(case, reference, method, args), device, args.repeats, label)
     eager = next((r for r in rows if r["method"] == "eager_fp32" and "median_ms" in r), None)
     for row in rows:
         if "median_ms" not in row:
@@ -228,7 +199,7 @@ def run_case(shape, dtype, device, methods_filter, args, bandwidth) -> dict:
             (row["peak_extra_bytes"] - row["grad_bytes"]) / case.logits_bytes)
         if eager:
             row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
-    del case, reference, timed
+    del case, reference
     common.release_memory(device)
     return {"label": label, "shape": list(shape), "dtype": common.dtype_name(dtype),
             "logits_bytes": floor_bytes // 3, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
@@ -243,10 +214,6 @@ COLUMNS = [
     ("|loss err|", "loss_abs_err", ".1e"), ("grad max err", "grad_max_abs_err", ".1e"),
     ("grad rel err", "grad_rel_err", ".1e"), ("skipped / note", "status", ""),
 ]
-
-
-def _with_status(rows):
-    return [{**r, "status": r.get("skipped") or r.get("note") or ""} for r in rows]
 
 
 def render_markdown(payload: dict) -> str:
@@ -266,7 +233,7 @@ def render_markdown(payload: dict) -> str:
         "errors against float64 on the same inputs", "",
     ]
     for case in payload["cases"]:
-        rows = _with_status(case["methods"])
+        rows = runner.with_status(case["methods"])
         for row in rows:
             if row.get("rss_peak_extra_bytes") is not None:
                 row["rss_peak_extra_gib"] = row["rss_peak_extra_bytes"] / common.GIB
@@ -289,58 +256,14 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     parser.add_argument("--copy-mib", type=int, help="buffer size of the copy-bandwidth measurement")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
-    args = parser.parse_args(argv)
-    device = common.resolve_device(args.device)
-    for key, value in DEFAULTS[device.type].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
-    return args, device
+    return runner.finish_args(parser, argv, DEFAULTS)
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    threads = torch.get_num_threads()
-    try:
-        with common.collections_skip_existing_objects():
-            return _run(argv)
-    finally:
-        torch.set_num_threads(threads)  # --threads must not outlive the call (tests share a process)
-
-
-def _run(argv) -> dict:
-    args, device = parse_args(argv)
-    common.set_threads(args.threads)
-    shapes = common.parse_shapes(args.shapes, rank=3)
-    dtypes = common.parse_dtypes(args.dtypes)
-    methods_filter = [m.strip() for m in args.methods.split(",") if m.strip()]
-    env = report.environment(device, "bench.logprobs", argv)
-    copy = common.copy_bandwidth(device, args.copy_mib * common.MIB)
-    payload = {
-        "benchmark": "logprobs", "environment": env,
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "logit_std": args.logit_std,
-                     "seed": args.seed, "beta": BETA, "ignore_index": IGNORE_INDEX,
-                     "labels_ignored": "first quarter of positions",
-                     "loss": "DPO sigmoid, 4 pairs, chosen rows first"},
-        "ceilings": {"copy": copy},
-        "memory_tracker": common.verify_cpu_tracker() if device.type == "cpu" else
-        {"ok": True, "tracker": "torch.cuda.max_memory_allocated"},
-        "cases": [],
-    }
-    stem = report.result_stem("logprobs", device, env["timestamp_utc"])
-    title = f"DPO loss from logits, fwd+bwd, {env['device']}"
-    for shape in shapes:
-        for dtype in dtypes:
-            case = run_case(shape, dtype, device, methods_filter, args, copy["bytes_per_s"])
-            payload["cases"].append(case)
-            print(f"\n## {case['label']}  floor {case['floor_ms']:.3f} ms")
-            print(report.markdown_table(_with_status(case["methods"]), COLUMNS), flush=True)
-            # Written after every case, so that a run cut off by a time limit keeps what it did.
-            paths = report.write_outputs(args.out, stem, payload, render_markdown(payload),
-                                         lambda path: plot_cases(payload["cases"], path, title))
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return payload
+    return runner.run_benchmark(
+        "logprobs", argv, parse_args=parse_args, shape_rank=3, measure_ceilings=measure_ceilings,
+        run_case=run_case, columns=COLUMNS, render_markdown=render_markdown,
+        title="DPO loss from logits, fwd+bwd")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from bench import common, linear, logprobs
-from bench.methods import dpo_loss
+from bench import common, linear, logprobs, runner
+from bench.methods import Method, dpo_loss
 
 
 def _load(out_dir, kind):
@@ -119,3 +119,31 @@ def test_shapes_and_dtypes_are_validated():
         common.parse_dtypes("fp8")
     with pytest.raises(ValueError, match="--shapes"):
         logprobs.LogitsCase((3, 4, 5), torch.float32, torch.device("cpu"), 1.0, seed=0)
+
+
+def test_a_failing_or_missing_method_is_skipped_with_its_reason():
+    cpu = torch.device("cpu")
+
+    def broken_check(row):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    def no_bytes(*_):
+        return 0
+
+    row, entry = runner.guarded_prepare(Method("broken", lambda x, case: x.sum(), no_bytes), cpu, 0, broken_check)
+    assert entry is None and row == {"method": "broken", "skipped": "failed: RuntimeError: kernel exploded"}
+    row, entry = runner.guarded_prepare(Method("absent", None, no_bytes, note="not installed"), cpu, 0, broken_check)
+    assert entry is None and row == {"method": "absent", "skipped": "not installed"}
+    row, entry = runner.guarded_prepare(Method("huge", lambda x, case: x.sum(), no_bytes), cpu, 1 << 60, broken_check)
+    assert entry is None and row["skipped"].startswith("would need ~")
+    timed = (lambda: (), lambda: None)
+    row, entry = runner.guarded_prepare(Method("fine", lambda x, case: x.sum(), no_bytes, note="n"), cpu, 0,
+                                        lambda row: timed)
+    assert entry is timed and row == {"method": "fine", "note": "n"}
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(SystemExit):
+        logprobs.parse_args(["--device", "cpu", "--repeats", "0"])
+    args, device = linear.parse_args(["--device", "cpu", "--logit-std", "flat"])
+    assert device.type == "cpu" and args.logit_std == 1.0 and args.repeats == linear.DEFAULTS["cpu"]["repeats"]
