@@ -126,16 +126,18 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
     return model, tokenizer
 
 
-def add_marker_tokens(model, tokenizer, markers: Sequence[str]) -> list[int]:
+def add_marker_tokens(model, tokenizer, markers: Sequence[str], *, seed: int = 0) -> list[int]:
     """Add ``markers`` to the tokenizer as special tokens (each one token, never split) and give
     them embedding rows. Returns their token ids in the order given.
 
-    New rows are the mean of the existing input-embedding rows (and, for an untied lm_head, of
-    the existing output rows) plus a small seeded jitter: a new token then starts as an "average"
-    token, with a logit close to the typical one rather than a random spike, and the new tokens
-    are not exact copies of each other (identical output rows would tie their logits for ever
-    unless the rows are trained). With tied embeddings
-    (SmolLM2) the input and output rows are one tensor and are initialised once.
+    Each new row is drawn from a Gaussian with the existing rows' per-dimension mean and standard
+    deviation (seeded): a new token looks like a typical, rare token. Why not the plain mean of
+    the rows: with tied embeddings (SmolLM2) the mean row points along the direction every token
+    shares, so moving the hidden state toward it raises all logits alike and cannot single the
+    new token out; only its own row (a few hundred parameters moving ~lr per Adam step) could,
+    and preference training then widens its margins by pushing the ordinary tokens down instead
+    (measured in docs/demo.md). For an untied lm_head its rows are drawn the same way from the
+    existing output rows. With tied embeddings input and output are one tensor, drawn once.
     """
     markers = list(markers)
     if not markers or not all(isinstance(m, str) and m for m in markers):
@@ -155,18 +157,18 @@ def add_marker_tokens(model, tokenizer, markers: Sequence[str]) -> list[int]:
         outputs = model.get_output_embeddings()
         new_ids = [i for i in ids if i >= old_vocab]
         if new_ids:
-            inputs[new_ids] = _mean_rows_with_jitter(inputs[:old_vocab], len(new_ids))
+            inputs[new_ids] = _typical_rows(inputs[:old_vocab], len(new_ids), seed)
             if outputs is not None and outputs.weight.data_ptr() != inputs.data_ptr():
-                outputs.weight[new_ids] = _mean_rows_with_jitter(outputs.weight[:old_vocab], len(new_ids))
+                outputs.weight[new_ids] = _typical_rows(outputs.weight[:old_vocab], len(new_ids), seed + 1)
                 if getattr(outputs, "bias", None) is not None:
                     outputs.bias[new_ids] = outputs.bias[:old_vocab].mean()
     return list(ids)
 
 
-def _mean_rows_with_jitter(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` rows at the mean of ``rows`` plus a small seeded jitter (a tenth of the rows'
-    per-dimension spread), so that new tokens start distinguishable from each other."""
-    generator = torch.Generator().manual_seed(0)
+def _typical_rows(rows: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` rows drawn from N(mean, diag(std^2)) of ``rows`` (a seeded generator, so the
+    global RNG is untouched and the result is reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
     mean, spread = rows.float().mean(0), rows.float().std(0)
-    jitter = torch.randn(count, rows.shape[1], generator=generator) * (0.1 * spread)
-    return (mean + jitter).to(rows.dtype)
+    noise = torch.randn(count, rows.shape[1], generator=generator)
+    return (mean + noise * spread).to(rows.dtype)

@@ -2,7 +2,10 @@
 Dimensions", Table 4), built as the paper builds it.
 
 - Prompts: a deterministic bank of short, diverse instructions (templates x topics).
-- Responses: sampled from the model itself (two per prompt), cached on disk.
+- Responses: sampled from the model itself, cached on disk. By default ONE response per prompt,
+  used on both sides of the pair, so that the markers are the only difference between preferred
+  and dispreferred (with two independent samples, their random text differences dominate the DPO
+  margin; see docs/demo.md).
 - Dimension i (i = 1..K): the preferred response carries marker i, the dispreferred one does not;
   every other marker j != i is added to BOTH responses with probability ``other_prob`` (10%), so
   on dimension i only marker i decides the ranking.
@@ -10,8 +13,8 @@ Dimensions", Table 4), built as the paper builds it.
   ascending order (``[Token_1][Token_3]The sea is...``). The paper does not say where it puts the
   tokens; the start keeps the marker inside the truncation budget of short training sequences
   and lets evaluation read presence from a few generated tokens.
-- Which of the two sampled responses is preferred is a fresh seeded coin flip for every pair and
-  dimension, so the text itself carries no preference.
+- With two responses per prompt, which one is preferred is a fresh seeded coin flip for every
+  pair and dimension, so the text itself carries no preference.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def split_prompts(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[st
 class SamplingSettings:
     """How responses are sampled from the model (all of it is part of the cache key)."""
 
-    num_per_prompt: int = 2
+    num_per_prompt: int = 1
     max_new_tokens: int = 20
     temperature: float = 1.0
     top_p: float = 0.95
@@ -108,9 +111,11 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _generate_batch(model, tokenizer, prompts: Sequence[str], system: str | None, **generate_kwargs) -> list[list[int]]:
-    """Generate for a batch of prompts (left-padded); returns the new token ids of each row,
-    cut after the first EOS."""
+def _generate_batch(model, tokenizer, prompts: Sequence[str], system: str | None, first_token_ids=None,
+                    **generate_kwargs) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Generate for a batch of prompts (left-padded). Returns the new token ids of each row, cut
+    after the first EOS, and (with ``first_token_ids``) the probability of each of those tokens
+    being the first generated token ``[rows, len(first_token_ids)]``, from the raw logits."""
     encoded = [encode_prompt(tokenizer, prompt, system) for prompt in prompts]
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -121,33 +126,46 @@ def _generate_batch(model, tokenizer, prompts: Sequence[str], system: str | None
         attention_mask[row, width - len(ids):] = 1
     with torch.no_grad():
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad, **generate_kwargs
+            input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad,
+            return_dict_in_generate=True, output_logits=first_token_ids is not None, **generate_kwargs
         )
     new_tokens = []
-    for row in output[:, width:].tolist():
+    for row in output.sequences[:, width:].tolist():
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id)]
         new_tokens.append(row)
-    return new_tokens
+    first_probs = None
+    if first_token_ids is not None:
+        first_probs = output.logits[0].float().softmax(-1)[:, list(first_token_ids)]
+    return new_tokens, first_probs
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, system: str | None, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             batch_size: int = 32, progress: str | None = None) -> list[list[int]]:
+             batch_size: int = 32, progress: str | None = None, first_token_ids=None):
     """New token ids for every prompt (batched, seeded per batch so results do not depend on
-    what ran before; the global RNG state is restored afterwards)."""
+    what ran before; the global RNG state is restored afterwards). With ``first_token_ids``,
+    returns ``(token ids, probabilities [len(prompts), len(first_token_ids)])`` of those tokens
+    being generated first."""
     from tqdm.auto import tqdm
 
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     results: list[list[int]] = []
+    probabilities = []
     starts = range(0, len(prompts), batch_size)
     for batch_index, start in enumerate(tqdm(starts, desc=progress, disable=progress is None, leave=False)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 100_003 + batch_index)
-            results += _generate_batch(model, tokenizer, prompts[start:start + batch_size], system, **kwargs)
-    return results
+            tokens, first_probs = _generate_batch(
+                model, tokenizer, prompts[start:start + batch_size], system, first_token_ids, **kwargs
+            )
+        results += tokens
+        probabilities.append(first_probs)
+    if first_token_ids is None:
+        return results
+    return results, torch.cat(probabilities)
 
 
 def sample_responses(model, tokenizer, prompts: Sequence[str], settings: SamplingSettings, *,
@@ -189,27 +207,45 @@ def with_markers(response: str, markers: Sequence[str]) -> str:
     return "".join(markers) + response
 
 
+OTHER_MARKER_MODES = ("both", "independent")
+
+
 def dimension_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], dimension: int, *,
                     markers: Sequence[str] = MARKERS, other_prob: float = 0.1, seed: int = 0,
-                    system: str | None = SYSTEM_PROMPT) -> list[dict[str, str]]:
+                    system: str | None = SYSTEM_PROMPT, other_markers: str = "both") -> list[dict[str, str]]:
     """Preference pairs of dimension ``dimension`` (0-based index into ``markers``) as JSONL
-    records: the preferred response carries ``markers[dimension]``; every other marker is added to
-    both responses with probability ``other_prob``; markers in ascending order at the start."""
+    records: the preferred response carries ``markers[dimension]``, the dispreferred one does not.
+
+    ``responses[k]``: one sampled text (both sides of the pair get it, so the markers are the only
+    difference) or two (a seeded coin flip picks which one is preferred).
+    ``other_markers``: ``"both"`` (the paper's recipe: each other marker, with probability
+    ``other_prob``, is added to both responses) or ``"independent"`` (an ablation: drawn separately
+    for each response). Markers go in ascending order before the first word.
+    """
     if not 0 <= dimension < len(markers):
         raise ValueError(f"dimension must be in [0, {len(markers)}), got {dimension}")
     if not 0.0 <= other_prob <= 1.0:
         raise ValueError(f"other_prob must be in [0, 1], got {other_prob}")
+    if other_markers not in OTHER_MARKER_MODES:
+        raise ValueError(f"other_markers must be one of {OTHER_MARKER_MODES}, got {other_markers!r}")
     if len(prompts) != len(responses):
         raise ValueError(f"responses: expected one list per prompt ({len(prompts)}), got {len(responses)}")
     rng = random.Random(f"{seed}:dimension{dimension}")
+    others = [j for j in range(len(markers)) if j != dimension]
     records = []
-    for prompt, (first, second, *_) in zip(prompts, responses):
-        chosen, rejected = (first, second) if rng.random() < 0.5 else (second, first)
-        others = [j for j in range(len(markers)) if j != dimension and rng.random() < other_prob]
-        chosen_markers = [markers[j] for j in sorted(others + [dimension])]
-        rejected_markers = [markers[j] for j in others]
-        record = {"prompt": prompt, "chosen": with_markers(chosen, chosen_markers),
-                  "rejected": with_markers(rejected, rejected_markers)}
+    for prompt, texts in zip(prompts, responses):
+        if len(texts) not in (1, 2):
+            raise ValueError(f"responses: expected 1 or 2 texts per prompt, got {len(texts)} for {prompt!r}")
+        chosen, rejected = texts[0], texts[-1]
+        if len(texts) == 2 and rng.random() < 0.5:
+            chosen, rejected = rejected, chosen
+        chosen_extra = [j for j in others if rng.random() < other_prob]
+        rejected_extra = chosen_extra if other_markers == "both" else [j for j in others if rng.random() < other_prob]
+        record = {
+            "prompt": prompt,
+            "chosen": with_markers(chosen, [markers[j] for j in sorted(chosen_extra + [dimension])]),
+            "rejected": with_markers(rejected, [markers[j] for j in rejected_extra]),
+        }
         if system is not None:
             record["system"] = system
         records.append(record)
