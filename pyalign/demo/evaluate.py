@@ -98,9 +98,11 @@ def rounds_markdown(per_round: Mapping[str, Sequence[Mapping]], markers: Sequenc
 
 
 def plot_table(path: str | os.PathLike, final: Mapping[str, Mapping], markers: Sequence[str], *,
-               title: str, per_round: Mapping[str, Sequence[Mapping]] | None = None) -> Path:
-    """Grouped bars of marker presence and Pareto rate per method; with ``per_round``, a second
-    panel with each marker's presence after every round, per method."""
+               title: str, per_round: Mapping[str, Sequence[Mapping]] | None = None,
+               reference: Mapping[str, Mapping] | None = None) -> Path:
+    """Grouped bars of marker presence and Pareto rate per method (``reference``: extra rows
+    drawn hatched, e.g. the paper's numbers); with ``per_round``, a second panel with each
+    marker's presence after every round, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,17 +112,20 @@ def plot_table(path: str | os.PathLike, final: Mapping[str, Mapping], markers: S
     panels = 2 if per_round else 1
     figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     bars = axes[0][0]
-    width = 0.8 / max(len(final), 1)
-    for m, (name, result) in enumerate(final.items()):
+    rows = [(name, result, False) for name, result in final.items()]
+    rows += [(name, result, True) for name, result in (reference or {}).items()]
+    width = 0.8 / max(len(rows), 1)
+    for m, (name, result, hatched) in enumerate(rows):
         values = [100 * p for p in result["presence"]] + [100 * result["pareto"]]
-        xs = [i + (m - (len(final) - 1) / 2) * width for i in range(len(labels))]
-        drawn = bars.bar(xs, values, width, label=name)
-        bars.bar_label(drawn, fmt="%.0f", fontsize=7)
+        xs = [i + (m - (len(rows) - 1) / 2) * width for i in range(len(labels))]
+        style = {"hatch": "//", "alpha": 0.45, "color": f"C{m - len(final)}"} if hatched else {"color": f"C{m}"}
+        drawn = bars.bar(xs, values, width, label=name, **style)
+        bars.bar_label(drawn, fmt="%.0f", fontsize=6)
     bars.set_xticks(range(len(labels)), labels)
     bars.set_ylabel("% of held-out generations")
     bars.set_ylim(0, 105)
     bars.set_title("after the last round")
-    bars.legend()
+    bars.legend(fontsize=7)
     if per_round:
         lines = axes[0][1]
         styles = ["-", "--", ":", "-."]

@@ -80,6 +80,11 @@ QUICK: dict = {
         "device": "cpu", "save_every": 0, "log_every": 2, "tensorboard": False, "progress_bar": False,
     },
 }
+# The SPO paper's Table 4 (Llama-2 7B, 10k augmented pairs per dimension), for comparison.
+PAPER_TABLE4 = {
+    "SPO": {"presence": [0.98, 0.777, 0.647, 0.833], "pareto": 0.503},
+    "S-DPO": {"presence": [0.107, 0.013, 0.0, 0.997], "pareto": 0.0},
+}
 log = logging.getLogger("pyalign.demo")
 
 
@@ -248,7 +253,8 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     title = f"SPO demonstrative experiment ({settings['model']}, {len(eval_prompts)} held-out prompts)"
     table = table_markdown({"pi_0 (no training)": base_result, **final}, markers)
     trajectory = rounds_markdown(per_round, markers)
-    png = plot_table(out / "table4.png", final, markers, title=title, per_round=per_round)
+    paper = {f"paper {name}": result for name, result in PAPER_TABLE4.items()}
+    png = plot_table(out / "table4.png", final, markers, title=title, per_round=per_round, reference=paper)
     timings["total"] = round(time.perf_counter() - started, 1)
     def row(result: dict) -> dict:
         return {"presence": dict(zip(markers, result["presence"])), "pareto": result["pareto"],
@@ -260,8 +266,7 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
         "base_model": row(base_result),
         "per_round": {name: [row(r) for r in results] for name, results in per_round.items()},
         "examples": {name: r["examples"] for name, r in final.items()},
-        "paper_table4": {"SPO": {"presence": [0.98, 0.777, 0.647, 0.833], "pareto": 0.503},
-                         "S-DPO": {"presence": [0.107, 0.013, 0.0, 0.997], "pareto": 0.0}},
+        "paper_table4": PAPER_TABLE4,
         "markers": list(markers),
         "marker_ids": list(marker_ids),
         "methods": settings["methods"],
