@@ -6,13 +6,13 @@ generation is *Pareto-optimal* when every marker is present (the paper's Table 4
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyalign.demo.markers import generate
+from pyalign.io import write_json_atomic
 from pyalign.models import load_model_and_tokenizer
 
 
@@ -149,8 +149,4 @@ def plot_table(path: str | os.PathLike, final: Mapping[str, Mapping], markers: S
 
 
 def write_json(path: str | os.PathLike, payload: Mapping) -> Path:
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_json_atomic(path, payload)

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pyalign.data import encode_prompt
+from pyalign.io import write_json_atomic, write_jsonl_atomic
 
 MARKERS = ("[Token_1]", "[Token_2]", "[Token_3]", "[Token_4]")
 # A short system prompt: the model's default one is ~20 tokens, which would dominate the length
@@ -194,11 +194,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], settings: Samplin
     responses = [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
 
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"key": key, "settings": asdict(settings), "prompts": list(prompts), "responses": responses})
-        with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
-            tmp.write(payload)
-        os.replace(tmp.name, cache_file)
+        write_json_atomic(cache_file, {"key": key, "settings": asdict(settings), "prompts": list(prompts),
+                                       "responses": responses}, indent=None)
     return responses
 
 
@@ -253,7 +250,4 @@ def dimension_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], 
 
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
+    return write_jsonl_atomic(path, records)

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from pyalign.demo.markers import (
     MARKERS, SamplingSettings, dimension_pairs, model_fingerprint, sample_responses, split_prompts,
     write_jsonl,
 )
+from pyalign.io import atomic_directory
 from pyalign.models import add_marker_tokens, load_model_and_tokenizer, models_cache_dir, smollm2_path
 
 FULL: dict = {
@@ -147,12 +146,9 @@ def prepare_base_model(source: Path, out: Path, markers) -> tuple[Path, list[int
             return target, ids
     model, tokenizer = load_model_and_tokenizer(source)
     ids = add_marker_tokens(model, tokenizer, markers)
-    partial = out / "base_model.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
+    with atomic_directory(target) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target, ids
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pyalign.train.modeling import write_json_atomic
+from pyalign.io import write_json_atomic
 
 
 def rng_states() -> dict:

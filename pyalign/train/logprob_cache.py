@@ -15,7 +15,6 @@ temporary name and renamed, so a killed run never leaves a half-written entry.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pyalign.data import PreferenceDataset
+from pyalign.io import torch_save_atomic
 from pyalign.train.modeling import autocast_context, policy_sequence_logprobs
 
 
@@ -95,12 +95,8 @@ class LogprobCache:
         return entry["chosen"], entry["rejected"]
 
     def save(self, key: CacheKey, chosen: Tensor, rejected: Tensor) -> Path:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        torch.save({"key": key.as_dict(), "chosen": chosen.cpu(), "rejected": rejected.cpu()}, partial)
-        os.replace(partial, path)
-        return path
+        return torch_save_atomic({"key": key.as_dict(), "chosen": chosen.cpu(), "rejected": rejected.cpu()},
+                                 self.path(key))
 
 
 @torch.no_grad()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from pyalign.integrations.hf import causal_lm_sequence_logprobs
+from pyalign.io import atomic_directory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -129,18 +127,9 @@ def save_merged_model(peft_model, tokenizer, directory: str | Path) -> Path:
     folder with the tokenizer. Written next to ``directory`` and renamed into place, so the
     folder either exists complete or not at all."""
     directory = Path(directory)
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(partial, directory)
+    with atomic_directory(directory) as partial:
+        merged.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return directory
 
-
-def write_json_atomic(path: str | Path, data) -> None:
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(partial, path)

@@ -39,11 +39,12 @@ from typing import Callable
 import torch
 
 from pyalign.data import PreferenceDataset, file_fingerprint, tokenization_fingerprint
+from pyalign.io import write_json_atomic
 from pyalign.train.config import SequentialConfig, load_config
 from pyalign.train.logprob_cache import CacheKey, FrozenLogprobs, LogprobCache, dataset_logprobs
 from pyalign.train.modeling import (
     apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, model_fingerprint, resolve_device, save_merged_model,
-    uses_autocast, write_json_atomic,
+    uses_autocast,
 )
 from pyalign.train.trainer import Objective, PreferenceTrainer, RoundData
 

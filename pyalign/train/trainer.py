@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pyalign.data import PreferenceDataset
+from pyalign.io import write_json_atomic
 from pyalign.preference_loss import PreferenceLoss
 from pyalign.train.checkpoint import (
     latest_step, load_latest_checkpoint, restore_rng_states, rng_states, save_checkpoint,
@@ -30,7 +31,6 @@ from pyalign.train.config import MethodConfig, TrainingConfig
 from pyalign.train.logprob_cache import FrozenLogprobs
 from pyalign.train.modeling import (
     autocast_context, policy_sequence_logprobs, response_token_counts, trainable_parameters,
-    write_json_atomic,
 )
 
 logger = logging.getLogger("pyalign.train")
