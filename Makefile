@@ -9,8 +9,9 @@ TORCH_SPEC  ?= torch==2.13.0
 VENV_FLAGS  ?=
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
-DEPS        := "transformers>=5" peft "numpy" pybind11 pyyaml tqdm safetensors tensorboard matplotlib pytest triton gguf
-DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetensors, tensorboard, matplotlib, pytest, gguf
+DEPS        := "transformers>=5" peft "numpy" pybind11 pyyaml tqdm safetensors tensorboard matplotlib pytest triton gguf \
+               "datasets>=4" accelerate "trl>=1.16,<1.17"
+DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetensors, tensorboard, matplotlib, pytest, gguf, datasets, accelerate, trl
 NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 

@@ -108,27 +108,12 @@ class CMakeBuild(build_ext):
         shutil.copy2(built, output)
 
 
+# Name, version, dependencies and extras are in pyproject.toml ([project]); this file adds what
+# only code can say: the CMake-built extension and the Triton kernels' package folder.
 setup(
-    name="pyalign",
-    version="0.1.0",
-    description="Fused log-softmax + gather kernels and DPO/SPO/APO preference-alignment training",
-    python_requires=">=3.10",
     packages=find_packages(include=["pyalign", "pyalign.*"]) + ["pyalign.kernels"],
     package_dir={"pyalign.kernels": "kernels"},
     ext_modules=[CMakeExtension("pyalign._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "pyyaml",
-        "tqdm",
-        "safetensors",
-        "transformers>=5",
-        "peft",
-        "tensorboard",
-        "matplotlib",
-    ],
-    extras_require={"triton": ["triton"]},
-    entry_points={"console_scripts": ["pyalign = pyalign.cli:main"]},
     zip_safe=False,
 )
