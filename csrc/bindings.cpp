@@ -38,6 +38,8 @@ PYBIND11_MODULE(_C, m) {
         "Instruction-set variants compiled in that this CPU can run.");
   m.def("set_cpu_capability", &pyalign::cpu::set_capability, py::arg("name"),
         "Force one variant of the CPU kernels (tests and benchmarks).");
+  m.def("cpu_threads_used_by_last_call", &pyalign::cpu::threads_used_by_last_call,
+        "How many threads ran part of the last cpu_forward / cpu_backward.");
   m.def("has_cuda", [] { return kBuiltWithCuda; },
         "Whether this build carries the CUDA kernels (cuda_forward / cuda_backward).");
 

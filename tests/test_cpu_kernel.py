@@ -7,6 +7,7 @@ inputs are compared exactly as the kernel sees them.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -267,3 +268,43 @@ def test_capability_selection():
     with pytest.raises(ValueError, match="capability"):
         _C.set_cpu_capability("NEON9000")
     assert _C.has_cuda() in (True, False)
+
+
+@pytest.fixture
+def two_threads():
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU core: nothing to parallelise over")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_forward_and_backward_run_on_several_threads(two_threads):
+    """A build without OpenMP compiles at::parallel_for into a serial loop, silently: the kernel
+    records which of ATen's threads ran a chunk, and both passes must use more than one."""
+    logits = torch.randn(4, 64, 4099)
+    labels = torch.randint(0, 4099, (4, 64))
+    logp, lse = _C.cpu_forward(logits, labels, IGNORE)
+    assert _C.cpu_threads_used_by_last_call() == 2
+    _C.cpu_backward(logits, labels, lse, torch.ones_like(logp), IGNORE, torch.empty_like(logits))
+    assert _C.cpu_threads_used_by_last_call() == 2
+
+
+def test_one_thread_when_torch_has_one():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _C.cpu_forward(torch.randn(2, 32, 999), torch.randint(0, 999, (2, 32)), IGNORE)
+        assert _C.cpu_threads_used_by_last_call() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_one_openmp_runtime_in_the_process():
+    """The extension uses the OpenMP runtime torch loaded, not a second copy (two runtimes mean
+    two thread pools fighting over the cores, and torch.set_num_threads reaching only one)."""
+    _C.cpu_forward(torch.randn(2, 8, 99), torch.randint(0, 99, (2, 8)), IGNORE)
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        runtimes = {os.path.realpath(path) for path in re.findall(r"(/\S*lib(?:gomp|iomp5|omp)[^/\s]*\.so[.\d]*)", maps.read())}
+    assert len(runtimes) == 1, runtimes

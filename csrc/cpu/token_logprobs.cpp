@@ -12,6 +12,9 @@
 #include <c10/util/StringUtil.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstdint>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -111,6 +114,26 @@ void check_label_values(const at::Tensor& labels2, int64_t vocab, int64_t ignore
   }
 }
 
+// Which of ATen's worker threads ran a chunk of the last forward or backward (bit t = thread t,
+// threads past 63 share bit 63). One relaxed atomic per chunk, not per row: cheap, and it lets a
+// test check that the kernels really run on several threads (a build without OpenMP compiles
+// at::parallel_for to a serial loop without any error).
+std::atomic<uint64_t> threads_seen{0};
+
+void note_thread() {
+  const int tid = std::min(at::get_thread_num(), 63);
+  threads_seen.fetch_or(uint64_t{1} << tid, std::memory_order_relaxed);
+}
+
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t grain, const Fn& fn) {
+  threads_seen.store(0, std::memory_order_relaxed);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    note_thread();
+    fn(begin, end);
+  });
+}
+
 // Rows per task of at::parallel_for: at least ATen's usual 32k elements of work per task.
 int64_t grain_rows(int64_t vocab) {
   constexpr int64_t kGrainElements = 32768;
@@ -120,6 +143,10 @@ int64_t grain_rows(int64_t vocab) {
 }  // namespace
 
 std::string capability() { return row_kernels().name; }
+
+int threads_used_by_last_call() {
+  return std::popcount(threads_seen.load(std::memory_order_relaxed));
+}
 
 std::vector<std::string> capabilities() {
   std::vector<std::string> names;
@@ -159,8 +186,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits3, const at::
                          logits3.stride(0), logits3.stride(1), labels2.const_data_ptr<int64_t>(),
                          ignore_index, logp2.mutable_data_ptr(), lse2.mutable_data_ptr()};
   const ForwardRowsFn forward_rows = row_kernels().forward;
-  at::parallel_for(0, rows, grain_rows(vocab),
-                   [&](int64_t begin, int64_t end) { forward_rows(args, begin, end); });
+  parallel_rows(rows, grain_rows(vocab), [&](int64_t begin, int64_t end) { forward_rows(args, begin, end); });
   return {logp2, lse2};
 }
 
@@ -190,8 +216,7 @@ void backward(const at::Tensor& logits3, const at::Tensor& labels2, const at::Te
                           grad_out3.stride(0),
                           grad_out3.stride(1)};
   const BackwardRowsFn backward_rows = row_kernels().backward;
-  at::parallel_for(0, rows, grain_rows(vocab),
-                   [&](int64_t begin, int64_t end) { backward_rows(args, begin, end); });
+  parallel_rows(rows, grain_rows(vocab), [&](int64_t begin, int64_t end) { backward_rows(args, begin, end); });
 }
 
 }  // namespace pyalign::cpu

@@ -25,4 +25,8 @@ std::string capability();
 std::vector<std::string> capabilities();
 void set_capability(const std::string& name);
 
+// How many of ATen's threads ran part of the last forward or backward (tests: the kernels must
+// use more than one thread wherever torch has more than one).
+int threads_used_by_last_call();
+
 }  // namespace pyalign::cpu
