@@ -314,9 +314,7 @@ def render_markdown(payload: dict) -> str:
     env, rate = payload["environment"], payload["ceilings"]["matmul"]
     lines = [f"# DPO loss from hidden states + lm_head, forward + backward: {env['device']}", "",
              f"`{env['command']}`  ",
-             f"{env['timestamp_utc']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['torch_cuda']}, "
-             f"liger-kernel {env['liger_kernel']}, cut-cross-entropy {env['cut_cross_entropy']}; "
-             f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}  ",
+             report.versions_line(env, "liger_kernel", "cut_cross_entropy"),
              f"matmul {rate['flop_per_s'] / 1e12:.1f} TFLOP/s ({rate['dtype']}, {rate['size']}^3); floor = 6*N*H*V "
              f"flops at that rate (N = all tokens; ignored tokens need no work, see floor_kept_ms); median of "
              f"{payload['settings']['repeats']}; errors against float64 on the same inputs", ""]

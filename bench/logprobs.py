@@ -224,9 +224,7 @@ def render_markdown(payload: dict) -> str:
     lines = [
         f"# DPO loss from logits, forward + backward: {env['device']}", "",
         f"`{env['command']}`  ",
-        f"{env['timestamp_utc']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['torch_cuda']}, "
-        f"liger-kernel {env['liger_kernel']}; commit {env['git_commit']}"
-        f"{' (dirty)' if env['git_dirty'] else ''}  ",
+        report.versions_line(env, "liger_kernel"),
         f"copy bandwidth {payload['ceilings']['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read + write); "
         "floor = 3 x logits bytes / copy bandwidth; median of "
         f"{payload['settings']['repeats']} after {payload['settings']['warmup']} warm-up; "

@@ -43,7 +43,7 @@ def _cpu_model() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    return f"{_cpu_model()}, {cpu_vector_info()['pyalign_cpu_kernel'] or 'no'} kernel ({torch.get_num_threads()} threads)"
 
 
 def device_slug(device: torch.device) -> str:
@@ -51,7 +51,7 @@ def device_slug(device: torch.device) -> str:
         name = torch.cuda.get_device_name(device)
         name = name.replace("NVIDIA", "").strip()
     else:
-        name = f"cpu-{_cpu_model()}-{torch.get_num_threads()}t"
+        name = f"cpu-{_cpu_model()}-{cpu_vector_info()['pyalign_cpu_kernel'] or 'nokernel'}-{torch.get_num_threads()}t"
     return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
 
 
@@ -61,6 +61,40 @@ def _git(*args: str) -> str | None:
                               timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def cpu_vector_info() -> dict:
+    """The CPU's widest vector ISA, ATen's chosen capability and pyalign's kernel variant: a CPU
+    number means little without them (AVX2 and AVX-512 machines differ by up to 2x)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    try:
+        from pyalign.ops.backends import native_module  # noqa: PLC0415
+
+        kernel = native_module().cpu_capability()
+    except Exception:  # noqa: BLE001 - the extension may be missing in a bare checkout
+        kernel = None
+    return {"cpu_isa": isa, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "pyalign_cpu_kernel": kernel, "cpu_count": os.cpu_count()}
+
+
+def versions_line(env: dict, *packages: str) -> str:
+    """The provenance line of a results table: time, versions, CPU vector ISA, commit."""
+    parts = [f"torch {env['torch']}", f"triton {env['triton']}", f"CUDA {env['torch_cuda']}"]
+    parts += [f"{name.replace('_', '-')} {env.get(name)}" for name in packages]
+    if env.get("device_type") == "cpu":
+        parts.append(f"CPU {env.get('cpu_isa')}, pyalign kernel {env.get('pyalign_cpu_kernel')}, "
+                     f"{env.get('torch_threads')} threads")
+    dirty = " (dirty)" if env["git_dirty"] else ""
+    return f"{env['timestamp_utc']}; {', '.join(parts)}; commit {env['git_commit']}{dirty}  "
 
 
 def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict:
@@ -82,6 +116,8 @@ def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
     }
+    if device.type == "cpu":
+        info.update(cpu_vector_info())
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update({
