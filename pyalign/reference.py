@@ -61,3 +61,27 @@ def reference_backward(
     d = torch.where(keep.unsqueeze(-1), d, torch.zeros_like(d))
     d.scatter_add_(-1, safe_labels.unsqueeze(-1), grad.unsqueeze(-1))
     grad_out3.copy_(d)
+
+
+def reference_token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> dict[str, torch.Tensor]:
+    """Per-position statistics of the softmax in float64 math (``return_stats`` of the fused
+    lm_head): entropy ``-sum p log p``, ``mean_logits``, ``log_sum_sq_probs`` = ``log sum p^2``,
+    ``argmax`` (first index of the largest logit) and ``is_top1`` (``argmax == label``).
+    On ignored positions: 0.0, 0.0, 0.0, -1 and False. logits [..., V], labels [...]."""
+    keep = labels != ignore_index
+    x = logits.double()
+    log_p = torch.log_softmax(x, dim=-1)
+    p = log_p.exp()
+    zero = torch.zeros(labels.shape, dtype=torch.float64, device=logits.device)
+    argmax = x.argmax(-1)
+    stats = {
+        "entropy": -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1),
+        "mean_logits": x.mean(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
+    }
+    out = {name: torch.where(keep, value, zero).to(output_dtype(logits.dtype)) for name, value in stats.items()}
+    out["argmax"] = torch.where(keep, argmax, torch.full_like(argmax, -1))
+    out["is_top1"] = keep & (argmax == labels)
+    return out

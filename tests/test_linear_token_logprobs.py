@@ -9,7 +9,7 @@ import torch
 import pyalign
 from pyalign.ops import linear_token_logprobs as lin
 from pyalign.ops.backends import available_backends
-from pyalign.reference import reference_token_logprobs
+from pyalign.reference import reference_token_logprobs, reference_token_stats
 from tests.backends_under_test import DEVICE, backends_for_device
 
 MODES = ["default", "low_memory"]
@@ -274,6 +274,109 @@ def test_bad_input_names_the_argument(bad, message):
     kwargs = {k: v for k, v in args.items() if k not in ("hidden", "weight", "labels")}
     with pytest.raises(ValueError, match=message):
         pyalign.linear_token_logprobs(args["hidden"], args["weight"], args["labels"], **kwargs)
+
+
+# --------------------------------------------------------------------------- per-token statistics
+
+
+def _assert_stats_match(stats, ref, labels, atol, rtol, exact_argmax=True):
+    assert set(stats) == set(lin.STAT_NAMES)
+    for name in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        assert stats[name].dtype == ref[name].dtype and stats[name].shape == labels.shape, name
+        assert not stats[name].requires_grad, name
+        torch.testing.assert_close(stats[name], ref[name], atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+    assert stats["argmax"].dtype == torch.int64 and stats["is_top1"].dtype == torch.bool
+    ignored = labels == -100
+    assert torch.all(stats["argmax"][ignored] == -1) and not stats["is_top1"][ignored].any()
+    for name in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        assert torch.all(stats[name][ignored] == 0), name
+    if exact_argmax:
+        assert torch.equal(stats["argmax"], ref["argmax"]) and torch.equal(stats["is_top1"], ref["is_top1"])
+    assert torch.equal(stats["is_top1"], (stats["argmax"] == labels) & ~ignored)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires", [None, (True, False, False), (True, True, True)])
+def test_stats_against_the_reference(backend, requires):
+    """Entropy, mean logit, log sum p^2, argmax and is_top1 from the chunks of the forward, with
+    and without gradients (the frozen-weight path overwrites each chunk after reading it)."""
+    if backend not in available_backends(DEVICE):
+        pytest.skip(f"backend {backend} is not available here")
+    hidden, weight, bias, labels, upstream = make_case(seed=12, scale=3.0)
+    labels[0, :4] = torch.tensor([0, 1, 2, 3])  # some labels that are the argmax below
+    with torch.no_grad():
+        logits = hidden @ weight.T + bias
+        labels[0, :4] = logits[0, :4].argmax(-1)
+    ref = reference_token_stats(logits, labels)
+    for chunk_size in (None, 5):
+        if requires is None:
+            with torch.no_grad():
+                out, stats = pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend,
+                                                           chunk_size=chunk_size, return_stats=True)
+        else:
+            leaves = [t.detach().clone().requires_grad_(r) for t, r in zip((hidden, weight, bias), requires)]
+            out, stats = pyalign.linear_token_logprobs(*leaves[:2], labels, bias=leaves[2], backend=backend,
+                                                       chunk_size=chunk_size, return_stats=True)
+            (out.double() * upstream.double()).sum().backward()
+            ref_grads = run_reference(hidden, weight, bias, labels, upstream, requires=requires)[1]
+            for leaf, ref_grad in zip(leaves, ref_grads):
+                if leaf.requires_grad:
+                    torch.testing.assert_close(leaf.grad.double(), ref_grad.double(), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(out, reference_token_logprobs(logits, labels), atol=2e-5, rtol=2e-5)
+        _assert_stats_match(stats, ref, labels, atol=2e-5, rtol=2e-5)
+        assert stats["is_top1"][0, :4].all()
+
+
+def test_stats_half_precision_and_ties():
+    """bf16: against the float64 truth, the statistics are about as close as those of the
+    materialised bf16 logits (one rounding of each logit); ties: the first maximal index is the
+    argmax, so a label tied with an earlier token is not top-1."""
+    hidden, weight, bias, labels, _ = make_case(time=24, vocab=70, dtype=torch.bfloat16, seed=13, scale=4.0)
+    _, stats = pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias, chunk_size=7, return_stats=True)
+    eager = reference_token_stats(hidden @ weight.T + bias, labels)
+    truth = reference_token_stats(hidden.double() @ weight.double().T + bias.double(), labels)
+    _assert_stats_match(stats, eager, labels, atol=0.1, rtol=0.05, exact_argmax=False)
+    for name in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        ours = (stats[name].double() - truth[name].double()).abs().max().item()
+        materialised = (eager[name].double() - truth[name].double()).abs().max().item()
+        assert ours <= 2 * materialised + 1e-6, name
+    assert (stats["argmax"] == truth["argmax"]).float().mean() > 0.9  # bf16 rounding may break near-ties
+
+    weight = torch.zeros(5, 2)
+    weight[1] = weight[3] = torch.tensor([1.0, 0.0])  # tokens 1 and 3 always tie
+    hidden = torch.tensor([[[2.0, 0.0], [2.0, 0.0], [-1.0, 0.0]]])
+    labels = torch.tensor([[1, 3, -100]])
+    _, stats = pyalign.linear_token_logprobs(hidden, weight, labels, return_stats=True)
+    assert stats["argmax"].tolist() == [[1, 1, -1]] and stats["is_top1"].tolist() == [[True, False, False]]
+
+
+def test_stats_match_trl_chunked_logprob():
+    """The same definitions as TRL 1.16's ChunkedLogProbFunction (its torch tile path on the CPU),
+    which TRL's DPOTrainer logs: on the kept positions, with zeros where the label is ignored."""
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+    hidden, weight, bias, labels, _ = make_case(rows=3, time=11, vocab=40, seed=14, scale=3.0, device="cpu")
+    mask = labels != -100
+    outputs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    with torch.no_grad():
+        trl_logp, trl_entropy, trl_sq, trl_mean, trl_top1 = chunked.ChunkedLogProbFunction.apply(
+            hidden[mask], weight, bias, labels[mask], 1.0, 16, None, 1.0, outputs)
+        logp, stats = pyalign.linear_token_logprobs(hidden, weight, labels, bias=bias, return_stats=True)
+    torch.testing.assert_close(logp[mask], trl_logp, atol=1e-5, rtol=1e-5)
+    for ours, theirs in ((stats["entropy"], trl_entropy), (stats["log_sum_sq_probs"], trl_sq),
+                         (stats["mean_logits"], trl_mean)):
+        torch.testing.assert_close(ours[mask], theirs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(stats["is_top1"][mask], trl_top1)
+
+
+def test_stats_of_empty_and_fully_ignored_batches():
+    hidden, weight, bias, labels, _ = make_case(seed=15)
+    for labels_case, hidden_case in ((labels[:, :0], hidden[:, :0]), (torch.full_like(labels, -100), hidden)):
+        logp, stats = pyalign.linear_token_logprobs(hidden_case, weight, labels_case, bias=bias, return_stats=True)
+        assert logp.shape == labels_case.shape and set(stats) == set(lin.STAT_NAMES)
+        assert all(v.shape == labels_case.shape for v in stats.values())
+        assert torch.all(stats["argmax"] == -1) and torch.all(stats["entropy"] == 0)
+    with pytest.raises(ValueError, match="return_stats: expected True or False"):
+        pyalign.linear_token_logprobs(hidden, weight, labels, return_stats="yes")
 
 
 # --------------------------------------------------------------------------- GPU suite

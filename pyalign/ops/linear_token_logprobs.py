@@ -26,151 +26,30 @@ approximate, with each dropped gradient element bounded by that limit (docs/fuse
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pyalign.ops.backends import Backend, resolve_backend
+from pyalign.ops.linear_chunks import (  # noqa: F401  (re-exported: tests and linear_preference_loss)
+    FILTER_BLOCK,
+    MIB,
+    STAT_NAMES,
+    WeightGradSink,
+    accumulate_product,
+    chunk_stats_into,
+    empty_stats,
+    grad_hidden_from_runs,
+    kept_vocab_runs,
+    linear_into,
+    rows_for_budget,
+)
 from pyalign.reference import output_dtype
 
-MIB = 1 << 20
 DEFAULT_BUDGETS = {"default": 256 * MIB, "low_memory": 32 * MIB}
 MODES = tuple(DEFAULT_BUDGETS)
-FILTER_BLOCK = 2048  # vocabulary columns per gradient-filter decision
-_ACCUMULATE_TEMP_BYTES = 32 * MIB  # bound on the half-precision product when fp32-accumulating
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def rows_for_budget(budget_bytes: int, vocab: int, dtype: torch.dtype, total_rows: int) -> int:
-    """Largest number of logits rows ``[rows, vocab]`` of ``dtype`` within ``budget_bytes``
-    (at least 1, at most ``total_rows``), rounded down to a multiple of 64 for the matmuls."""
-    row_bytes = max(1, vocab) * torch.empty((), dtype=dtype).element_size()
-    rows = max(1, budget_bytes // row_bytes)
-    if rows >= total_rows:
-        return max(1, total_rows)
-    return rows - rows % 64 if rows > 64 else rows
-
-
-def linear_into(out: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``out <- hidden_rows @ weight.T (+ bias)`` in the input dtype, written into ``out``."""
-    if bias is None:
-        return torch.mm(hidden_rows, weight.t(), out=out)
-    return torch.addmm(bias, hidden_rows, weight.t(), out=out)
-
-
-def kept_vocab_runs(d_logits: Tensor, grad_filter: float | None, limit_scale: float) -> list[tuple[int, int]]:
-    """Vocabulary ranges ``[start, end)`` whose gradient matmuls must run.
-
-    Without a filter: the whole vocabulary. With one: blocks of :data:`FILTER_BLOCK` columns whose
-    largest |d_logits| over the chunk is below ``grad_filter * limit_scale`` are dropped, and the
-    remaining blocks are merged into contiguous runs (one matmul each).
-    """
-    vocab = d_logits.shape[1]
-    if grad_filter is None or vocab == 0:
-        return [(0, vocab)]
-    limit = grad_filter * limit_scale
-    full = vocab - vocab % FILTER_BLOCK
-    maxima = []
-    if full:
-        blocks = d_logits[:, :full].view(d_logits.shape[0], full // FILTER_BLOCK, FILTER_BLOCK)
-        # max |x| as max(amax, -amin): no |x| copy of the chunk.
-        maxima += torch.maximum(blocks.amax(dim=(0, 2)), -blocks.amin(dim=(0, 2))).tolist()
-    if full < vocab:
-        tail = d_logits[:, full:]
-        maxima.append(max(tail.amax().item(), -tail.amin().item()))
-    runs: list[tuple[int, int]] = []
-    for block, block_max in enumerate(maxima):
-        if block_max < limit:
-            continue
-        start, end = block * FILTER_BLOCK, min(vocab, (block + 1) * FILTER_BLOCK)
-        if runs and runs[-1][1] == start:
-            runs[-1] = (runs[-1][0], end)
-        else:
-            runs.append((start, end))
-    return runs
-
-
-def grad_hidden_from_runs(d_logits: Tensor, weight: Tensor, runs: list[tuple[int, int]]) -> Tensor:
-    """``d_logits @ weight`` restricted to the kept vocabulary runs -> [rows, H], input dtype."""
-    if len(runs) == 1 and runs[0] == (0, weight.shape[0]):
-        return d_logits @ weight
-    out = d_logits.new_zeros(d_logits.shape[0], weight.shape[1])
-    for start, end in runs:
-        out.addmm_(d_logits[:, start:end], weight[start:end])
-    return out
-
-
-@functools.cache
-def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``addmm(acc_fp32, a_half, b_half, out_dtype=float32, out=acc)`` accumulates in place
-    correctly here (cuBLAS can; the CPU build has no such kernel). Probed once per device/dtype."""
-    if device.type != "cuda":
-        return False
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        # The same layouts as in use: a column slice of d_logits, transposed, into a row slice.
-        d = torch.randn(8, 24, device=device, generator=gen).to(dtype)
-        hidden = torch.randn(8, 16, device=device, generator=gen).to(dtype)
-        acc = torch.ones(24, 16, device=device)
-        for _ in range(2):
-            torch.addmm(acc[4:20], d[:, 4:20].t(), hidden, out_dtype=torch.float32, out=acc[4:20])
-        expected = torch.ones(24, 16, device=device)
-        expected[4:20] += 2 * (d[:, 4:20].float().t() @ hidden.float())
-        return bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
-    except (RuntimeError, TypeError, ValueError):
-        return False
-
-
-def accumulate_product(acc: Tensor, left_t: Tensor, right: Tensor) -> None:
-    """``acc += left_t @ right`` where ``acc`` may be float32 and the operands half precision."""
-    if acc.dtype == left_t.dtype:
-        acc.addmm_(left_t, right)
-        return
-    if _fp32_out_addmm_works(acc.device, left_t.dtype):
-        torch.addmm(acc, left_t, right, out_dtype=acc.dtype, out=acc)
-        return
-    # Slices of rows keep the half-precision product small; each is rounded once, summed in fp32.
-    rows = max(1, _ACCUMULATE_TEMP_BYTES // max(1, right.shape[1] * right.element_size()))
-    for start in range(0, acc.shape[0], rows):
-        acc[start:start + rows].add_(left_t[start:start + rows] @ right)
-
-
-class WeightGradSink:
-    """Weight and bias gradients summed over chunks: in fp32 when the parameters are half
-    precision and there is more than one chunk to sum, unless ``accumulate_dtype`` says otherwise
-    (the parameter's own dtype: half the memory and traffic, one rounding per chunk)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, want_weight: bool, want_bias: bool,
-                 single_step: bool, accumulate_dtype: torch.dtype | None = None):
-        def accumulator(param: Tensor) -> Tensor:
-            if single_step or param.dtype in (torch.float32, torch.float64):
-                dtype = param.dtype
-            else:
-                dtype = accumulate_dtype or torch.float32
-            return torch.zeros(param.shape, device=param.device, dtype=dtype)
-
-        self.weight, self.bias = weight, bias
-        self.weight_acc = accumulator(weight) if want_weight else None
-        self.bias_acc = accumulator(bias) if (want_bias and bias is not None) else None
-
-    def add(self, d_logits: Tensor, hidden_rows: Tensor, runs: list[tuple[int, int]]) -> None:
-        for start, end in runs:
-            cols = d_logits[:, start:end]
-            if self.weight_acc is not None:
-                accumulate_product(self.weight_acc[start:end], cols.t(), hidden_rows)
-            if self.bias_acc is not None:
-                self.bias_acc[start:end] += cols.sum(0, dtype=self.bias_acc.dtype)
-
-    def weight_grad(self) -> Tensor | None:
-        return None if self.weight_acc is None else self.weight_acc.to(self.weight.dtype)
-
-    def bias_grad(self) -> Tensor | None:
-        return None if self.bias_acc is None else self.bias_acc.to(self.bias.dtype)
 
 
 # --------------------------------------------------------------------------- the op
@@ -188,12 +67,14 @@ class LinearPlan:
     weight_grad_dtype: torch.dtype | None = None  # None: fp32 accumulation for half weights
 
 
-def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: Tensor, plan: LinearPlan):
+def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: Tensor, plan: LinearPlan,
+                 with_stats: bool = False):
     """Chunked forward over the kept tokens.
 
     Returns ``(logp [N], keep_idx [K], labels_kept [K], lse_kept [K], unscaled_grad_hidden [K, H] or
-    None)``; the last is ``(onehot - softmax) @ weight`` per kept token, formed only when
-    ``plan.precompute_grad_hidden``.
+    None, stats)``; ``unscaled_grad_hidden`` is ``(onehot - softmax) @ weight`` per kept token,
+    formed only when ``plan.precompute_grad_hidden``; ``stats`` (``with_stats``, else None) maps
+    each of :data:`STAT_NAMES` to an [N] tensor, computed from the same chunks of logits.
     """
     out_dtype = output_dtype(hidden2.dtype)
     keep_idx = (labels1 != plan.ignore_index).nonzero().squeeze(1)
@@ -204,6 +85,7 @@ def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: 
     unscaled = None
     if plan.precompute_grad_hidden:
         unscaled = torch.empty(kept, hidden2.shape[1], dtype=hidden2.dtype, device=hidden2.device)
+    stats_kept = empty_stats((kept,), out_dtype, hidden2.device) if with_stats else None
     if kept:
         buffer = hidden2.new_empty(min(plan.chunk, kept), weight.shape[0])
     for start in range(0, kept, plan.chunk):
@@ -214,6 +96,8 @@ def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: 
         logp2, lse2 = plan.backend.forward(logits.unsqueeze(0), labels2, plan.ignore_index)
         logp_kept[start:end] = logp2[0]
         lse_kept[start:end] = lse2[0]
+        if stats_kept is not None:  # before the chunk may be overwritten below
+            chunk_stats_into(stats_kept, slice(start, end), logits, lse2[0], labels_kept[start:end])
         if unscaled is not None:
             ones = torch.ones_like(lse2)
             plan.backend.backward(logits.unsqueeze(0), labels2, lse2, ones, plan.ignore_index,
@@ -222,7 +106,12 @@ def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: 
             unscaled[start:end] = grad_hidden_from_runs(logits, weight, runs)
     logp = torch.zeros(labels1.shape[0], dtype=out_dtype, device=hidden2.device)
     logp.index_copy_(0, keep_idx, logp_kept)
-    return logp, keep_idx, labels_kept, lse_kept, unscaled
+    stats = None
+    if stats_kept is not None:
+        stats = empty_stats(labels1.shape, out_dtype, hidden2.device)
+        for name in STAT_NAMES:
+            stats[name].index_copy_(0, keep_idx, stats_kept[name])
+    return logp, keep_idx, labels_kept, lse_kept, unscaled, stats
 
 
 def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tensor | None,
@@ -268,9 +157,13 @@ def scale_unscaled_grad_hidden(grad_logp: Tensor, unscaled: Tensor, keep_idx: Te
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
+    """Returns the log-probs, followed by the statistics of :data:`STAT_NAMES` when ``with_stats``
+    (not differentiable)."""
+
     @staticmethod
-    def forward(ctx, hidden2, weight, bias, labels1, plan):
-        logp, keep_idx, labels_kept, lse_kept, unscaled = forward_pass(hidden2, weight, bias, labels1, plan)
+    def forward(ctx, hidden2, weight, bias, labels1, plan, with_stats):
+        logp, keep_idx, labels_kept, lse_kept, unscaled, stats = forward_pass(
+            hidden2, weight, bias, labels1, plan, with_stats)
         ctx.plan = plan
         if unscaled is not None:
             # Only hidden needs a gradient and it is formed already: keep nothing else alive.
@@ -278,15 +171,18 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             ctx.save_for_backward(keep_idx, unscaled)
         else:
             ctx.save_for_backward(hidden2, weight, bias, keep_idx, labels_kept, lse_kept)
-        return logp
+        if stats is None:
+            return logp
+        ctx.mark_non_differentiable(*stats.values())
+        return (logp, *(stats[name] for name in STAT_NAMES))
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, *_stat_grads):
         plan = ctx.plan
         if plan.precompute_grad_hidden:
             keep_idx, unscaled = ctx.saved_tensors
             grad_hidden = scale_unscaled_grad_hidden(grad_logp, unscaled, keep_idx, ctx.hidden_shape, plan.chunk)
-            return grad_hidden, None, None, None, None
+            return grad_hidden, None, None, None, None, None
         hidden2, weight, bias, keep_idx, labels_kept, lse_kept = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         # The backward may run where autocast is on (CPU autocast, same thread): the matmuls
@@ -294,7 +190,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         with torch.autocast(hidden2.device.type, enabled=False):
             grads = backward_pass(grad_logp, hidden2, weight, bias, keep_idx, labels_kept, lse_kept,
                                   plan, needs)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 # --------------------------------------------------------------------------- public API
@@ -387,7 +283,8 @@ def linear_token_logprobs(
     grad_filter: float | None = None,
     backend: str = "auto",
     weight_grad_dtype: torch.dtype | None = None,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """``token_logprobs(hidden @ weight.T + bias, labels)`` without materialising the [N, V] logits.
 
     hidden ``[..., T, H]``, weight ``[V, H]`` (same dtype), labels ``[..., T]`` aligned with
@@ -401,7 +298,22 @@ def linear_token_logprobs(
     ``backend``: as for :func:`pyalign.token_logprobs`. ``weight_grad_dtype``: None (fp32
     accumulation over chunks for a half-precision weight) or the weight's dtype (accumulate in
     place: half the memory and traffic, one rounding per chunk).
+
+    ``return_stats=True`` returns ``(logp, stats)``: ``stats`` maps each name to a tensor shaped
+    like ``labels``, computed from the same chunks of logits as the log-probs (no extra matmul),
+    without gradient, on the positions whose label is kept (the fields of TRL's
+    ``FusedCausalLMOutput``, temperature 1):
+
+    - ``"entropy"``: ``-sum_v p_v log p_v`` of the softmax (float32; float64 inputs: float64);
+    - ``"mean_logits"``: ``sum_v z_v / V``, z the logits in the input dtype;
+    - ``"log_sum_sq_probs"``: ``log sum_v p_v^2``;
+    - ``"argmax"`` (int64): the first index of the largest logit;
+    - ``"is_top1"`` (bool): ``argmax == label``.
+
+    On ignored positions: 0.0 for the float statistics, -1 for ``argmax``, False for ``is_top1``.
     """
+    if not isinstance(return_stats, bool):
+        raise ValueError(f"return_stats: expected True or False, got {return_stats!r}")
     validate_linear_inputs(hidden, weight, labels, bias, ignore_index)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -413,11 +325,17 @@ def linear_token_logprobs(
     out_dtype = output_dtype(hidden.dtype)
     if num_rows == 0 or weight.shape[0] == 0:
         # Still connected to the graph so that .backward() through an empty batch works.
-        return (hidden.sum(-1) * 0).to(out_dtype)
+        logp = (hidden.sum(-1) * 0).to(out_dtype)
+        return (logp, empty_stats(labels.shape, out_dtype, hidden.device)) if return_stats else logp
     hidden2 = hidden.reshape(num_rows, hidden.shape[-1])
     labels1 = labels.reshape(num_rows)
     with torch.autocast(hidden.device.type, enabled=False):
-        if not wants_grad:
-            return forward_pass(hidden2, weight, bias, labels1, plan)[0].view(labels.shape)
-        logp = _LinearTokenLogprobs.apply(hidden2, weight, bias, labels1, plan)
-    return logp.view(labels.shape)
+        if wants_grad:
+            outputs = _LinearTokenLogprobs.apply(hidden2, weight, bias, labels1, plan, return_stats)
+            logp, stats = (outputs[0], dict(zip(STAT_NAMES, outputs[1:]))) if return_stats else (outputs, None)
+        else:
+            logp, *_, stats = forward_pass(hidden2, weight, bias, labels1, plan, return_stats)
+    logp = logp.view(labels.shape)
+    if not return_stats:
+        return logp
+    return logp, {name: value.view(labels.shape) for name, value in stats.items()}

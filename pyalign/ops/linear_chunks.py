@@ -1,0 +1,193 @@
+"""Building blocks of the fused lm_head paths (``linear_token_logprobs``, ``linear_preference_loss``):
+chunk sizes, the chunk matmul, the approximate gradient filter's vocabulary runs, weight-gradient
+accumulation, and the per-token statistics computed from a chunk of logits.
+
+docs/fused_linear.md has the formulas, the memory accounting and why each choice was made.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+MIB = 1 << 20
+FILTER_BLOCK = 2048  # vocabulary columns per gradient-filter decision
+_ACCUMULATE_TEMP_BYTES = 32 * MIB  # bound on the half-precision product when fp32-accumulating
+_STATS_TEMP_BYTES = 32 * MIB  # bound on each float temporary of the per-token statistics
+
+
+
+def rows_for_budget(budget_bytes: int, vocab: int, dtype: torch.dtype, total_rows: int) -> int:
+    """Largest number of logits rows ``[rows, vocab]`` of ``dtype`` within ``budget_bytes``
+    (at least 1, at most ``total_rows``), rounded down to a multiple of 64 for the matmuls."""
+    row_bytes = max(1, vocab) * torch.empty((), dtype=dtype).element_size()
+    rows = max(1, budget_bytes // row_bytes)
+    if rows >= total_rows:
+        return max(1, total_rows)
+    return rows - rows % 64 if rows > 64 else rows
+
+
+def linear_into(out: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``out <- hidden_rows @ weight.T (+ bias)`` in the input dtype, written into ``out``."""
+    if bias is None:
+        return torch.mm(hidden_rows, weight.t(), out=out)
+    return torch.addmm(bias, hidden_rows, weight.t(), out=out)
+
+
+def kept_vocab_runs(d_logits: Tensor, grad_filter: float | None, limit_scale: float) -> list[tuple[int, int]]:
+    """Vocabulary ranges ``[start, end)`` whose gradient matmuls must run.
+
+    Without a filter: the whole vocabulary. With one: blocks of :data:`FILTER_BLOCK` columns whose
+    largest |d_logits| over the chunk is below ``grad_filter * limit_scale`` are dropped, and the
+    remaining blocks are merged into contiguous runs (one matmul each).
+    """
+    vocab = d_logits.shape[1]
+    if grad_filter is None or vocab == 0:
+        return [(0, vocab)]
+    limit = grad_filter * limit_scale
+    full = vocab - vocab % FILTER_BLOCK
+    maxima = []
+    if full:
+        blocks = d_logits[:, :full].view(d_logits.shape[0], full // FILTER_BLOCK, FILTER_BLOCK)
+        # max |x| as max(amax, -amin): no |x| copy of the chunk.
+        maxima += torch.maximum(blocks.amax(dim=(0, 2)), -blocks.amin(dim=(0, 2))).tolist()
+    if full < vocab:
+        tail = d_logits[:, full:]
+        maxima.append(max(tail.amax().item(), -tail.amin().item()))
+    runs: list[tuple[int, int]] = []
+    for block, block_max in enumerate(maxima):
+        if block_max < limit:
+            continue
+        start, end = block * FILTER_BLOCK, min(vocab, (block + 1) * FILTER_BLOCK)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def grad_hidden_from_runs(d_logits: Tensor, weight: Tensor, runs: list[tuple[int, int]]) -> Tensor:
+    """``d_logits @ weight`` restricted to the kept vocabulary runs -> [rows, H], input dtype."""
+    if len(runs) == 1 and runs[0] == (0, weight.shape[0]):
+        return d_logits @ weight
+    out = d_logits.new_zeros(d_logits.shape[0], weight.shape[1])
+    for start, end in runs:
+        out.addmm_(d_logits[:, start:end], weight[start:end])
+    return out
+
+
+@functools.cache
+def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``addmm(acc_fp32, a_half, b_half, out_dtype=float32, out=acc)`` accumulates in place
+    correctly here (cuBLAS can; the CPU build has no such kernel). Probed once per device/dtype."""
+    if device.type != "cuda":
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        # The same layouts as in use: a column slice of d_logits, transposed, into a row slice.
+        d = torch.randn(8, 24, device=device, generator=gen).to(dtype)
+        hidden = torch.randn(8, 16, device=device, generator=gen).to(dtype)
+        acc = torch.ones(24, 16, device=device)
+        for _ in range(2):
+            torch.addmm(acc[4:20], d[:, 4:20].t(), hidden, out_dtype=torch.float32, out=acc[4:20])
+        expected = torch.ones(24, 16, device=device)
+        expected[4:20] += 2 * (d[:, 4:20].float().t() @ hidden.float())
+        return bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def accumulate_product(acc: Tensor, left_t: Tensor, right: Tensor) -> None:
+    """``acc += left_t @ right`` where ``acc`` may be float32 and the operands half precision."""
+    if acc.dtype == left_t.dtype:
+        acc.addmm_(left_t, right)
+        return
+    if _fp32_out_addmm_works(acc.device, left_t.dtype):
+        torch.addmm(acc, left_t, right, out_dtype=acc.dtype, out=acc)
+        return
+    # Slices of rows keep the half-precision product small; each is rounded once, summed in fp32.
+    rows = max(1, _ACCUMULATE_TEMP_BYTES // max(1, right.shape[1] * right.element_size()))
+    for start in range(0, acc.shape[0], rows):
+        acc[start:start + rows].add_(left_t[start:start + rows] @ right)
+
+
+class WeightGradSink:
+    """Weight and bias gradients summed over chunks: in fp32 when the parameters are half
+    precision and there is more than one chunk to sum, unless ``accumulate_dtype`` says otherwise
+    (the parameter's own dtype: half the memory and traffic, one rounding per chunk)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, want_weight: bool, want_bias: bool,
+                 single_step: bool, accumulate_dtype: torch.dtype | None = None):
+        def accumulator(param: Tensor) -> Tensor:
+            if single_step or param.dtype in (torch.float32, torch.float64):
+                dtype = param.dtype
+            else:
+                dtype = accumulate_dtype or torch.float32
+            return torch.zeros(param.shape, device=param.device, dtype=dtype)
+
+        self.weight, self.bias = weight, bias
+        self.weight_acc = accumulator(weight) if want_weight else None
+        self.bias_acc = accumulator(bias) if (want_bias and bias is not None) else None
+
+    def add(self, d_logits: Tensor, hidden_rows: Tensor, runs: list[tuple[int, int]]) -> None:
+        for start, end in runs:
+            cols = d_logits[:, start:end]
+            if self.weight_acc is not None:
+                accumulate_product(self.weight_acc[start:end], cols.t(), hidden_rows)
+            if self.bias_acc is not None:
+                self.bias_acc[start:end] += cols.sum(0, dtype=self.bias_acc.dtype)
+
+    def weight_grad(self) -> Tensor | None:
+        return None if self.weight_acc is None else self.weight_acc.to(self.weight.dtype)
+
+    def bias_grad(self) -> Tensor | None:
+        return None if self.bias_acc is None else self.bias_acc.to(self.bias.dtype)
+
+
+
+# --------------------------------------------------------------------------- per-token statistics
+
+# Names and dtypes of the optional per-token statistics (``return_stats=True``); the float ones
+# are in the log-probs' dtype (float32, float64 for float64 inputs).
+STAT_NAMES = ("entropy", "mean_logits", "log_sum_sq_probs", "argmax", "is_top1")
+
+
+def empty_stats(shape: torch.Size, float_dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """The statistics' values on positions that are not scored (ignored labels): 0.0 for the
+    float statistics, -1 for ``argmax``, False for ``is_top1``."""
+    stats = {name: torch.zeros(shape, dtype=float_dtype, device=device)
+             for name in ("entropy", "mean_logits", "log_sum_sq_probs")}
+    stats["argmax"] = torch.full(shape, -1, dtype=torch.int64, device=device)
+    stats["is_top1"] = torch.zeros(shape, dtype=torch.bool, device=device)
+    return stats
+
+
+def chunk_stats_into(stats: dict[str, Tensor], rows: slice, logits: Tensor, lse: Tensor,
+                     labels: Tensor) -> None:
+    """Per-token statistics of one chunk of logits ``[n, V]`` (any float dtype) whose log-sum-exp
+    per row is ``lse`` [n], written into ``stats[name][rows]``.
+
+    entropy = -sum_v p_v log p_v; mean_logits = sum_v z_v / V; log_sum_sq_probs = log sum_v p_v^2;
+    argmax = the first index of the largest logit; is_top1 = (argmax == label). Computed in
+    ``lse``'s dtype from the chunk in slices of rows, so every temporary stays under 32 MiB; the
+    chunk itself is only read.
+    """
+    n, vocab = logits.shape
+    math_dtype = lse.dtype
+    step = max(1, _STATS_TEMP_BYTES // max(1, vocab * torch.empty((), dtype=math_dtype).element_size()))
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        out = slice(rows.start + start, rows.start + end)
+        z = logits[start:end].to(math_dtype, copy=True)
+        stats["mean_logits"][out] = z.sum(1) / vocab
+        argmax = z.argmax(1)
+        stats["argmax"][out] = argmax
+        stats["is_top1"][out] = argmax == labels[start:end]
+        log_p = z.sub_(lse[start:end].unsqueeze(1))
+        # p log p with p = 0 (a -inf logit) is 0, not 0 * -inf = nan.
+        p_log_p = log_p.exp().mul_(log_p).nan_to_num_(nan=0.0)
+        stats["entropy"][out] = -p_log_p.sum(1)
+        del p_log_p
+        stats["log_sum_sq_probs"][out] = torch.logsumexp(log_p.mul_(2), dim=1)
