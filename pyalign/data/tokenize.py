@@ -1,14 +1,14 @@
-"""Preference pairs: JSONL files in, padded ``[2B, T]`` batches out.
+"""Preference pairs in, padded ``[2B, T]`` batches out.
 
-File format: one JSON object per line, ``{"prompt": str, "chosen": str, "rejected": str}`` and an
-optional ``"system": str``. ``prompt`` is the user message; ``chosen``/``rejected`` are the two
-assistant replies. Blank lines are skipped.
+Records come from :mod:`pyalign.data.pairs` (``PreferencePair``: prompt, chosen, rejected,
+optional system); any data source becomes such records through :mod:`pyalign.data.sources`.
 
 Tokenisation of one pair:
 
-- prompt: the tokenizer's chat template applied to ``[system?, user]`` with
-  ``add_generation_prompt=True``, rendered to text and tokenised with ``add_special_tokens=False``
-  (the template already carries any BOS it wants);
+- prompt: the tokenizer's chat template applied to ``[system?, user]`` (a text prompt) or to
+  ``[system?, *messages]`` (a multi-turn prompt: the conversation so far, ending with the user's
+  turn) with ``add_generation_prompt=True``, rendered to text and tokenised with
+  ``add_special_tokens=False`` (the template already carries any BOS it wants);
 - each response: tokenised on its own (``add_special_tokens=False``), then ``eos_token_id`` appended;
 - labels: the input ids with every prompt position set to ``-100``, so only response tokens count.
 
@@ -35,75 +35,26 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from pyalign.data.pairs import PreferencePair
+
 IGNORE_INDEX = -100
-# Bump when the tokenisation recipe above changes: it invalidates cached log-probs.
+# Bump when the tokenisation recipe above changes: it invalidates cached log-probs. (Multi-turn
+# prompts were added without a bump: the token ids of text prompts did not change.)
 TOKENIZATION_VERSION = 1
 
 
-@dataclass(frozen=True)
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
-    system: str | None = None
-
-
-def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
-    """Read a JSONL file of preference pairs; errors name the file, the line and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: preference data file not found")
-    pairs = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            pairs.append(_pair_from_record(record, where))
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs in the file")
-    return pairs
-
-
-def _pair_from_record(record: object, where: str) -> PreferencePair:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - {"prompt", "chosen", "rejected", "system"})
-    if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (expected prompt, chosen, rejected, system)")
-    for name in ("prompt", "chosen", "rejected"):
-        if name not in record:
-            raise ValueError(f"{where}: missing field {name!r}")
-        if not isinstance(record[name], str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], system)
-
-
-def write_preference_pairs(path: str | Path, pairs: Sequence[PreferencePair | dict]) -> None:
-    """Write pairs as JSONL (the inverse of :func:`load_preference_pairs`)."""
-    with Path(path).open("w", encoding="utf-8") as handle:
-        for pair in pairs:
-            record = pair if isinstance(pair, dict) else {
-                "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-                **({"system": pair.system} if pair.system is not None else {}),
-            }
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def prompt_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+def prompt_messages(prompt, system: str | None = None) -> list[dict[str, str]]:
+    """The chat messages of a prompt: ``[system?, user]`` for text, ``[system?, *messages]`` for
+    a conversation."""
     messages = [{"role": "system", "content": system}] if system is not None else []
-    return messages + [{"role": "user", "content": prompt}]
+    if isinstance(prompt, str):
+        return messages + [{"role": "user", "content": prompt}]
+    return messages + [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def encode_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of the chat-templated prompt, ending with the assistant header."""
+def encode_prompt(tokenizer, prompt, system: str | None = None) -> list[int]:
+    """Token ids of the chat-templated prompt (text, or chat messages ending with the user's
+    turn), ending with the assistant header."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("tokenizer: has no chat_template; preference data needs one to format prompts")
     text = tokenizer.apply_chat_template(
@@ -147,8 +98,9 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int, max_prompt_l
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenised pairs of one JSONL file; item ``i`` is line ``i`` (blank lines skipped), which is
-    also the row of the cached frozen log-probs for that pair."""
+    """Tokenised pairs of one data source; item ``i`` is pair ``i`` as the source yields it (for
+    a JSONL file of pairs: line ``i``, blank lines skipped), which is also the row of the cached
+    frozen log-probs for that pair."""
 
     def __init__(self, pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int):
         self.pairs = list(pairs)
@@ -156,8 +108,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.pad_token_id = pad_token_id(tokenizer)
 
     @classmethod
-    def from_jsonl(cls, path, tokenizer, max_length: int, max_prompt_length: int) -> "PreferenceDataset":
-        return cls(load_preference_pairs(path), tokenizer, max_length, max_prompt_length)
+    def from_source(cls, source, tokenizer, max_length: int, max_prompt_length: int) -> "PreferenceDataset":
+        """From any data source: a path, a mapping or a :class:`pyalign.data.sources.DataSource`."""
+        from pyalign.data.sources import load_pairs  # noqa: PLC0415
+
+        return cls(load_pairs(source), tokenizer, max_length, max_prompt_length)
+
+    # The historical name: a JSONL path still works, and so does every other source.
+    from_jsonl = from_source
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -1,0 +1,470 @@
+"""Data sources: where preference data comes from, and the pairs it yields (docs/data.md).
+
+A source is a path string (a local file or folder, as before) or a mapping::
+
+    {path: FILE_OR_FOLDER | name: HUB_NAME, schema, dimension, split, config, data_dir, revision,
+     relabel, on_bad_row, limit, cache_dir}
+
+- ``path``: a JSONL file (read line by line, so errors name the line), any other file ``datasets``
+  reads (``.json``, ``.jsonl.gz``, ``.parquet``, ``.csv``, ``.tsv``, ``.arrow``), a folder written by
+  ``Dataset.save_to_disk``, or a folder of data files (e.g. a downloaded hub repository);
+- ``name``: a Hugging Face hub data set, used from the local cache or downloaded when the hub
+  answers (:mod:`pyalign.data.hub`: never a hang when it does not);
+- ``schema``: how rows map to pairs (:mod:`pyalign.data.adapters`), guessed from the columns when
+  left out; ``dimension``: which pair stream of a multi-dimension schema;
+- ``relabel: reward_augmented``: reward-conditioned pairs (:mod:`pyalign.data.relabel`);
+- ``on_bad_row``: ``fail`` (default: the error names the row index and the field) or ``skip``
+  (skipped rows are counted and the first ones logged);
+- ``limit``: only the first N rows of the split.
+
+:func:`load_pairs` gives the pairs, :func:`fingerprint` the key of what was loaded (for caches),
+:func:`check_data_source` validates a source for a config field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pyalign.data.adapters import SCHEMAS, Adapter, get_adapter, guess_schema
+from pyalign.data.pairs import PreferencePair, RatingRecord, RowError, prompt_json, read_jsonl_records
+from pyalign.data.relabel import DEFAULT_TEMPLATE, METHODS, RelabelSpec, reward_augmented
+
+logger = logging.getLogger("pyalign.data")
+ON_BAD_ROW = ("fail", "skip")
+DATASETS_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
+                     ".arrow": "arrow"}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class BadRowError(ValueError):
+    """A row does not fit the schema (``on_bad_row: fail``); names the row index and the field."""
+
+    def __init__(self, message: str, index: int, field: str):
+        super().__init__(message)
+        self.index, self.field = index, field
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str | None = None  # local file or folder (absolute)
+    name: str | None = None  # hub data set
+    config: str | None = None  # datasets config name (e.g. PKU-SafeRLHF "alpaca-7b")
+    data_dir: str | None = None  # folder inside the data set (e.g. hh-rlhf "harmless-base")
+    split: str = "train"
+    revision: str | None = None
+    schema: str | None = None  # None: guessed from the columns
+    dimension: str | None = None
+    relabel: RelabelSpec | None = None
+    on_bad_row: str = "fail"
+    limit: int | None = None  # first N rows only
+    cache_dir: str | None = None  # datasets cache (default $HF_DATASETS_CACHE)
+
+    @property
+    def label(self) -> str:
+        if self.path is not None:
+            return self.path
+        extra = "".join(f", {k} {getattr(self, k)}" for k in ("config", "data_dir") if getattr(self, k))
+        return f"{self.name} [{self.split}{extra}]"
+
+    def to_dict(self) -> dict:
+        """The mapping form (fields at their defaults left out), e.g. for config.json."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        if self.relabel is not None:
+            spec = self.relabel
+            out["relabel"] = {"method": spec.method, **{f.name: getattr(spec, f.name) for f in fields(spec)
+                                                        if getattr(spec, f.name) != f.default}}
+        return out
+
+
+@dataclass
+class LoadReport:
+    source: str
+    schema: str
+    dimension: str | None
+    rows: int = 0
+    pairs: int = 0
+    skipped: list = field(default_factory=list)  # (row index, field, message)
+    relabel_dropped_ties: int = 0
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.rows} rows, schema {self.schema}"
+        text += f", dimension {self.dimension}" if self.dimension else ""
+        text += f" -> {self.pairs} pairs"
+        if self.skipped:
+            text += f"; {len(self.skipped)} bad rows skipped"
+        if self.relabel_dropped_ties:
+            text += f"; {self.relabel_dropped_ties} tied pairs dropped by relabeling"
+        return text
+
+
+@dataclass
+class LoadedPairs:
+    pairs: list[PreferencePair]
+    report: LoadReport
+    fingerprint: str
+
+
+# ----------------------------------------------------------------------------- parsing sources
+
+def _fail(where: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"{where}: expected {expected}, got {value!r}")
+
+
+def _optional_text(where: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, "a non-empty string", value)
+    return value
+
+
+def _local_path(where: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise _fail(where, "a path", value)
+    path = Path(value).expanduser().resolve()
+    if not path.exists():
+        raise ValueError(f"{where}: file not found: {path}")
+    return str(path)
+
+
+def _relabel_spec(where: str, value: Any) -> RelabelSpec | None:
+    if value is None or isinstance(value, RelabelSpec):
+        return value
+    if isinstance(value, str):
+        value = {"method": value}
+    if not isinstance(value, dict):
+        raise _fail(where, f"one of {', '.join(METHODS)}, or a mapping with method", value)
+    known = {f.name for f in fields(RelabelSpec)}
+    for key in value:
+        if key not in known:
+            raise ValueError(f"{where}.{key}: unknown field (known: {', '.join(sorted(known))})")
+    method = value.get("method")
+    if method not in METHODS:
+        raise _fail(f"{where}.method" if "method" in value and len(value) > 1 else where, f"one of {', '.join(METHODS)}", method)
+    template = value.get("template", DEFAULT_TEMPLATE)
+    if not isinstance(template, str) or "{score}" not in template:
+        raise _fail(f"{where}.template", "a string containing {score}", template)
+    score_range = value.get("score_range")
+    if score_range is not None:
+        if (not isinstance(score_range, (list, tuple)) or len(score_range) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in score_range)
+                or score_range[0] >= score_range[1]):
+            raise _fail(f"{where}.score_range", "[low, high] with low < high", score_range)
+        score_range = (float(score_range[0]), float(score_range[1]))
+    return RelabelSpec(method, template, score_range, _optional_text(f"{where}.score_name", value.get("score_name")))
+
+
+def parse_source(value: Any, where: str = "source") -> DataSource:
+    """A :class:`DataSource` from a path, a mapping (see the module docstring) or a DataSource.
+    Errors name the field (``where.key``) and what was expected; a local path must exist."""
+    if isinstance(value, DataSource):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return DataSource(path=_local_path(where, value))
+    if not isinstance(value, dict):
+        raise _fail(where, "a path or a mapping with path or name", value)
+    known = [f.name for f in fields(DataSource)]
+    for key in value:
+        if key not in known:
+            raise ValueError(f"{where}.{key}: unknown field (known: {', '.join(known)})")
+    if ("path" in value) == ("name" in value):
+        raise ValueError(f"{where}: give exactly one of path (a local file or folder) and name (a hub data set)")
+    kwargs: dict[str, Any] = {}
+    if "path" in value:
+        kwargs["path"] = _local_path(f"{where}.path", value["path"])
+    else:
+        name = value["name"]
+        if not isinstance(name, str) or not _HUB_NAME.fullmatch(name):
+            raise _fail(f"{where}.name", "a hub data set name like owner/name", name)
+        kwargs["name"] = name
+    for key in ("config", "data_dir", "revision"):
+        kwargs[key] = _optional_text(f"{where}.{key}", value.get(key))
+    kwargs["split"] = _optional_text(f"{where}.split", value.get("split", "train")) or "train"
+    schema = value.get("schema")
+    if schema is not None:
+        try:
+            schema = get_adapter(schema).name
+        except ValueError:
+            raise _fail(f"{where}.schema", "one of " + ", ".join(SCHEMAS), schema) from None
+    kwargs["schema"] = schema
+    dimension = _optional_text(f"{where}.dimension", value.get("dimension"))
+    if schema is not None:
+        try:
+            dimension = get_adapter(schema).dimension(dimension) if get_adapter(schema).has_pairs else dimension
+        except ValueError as error:
+            raise ValueError(f"{where}.{error}") from None
+    kwargs["dimension"] = dimension
+    kwargs["relabel"] = _relabel_spec(f"{where}.relabel", value.get("relabel"))
+    on_bad_row = value.get("on_bad_row", "fail")
+    if on_bad_row not in ON_BAD_ROW:
+        raise _fail(f"{where}.on_bad_row", "fail or skip", on_bad_row)
+    kwargs["on_bad_row"] = on_bad_row
+    limit = value.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise _fail(f"{where}.limit", "a positive integer", limit)
+    kwargs["limit"] = limit
+    if value.get("cache_dir") is not None:
+        cache_dir = value["cache_dir"]
+        if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir).strip():
+            raise _fail(f"{where}.cache_dir", "a path", cache_dir)
+        kwargs["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
+    return DataSource(**kwargs)
+
+
+def check_data_source(where: str, value: Any):
+    """Config field check: a path string stays the resolved path string (as before); a mapping
+    becomes a :class:`DataSource`. Raises ValueError starting with ``where``."""
+    if isinstance(value, (str, os.PathLike)):
+        return parse_source(value, where).path
+    return parse_source(value, where)
+
+
+def source_from_cli(text: str, **options) -> DataSource:
+    """``pyalign data ... SOURCE``: an existing local path, else a hub name (``owner/name``)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if Path(text).expanduser().exists():
+        return parse_source({"path": text, **options}, "SOURCE")
+    if _HUB_NAME.fullmatch(text) and not Path(text).suffix.lower() in (*DATASETS_SUFFIXES, *COMPRESSION_SUFFIXES):
+        return parse_source({"name": text, **options}, "SOURCE")
+    raise FileNotFoundError(f"SOURCE: no such file or folder: {text} (and not a hub data set name like owner/name)")
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+@dataclass
+class RowTable:
+    rows: Iterable[tuple[int, Any]]  # (row index, row), lazily
+    columns: list[str]
+    first: Any
+    describe: Callable[[int], str]  # where row i is, for messages
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars or info logs from ``datasets`` while pyalign reads (it reports itself)."""
+    import datasets  # noqa: PLC0415
+
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _datasets_builder(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return DATASETS_SUFFIXES.get(Path(name).suffix)
+
+
+def _load_with_datasets(source: DataSource):
+    import datasets  # noqa: PLC0415
+
+    from pyalign.data.hub import load_hub_dataset  # noqa: PLC0415
+
+    with _quiet_datasets():
+        if source.name is not None:
+            return load_hub_dataset(source.name, config=source.config, data_dir=source.data_dir, split=source.split,
+                                    revision=source.revision, cache_dir=source.cache_dir)
+        path = Path(source.path)
+        try:
+            if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+                loaded = datasets.load_from_disk(str(path))
+                if isinstance(loaded, datasets.DatasetDict):
+                    if source.split not in loaded:
+                        raise ValueError(f"{path}: split: no split {source.split!r} (splits: {', '.join(loaded)})")
+                    loaded = loaded[source.split]
+                return loaded
+            if path.is_dir():
+                return datasets.load_dataset(str(path), name=source.config, data_dir=source.data_dir,
+                                             split=source.split, cache_dir=source.cache_dir)
+            builder = _datasets_builder(path)
+            if builder is None:
+                raise ValueError(f"{path}: unknown file type; expected one of "
+                                 f"{', '.join(DATASETS_SUFFIXES)} (optionally compressed), or a folder")
+            extra = {"delimiter": "\t"} if path.name.lower().split(".")[-1] == "tsv" or ".tsv." in path.name.lower() else {}
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train",
+                                         cache_dir=source.cache_dir, **extra)
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 - datasets raises many types; say which file failed
+            raise ValueError(f"{path}: datasets could not read it ({type(error).__name__}: {error})") from None
+
+
+def read_rows(source: DataSource) -> RowTable:
+    """The rows of ``source`` (JSONL line by line, everything else through ``datasets``)."""
+    if source.path is not None and Path(source.path).is_file() and Path(source.path).suffix.lower() == ".jsonl":
+        records = list(read_jsonl_records(source.path))
+        lines = [line for line, _ in records]
+        rows = [(i, record) for i, (_, record) in enumerate(records)]
+        first = rows[0][1] if rows else None
+        columns = sorted(first) if isinstance(first, dict) else []
+        if source.limit is not None:
+            rows = rows[: source.limit]
+        return RowTable(rows, columns, first, lambda i: f"{source.path}:{lines[i]} (row {i})")
+    dataset = _load_with_datasets(source)
+    count = len(dataset) if source.limit is None else min(len(dataset), source.limit)
+    first = dataset[0] if count else None
+    rows = enumerate(itertools.islice(iter(dataset), count))
+    return RowTable(rows, list(dataset.column_names), first, lambda i: f"{source.label} row {i}")
+
+
+# ----------------------------------------------------------------------------- pairs
+
+def schema_adapter(source: DataSource, table: RowTable) -> Adapter:
+    """The source's schema, or the one its columns show."""
+    if source.schema is not None:
+        return get_adapter(source.schema)
+    try:
+        return get_adapter(guess_schema(table.columns, table.first))
+    except ValueError as error:
+        raise ValueError(f"{source.label}: {error}") from None
+
+
+def resolve_schema(source: DataSource, table: RowTable) -> tuple[Adapter, str | None]:
+    adapter = schema_adapter(source, table)
+    dimension = source.dimension
+    if adapter.has_pairs:
+        try:
+            dimension = adapter.dimension(source.dimension)
+        except ValueError as error:
+            raise ValueError(f"{source.label}: {error}") from None
+    return adapter, dimension
+
+
+def _error_handler(source: DataSource, table: RowTable, report: LoadReport):
+    def on_error(index: int, error: RowError) -> None:
+        message = f"{table.describe(index)}: {error}"
+        if source.on_bad_row == "fail":
+            raise BadRowError(message + " (on_bad_row: skip skips such rows)", index, error.field)
+        report.skipped.append((index, error.field, message))
+    return on_error
+
+
+def _counted(rows: Iterable, report: LoadReport) -> Iterator:
+    for item in rows:
+        report.rows += 1
+        yield item
+
+
+def _relabel(source: DataSource, adapter: Adapter, dimension: str | None, pairs, report: LoadReport):
+    spec = source.relabel
+    name = spec.score_name or (dimension.capitalize() if dimension and adapter.name == "helpsteer2" else "Overall")
+    score_range = spec.score_range or adapter.score_range
+    for index, pair in pairs:
+        relabelled, ties = reward_augmented([pair], score_range=score_range, name=name, template=spec.template)
+        report.relabel_dropped_ties += ties
+        for new in relabelled:
+            yield index, new
+
+
+def iter_pairs(source: Any) -> tuple[Iterator[tuple[int, PreferencePair]], LoadReport]:
+    """``(row index, pair)`` lazily (``pyalign data inspect`` stops after the first few), and the
+    report that fills in as the iterator runs."""
+    source = parse_source(source)
+    table = read_rows(source)
+    adapter, dimension = resolve_schema(source, table)
+    if not adapter.has_pairs:
+        raise ValueError(f"{source.label}: schema {adapter.name} holds rating records, not pairs")
+    report = LoadReport(source.label, adapter.name, dimension)
+    pairs = adapter.pairs(_counted(table.rows, report), dimension, _error_handler(source, table, report))
+    if source.relabel is not None:
+        pairs = _relabel(source, adapter, dimension, pairs, report)
+    return pairs, report
+
+
+def pairs_fingerprint(pairs: Iterable[PreferencePair]) -> str:
+    """sha256 of what decides the token ids: each pair's prompt, system, chosen and rejected."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps([prompt_json(pair.prompt), pair.system, pair.chosen, pair.rejected],
+                                 ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return "pairs-sha256:" + digest.hexdigest()
+
+
+def _is_plain_jsonl_of_pairs(source: DataSource, schema: str) -> bool:
+    return (source.path is not None and source.path.lower().endswith(".jsonl") and schema == "pairs"
+            and source.relabel is None and source.limit is None)
+
+
+_MEMO: dict[tuple, LoadedPairs] = {}
+
+
+def _memo_key(source: DataSource) -> tuple:
+    if source.path is None:
+        return (source,)
+    stats = [(str(p), p.stat().st_mtime_ns, p.stat().st_size)
+             for p in ([Path(source.path)] if Path(source.path).is_file() else sorted(Path(source.path).rglob("*")))
+             if p.is_file()]
+    return (source, tuple(stats))
+
+
+def load_source(source: Any) -> LoadedPairs:
+    """All pairs of ``source``, the load report and the fingerprint of the pairs loaded. Memoised
+    per process (a local file is re-read when it changes)."""
+    source = parse_source(source)
+    key = _memo_key(source)
+    if key in _MEMO:
+        return _MEMO[key]
+    from pyalign.data.tokenize import file_fingerprint  # noqa: PLC0415
+
+    iterator, report = iter_pairs(source)
+    pairs = [pair for _, pair in iterator]
+    report.pairs = len(pairs)
+    if report.skipped:
+        shown = "\n  ".join(message for _, _, message in report.skipped[:3])
+        logger.warning("%s: skipped %d bad row(s) of %d; the first:\n  %s", source.label, len(report.skipped),
+                       report.rows, shown)
+    if not pairs:
+        raise ValueError(f"{source.label}: no preference pairs ({report.summary()})")
+    # A plain JSONL file of pairs keeps the fingerprint it always had (its bytes), so caches and
+    # finished rounds made before data sources existed stay valid; any other source is keyed by
+    # the pairs it yielded.
+    fingerprint = file_fingerprint(source.path) if _is_plain_jsonl_of_pairs(source, report.schema) \
+        else pairs_fingerprint(pairs)
+    loaded = LoadedPairs(pairs, report, fingerprint)
+    _MEMO[key] = loaded
+    return loaded
+
+
+def load_pairs(source: Any) -> list[PreferencePair]:
+    """The preference pairs of ``source`` (a path, a mapping or a :class:`DataSource`)."""
+    return load_source(source).pairs
+
+
+def fingerprint(source: Any) -> str:
+    """Key of the data ``source`` yields now (changes when the loaded pairs change)."""
+    return load_source(source).fingerprint
+
+
+def load_ratings(source: Any) -> list[RatingRecord]:
+    """Rating records ``{prompt, response, ratings}`` of ``source`` (helpsteer2 or ratings schema)."""
+    source = parse_source(source)
+    table = read_rows(source)
+    adapter = schema_adapter(source, table)
+    report = LoadReport(source.label, adapter.name, None)
+    records = [r for _, r in adapter.ratings(_counted(table.rows, report), _error_handler(source, table, report))]
+    if report.skipped:
+        logger.warning("%s: skipped %d bad row(s) of %d", source.label, len(report.skipped), report.rows)
+    if not records:
+        raise ValueError(f"{source.label}: no rating records")
+    return records
