@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyalign.demo.markers import generate
+import torch
+
+from pyalign.generation import generate
 from pyalign.io import write_json_atomic
 from pyalign.models import load_model_and_tokenizer
 
@@ -49,13 +51,16 @@ def evaluate_model(model_dir: str | os.PathLike, prompts: Sequence[str], marker_
     """Generate on ``prompts`` with the model in ``model_dir`` and measure marker presence.
     Returns the presence dict plus a few decoded example generations."""
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype)
-    repeated = [prompt for prompt in prompts for _ in range(settings.samples_per_prompt)]
-    generations, first_probs = generate(
-        model, tokenizer, repeated, system=system, max_new_tokens=settings.max_new_tokens,
-        do_sample=settings.do_sample, temperature=settings.temperature, seed=settings.seed,
-        batch_size=settings.batch_size, progress=f"generating ({label})" if label else None,
+    generated = generate(
+        model, tokenizer, prompts, system=system, n=settings.samples_per_prompt,
+        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, temperature=settings.temperature,
+        seed=settings.seed, batch_size=settings.batch_size, progress=f"generating ({label})" if label else None,
         first_token_ids=marker_ids,
     )
+    samples = [sample for row in generated for sample in row]
+    repeated = [prompt for prompt, row in zip(prompts, generated) for _ in row]
+    generations = [sample.token_ids for sample in samples]
+    first_probs = torch.tensor([sample.first_token_probs for sample in samples])
     result = marker_presence(generations, marker_ids)
     # Mean probability of each marker as the response's first token: a continuous view of the
     # same thing (markers are trained at the start of responses).

@@ -27,9 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from pyalign.data import encode_prompt
+from pyalign.generation import GENERATION_VERSION, generate
 from pyalign.io import write_json_atomic, write_jsonl_atomic
 
 MARKERS = ("[Token_1]", "[Token_2]", "[Token_3]", "[Token_4]")
@@ -111,63 +109,6 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _generate_batch(model, tokenizer, prompts: Sequence[str], system: str | None, first_token_ids=None,
-                    **generate_kwargs) -> tuple[list[list[int]], torch.Tensor | None]:
-    """Generate for a batch of prompts (left-padded). Returns the new token ids of each row, cut
-    after the first EOS, and (with ``first_token_ids``) the probability of each of those tokens
-    being the first generated token ``[rows, len(first_token_ids)]``, from the raw logits."""
-    encoded = [encode_prompt(tokenizer, prompt, system) for prompt in prompts]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad,
-            return_dict_in_generate=True, output_logits=first_token_ids is not None, **generate_kwargs
-        )
-    new_tokens = []
-    for row in output.sequences[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[:row.index(tokenizer.eos_token_id)]
-        new_tokens.append(row)
-    first_probs = None
-    if first_token_ids is not None:
-        first_probs = output.logits[0].float().softmax(-1)[:, list(first_token_ids)]
-    return new_tokens, first_probs
-
-
-def generate(model, tokenizer, prompts: Sequence[str], *, system: str | None, max_new_tokens: int,
-             do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             batch_size: int = 32, progress: str | None = None, first_token_ids=None):
-    """New token ids for every prompt (batched, seeded per batch so results do not depend on
-    what ran before; the global RNG state is restored afterwards). With ``first_token_ids``,
-    returns ``(token ids, probabilities [len(prompts), len(first_token_ids)])`` of those tokens
-    being generated first."""
-    from tqdm.auto import tqdm
-
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    results: list[list[int]] = []
-    probabilities = []
-    starts = range(0, len(prompts), batch_size)
-    for batch_index, start in enumerate(tqdm(starts, desc=progress, disable=progress is None, leave=False)):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 100_003 + batch_index)
-            tokens, first_probs = _generate_batch(
-                model, tokenizer, prompts[start:start + batch_size], system, first_token_ids, **kwargs
-            )
-        results += tokens
-        probabilities.append(first_probs)
-    if first_token_ids is None:
-        return results
-    return results, torch.cat(probabilities)
-
-
 def sample_responses(model, tokenizer, prompts: Sequence[str], settings: SamplingSettings, *,
                      model_id: str, cache_dir: str | os.PathLike | None = None) -> list[list[str]]:
     """``settings.num_per_prompt`` responses per prompt sampled from ``model``, as text.
@@ -175,7 +116,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], settings: Samplin
     Cached as JSON in ``cache_dir`` under a key of (model_id, prompts, settings); a cache hit
     skips generation entirely.
     """
-    key_source = json.dumps({"model": model_id, "prompts": list(prompts), "settings": asdict(settings)}, sort_keys=True)
+    key_source = json.dumps({"model": model_id, "prompts": list(prompts), "settings": asdict(settings),
+                             "generation": GENERATION_VERSION}, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()
     cache_file = Path(cache_dir) / f"responses-{key[:24]}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
@@ -183,15 +125,12 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], settings: Samplin
         if cached.get("key") == key:
             return cached["responses"]
 
-    repeated = [prompt for prompt in prompts for _ in range(settings.num_per_prompt)]
-    token_ids = generate(
-        model, tokenizer, repeated, system=settings.system, max_new_tokens=settings.max_new_tokens,
-        do_sample=True, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-        batch_size=settings.batch_size, progress="sampling responses",
+    generated = generate(
+        model, tokenizer, prompts, system=settings.system, n=settings.num_per_prompt,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        seed=settings.seed, batch_size=settings.batch_size, progress="sampling responses",
     )
-    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
-    per = settings.num_per_prompt
-    responses = [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
+    responses = [[sample.text for sample in samples] for samples in generated]
 
     if cache_file is not None:
         write_json_atomic(cache_file, {"key": key, "settings": asdict(settings), "prompts": list(prompts),

@@ -1,0 +1,429 @@
+"""Batched sampling from a chat model: ``generate(model, tokenizer, prompts) -> [prompt][sample]``.
+
+One function serves every caller that needs a policy's responses (the SPO demo, DPA rejection
+sampling, CLAIR revisions, evaluation): prompts go through the tokenizer's chat template
+(:func:`pyalign.data.encode_prompt`, optional system prompt per call or per prompt), rows are
+left-padded into batches and decoded with the model's KV cache (``transformers``' ``generate``),
+each row stops at its first stop token (EOS), and every sample comes back as a :class:`Sample`
+with its text and token ids. docs/generation.md has the examples and the settings.
+
+Reproducibility (what is guaranteed, and tested in tests/test_generation.py):
+
+- Sample ``j`` of a prompt draws its randomness from its own stream, seeded by
+  ``(seed, system, prompt, occurrence, j)`` where ``occurrence`` counts earlier identical
+  ``(system, prompt)`` entries in the list. No other row, batch or process touches that stream,
+  and the global torch RNG is neither used nor changed.
+- Hence, for a fixed model and settings, a sample's token ids do not depend on the batch size,
+  the order of the batches, the order of the prompt list, the other prompts in it, the number of
+  samples ``n`` asked for (sample ``j`` is the same for any ``n > j``), or the number of
+  processes (``torchrun``): they are a function of the row's own key, *given the model's
+  logits*. The one thing not guaranteed bit for bit: the logits themselves may differ in the
+  last float bits between batch compositions (a row's padding width changes the length of the
+  attention reductions, and a GEMM's blocking may depend on the number of rows). A sampled token
+  changes only if its uniform draw falls within that rounding of a boundary of the cumulative
+  distribution (greedy: only on an exact near-tie), which our tests on the tiny model in fp32 on
+  CPU never see; docs/generation.md gives the measured logit differences on SmolLM2.
+
+Sampling one token (``do_sample=True``): ``p = softmax(logits / temperature)``; sort ``p``
+descending (stable); keep the first ``top_k`` tokens (``top_k=0``: all) and, of those, the
+smallest prefix whose mass reaches ``top_p`` (token i is kept when the mass before it is
+``< top_p``); draw ``u ~ U[0, 1)`` from the row's stream and take the first kept token whose
+cumulative kept mass exceeds ``u`` times the kept total (inverse-CDF sampling: one uniform per
+token, so a row's stream advances exactly once per generated token). ``do_sample=False``: argmax.
+
+Under ``torchrun`` (the process group started, e.g. by :func:`pyalign.distributed.init_from_env`)
+each rank generates the prompts of its strided shard (:func:`pyalign.distributed.shard`) and
+:func:`pyalign.distributed.gather_in_order` returns the full, ordered result on every rank.
+
+Backends: ``transformers`` (a ``torch.nn.Module``, peft models included) and vLLM
+(:mod:`pyalign.generation_vllm`, a ``vllm.LLM``, or a model folder when ``vllm`` is importable);
+same arguments, same :class:`Sample` results, and the same per-row seeding idea (each vLLM
+request carries its row's seed), though the two engines' random streams differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pyalign import distributed
+from pyalign.data import encode_prompt, pad_token_id
+from pyalign.io import JsonlAppender, read_jsonl_rows
+
+# Bump when the sampling recipe above changes: it changes which tokens a seed gives, so caches of
+# generated samples must key on it.
+GENERATION_VERSION = 1
+BACKENDS = ("auto", "hf", "vllm")
+FINISH_REASONS = ("eos", "length")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated response. ``token_ids``: the new tokens, cut before the first stop token;
+    ``text``: their decoding without special tokens, stripped; ``finish_reason``: ``"eos"``
+    (a stop token was generated) or ``"length"`` (``max_new_tokens`` reached);
+    ``first_token_probs``: with ``first_token_ids``, the probability of each of those tokens as
+    the first generated token, from the raw logits (no temperature or top-p)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    first_token_probs: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides the samples besides the model and the prompts (validated here, so
+    bad values fail before any model runs). ``fingerprint()`` keys caches of samples."""
+
+    n: int = 1
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        def fail(name, expected, value):
+            raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            fail("n", "an integer >= 1", self.n)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            fail("max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        if not isinstance(self.do_sample, bool):
+            fail("do_sample", "a bool", self.do_sample)
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0 or self.temperature == float("inf"):
+            fail("temperature", "a finite number > 0 (greedy decoding: do_sample=False)", self.temperature)
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            fail("top_p", "a number in (0, 1]", self.top_p)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            fail("top_k", "an integer >= 0 (0: no top-k)", self.top_k)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            fail("seed", "an integer", self.seed)
+        if self.stop_token_ids is not None:
+            ids = tuple(self.stop_token_ids)
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                fail("stop_token_ids", "a non-empty list of token ids", self.stop_token_ids)
+            object.__setattr__(self, "stop_token_ids", ids)
+
+    def fingerprint(self) -> str:
+        payload = {"version": GENERATION_VERSION, **asdict(self)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def row_seed(seed: int, system: str | None, prompt: str, occurrence: int, sample: int) -> int:
+    """The 64-bit seed of one sample's random stream (see the module docstring)."""
+    key = json.dumps([GENERATION_VERSION, seed, system, prompt, occurrence, sample], ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
+                  top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """One token per row of ``logits`` ``[B, V]`` by inverse-CDF sampling with ``uniforms``
+    ``[B]`` in [0, 1) (the recipe of the module docstring). Returns token ids ``[B]``."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if 0 < top_k < keep.shape[-1]:
+        keep[:, top_k:] = False
+    if top_p < 1.0:
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        keep &= mass_before < top_p
+    keep[:, 0] = True  # the most likely token is always a candidate
+    cdf = (sorted_probs * keep).cumsum(-1)
+    target = uniforms.to(device=cdf.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    position = torch.searchsorted(cdf, target, right=True)
+    # u * total can round up to the total: stay on the last kept token.
+    position = torch.minimum(position, keep.sum(-1, keepdim=True) - 1)
+    return order.gather(-1, position).squeeze(-1)
+
+
+def stop_token_ids_of(model, tokenizer, override: Sequence[int] | None = None) -> list[int]:
+    """The stop tokens: ``override``, else the tokenizer's EOS plus the model's generation
+    config EOS ids (chat models often stop on an end-of-turn token too)."""
+    if override is not None:
+        return list(override)
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in [config_eos] if isinstance(config_eos, int) else (config_eos or []):
+        if token not in ids:
+            ids.append(token)
+    if not ids:
+        raise ValueError("stop_token_ids: the tokenizer has no eos_token and the model no eos_token_id; pass them")
+    return ids
+
+
+def _systems(system, count: int) -> list[str | None]:
+    if system is None or isinstance(system, str):
+        return [system] * count
+    systems = list(system)
+    if len(systems) != count:
+        raise ValueError(f"system: expected one system prompt per prompt ({count}), got {len(systems)}")
+    for i, value in enumerate(systems):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"system[{i}]: expected a string or None, got {type(value).__name__}")
+    return systems
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError("prompts: expected a list of strings, got a single string")
+    prompts = list(prompts)
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts[{i}]: expected a string, got {type(prompt).__name__}")
+    return prompts
+
+
+def _is_vllm_engine(model) -> bool:
+    return type(model).__module__.startswith("vllm")
+
+
+def _pick_backend(model, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if _is_vllm_engine(model):
+        if backend == "hf":
+            raise ValueError("backend: 'hf' needs a transformers model, got a vllm engine")
+        return "vllm"
+    if isinstance(model, torch.nn.Module):
+        if backend == "vllm":
+            raise ValueError("backend: 'vllm' needs a vllm.LLM (see pyalign.generation.load_for_generation), "
+                             "got a torch module")
+        return "hf"
+    raise ValueError(f"model: expected a transformers model or a vllm.LLM, got {type(model).__name__} "
+                     "(for a model folder use pyalign.generation.load_for_generation)")
+
+
+def load_for_generation(path: str | os.PathLike, *, backend: str = "auto", dtype: str = "float32", **vllm_kwargs):
+    """``(model, tokenizer)`` for :func:`generate` from a model folder: a ``vllm.LLM`` when
+    ``backend="vllm"``, or ``"auto"`` and ``vllm`` is importable; else the transformers model
+    in eval mode (:func:`pyalign.models.load_model_and_tokenizer`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    from pyalign import generation_vllm  # noqa: PLC0415
+
+    if backend == "vllm" or (backend == "auto" and generation_vllm.available()):
+        return generation_vllm.load(path, dtype=dtype, **vllm_kwargs)
+    from pyalign.models import load_model_and_tokenizer  # noqa: PLC0415
+
+    return load_model_and_tokenizer(path, dtype)
+
+
+class _RowSampler:
+    """A transformers logits processor that picks each row's next token itself (from the row's
+    own random stream) and returns scores whose argmax is that token; run with
+    ``do_sample=False`` so transformers takes the argmax. Also reads the first step's raw
+    logits for ``first_token_ids``."""
+
+    def __init__(self, seeds: Sequence[int], settings: GenerationSettings, first_token_ids):
+        self.streams = [random.Random(s) for s in seeds]
+        self.settings = settings
+        self.first_token_ids = None if first_token_ids is None else list(first_token_ids)
+        self.first_probs: list[list[float]] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first_token_ids is not None and self.first_probs is None:
+            self.first_probs = scores.float().softmax(-1)[:, self.first_token_ids].tolist()
+        s = self.settings
+        if s.do_sample:
+            uniforms = torch.tensor([stream.random() for stream in self.streams], dtype=torch.float64)
+            tokens = sample_tokens(scores, uniforms, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        else:
+            tokens = scores.argmax(-1)
+        chosen = torch.full_like(scores, float("-inf"))
+        chosen.scatter_(1, tokens[:, None], 0.0)
+        return chosen
+
+
+def _cut(token_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[int], str]:
+    for position, token in enumerate(token_ids):
+        if token in stop_ids:
+            return list(token_ids[:position]), "eos"
+    return list(token_ids), "length"
+
+
+def _generate_rows_hf(model, tokenizer, rows, settings: GenerationSettings, stop_ids: list[int],
+                      batch_size: int, first_token_ids, bar) -> list[tuple[list[int], str, list[float] | None]]:
+    """``rows``: ``[(prompt_ids, seed)]``. Returns ``(token_ids, finish_reason, first_probs)``
+    per row, in order. Rows are batched longest prompt first (least padding; an out-of-memory
+    error shows in the first batch)."""
+    from transformers import GenerationConfig  # noqa: PLC0415
+
+    pad = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    # A fresh config: what the caller asked for, not sampling defaults from the model's
+    # generation_config.json (those would run before our sampler as logits processors).
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop_ids,
+        pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+        renormalize_logits=False, return_dict_in_generate=False,
+    )
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
+    results: list = [None] * len(rows)
+    stop_set = set(stop_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(rows[i][0]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids = rows[i][0]
+                input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[r, width - len(ids):] = 1
+            sampler = _RowSampler([rows[i][1] for i in batch], settings, first_token_ids)
+            with torch.no_grad():
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    generation_config=config, logits_processor=[sampler],
+                )
+            for r, i in enumerate(batch):
+                tokens, reason = _cut(output[r, width:].tolist(), stop_set)
+                probs = None if sampler.first_probs is None else sampler.first_probs[r]
+                results[i] = (tokens, reason, probs)
+            bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def occurrence_numbers(prompts: Sequence[str], systems: Sequence[str | None]) -> list[int]:
+    """For each position, how many identical ``(system, prompt)`` entries come before it."""
+    seen: dict[tuple, int] = {}
+    numbers = []
+    for key in zip(systems, prompts):
+        numbers.append(seen.get(key, 0))
+        seen[key] = numbers[-1] + 1
+    return numbers
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, system: str | None | Sequence[str | None] = None,
+             n: int = 1, max_new_tokens: int = 128, do_sample: bool = True, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 16,
+             stop_token_ids: Sequence[int] | None = None, first_token_ids: Sequence[int] | None = None,
+             progress: str | None = "generating", backend: str = "auto") -> list[list[Sample]]:
+    """``n`` samples for every prompt: ``result[i][j]`` is sample ``j`` of ``prompts[i]``.
+
+    ``system``: one system prompt for all (None: none), or one per prompt. ``batch_size``: rows
+    (prompt x sample) per forward batch. ``first_token_ids``: also report each sample's
+    probability of starting with each of these tokens (transformers backend only).
+    ``progress``: tqdm label (None: no bar; only rank 0 shows one). ``backend``: ``"auto"``
+    (by the type of ``model``), ``"hf"`` or ``"vllm"``. Reproducibility: module docstring.
+    """
+    settings = GenerationSettings(n=n, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, seed=seed,
+                                  stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids))
+    prompts = _check_prompts(prompts)
+    systems = _systems(system, len(prompts))
+    return _generate(model, tokenizer, prompts, systems, occurrence_numbers(prompts, systems), settings,
+                     batch_size=batch_size, first_token_ids=first_token_ids, progress=progress, backend=backend)
+
+
+def _generate(model, tokenizer, prompts, systems, occurrences, settings: GenerationSettings, *, batch_size,
+              first_token_ids, progress, backend) -> list[list[Sample]]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    chosen = _pick_backend(model, backend)
+    if first_token_ids is not None:
+        if chosen == "vllm":
+            raise ValueError("first_token_ids: not supported by the vLLM backend; use a transformers model")
+        first_token_ids = [int(t) for t in first_token_ids]
+        if not first_token_ids:
+            raise ValueError("first_token_ids: expected a non-empty list of token ids")
+
+    mine = distributed.shard_indices(len(prompts))
+    stop_ids = stop_token_ids_of(model, tokenizer, settings.stop_token_ids) if chosen == "hf" else None
+    rows = []
+    for i in mine:
+        prompt_ids = encode_prompt(tokenizer, prompts[i], systems[i])
+        for j in range(settings.n):
+            rows.append((prompt_ids, row_seed(settings.seed, systems[i], prompts[i], occurrences[i], j)))
+
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    with tqdm(total=len(rows), desc=progress, unit="sample", leave=False,
+              disable=progress is None or not distributed.is_main()) as bar:
+        if chosen == "hf":
+            generated = _generate_rows_hf(model, tokenizer, rows, settings, stop_ids, batch_size, first_token_ids, bar)
+        else:
+            from pyalign import generation_vllm  # noqa: PLC0415
+
+            generated = generation_vllm.generate_rows(model, tokenizer, rows, settings, bar)
+
+    local = []
+    for k in range(len(mine)):
+        samples = []
+        for tokens, reason, probs in generated[k * settings.n:(k + 1) * settings.n]:
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            samples.append(Sample(text, tokens, reason, probs))
+        local.append(samples)
+    return distributed.gather_in_order(local)
+
+
+def generate_jsonl(path: str | os.PathLike, model, tokenizer, prompts: Sequence[str], *,
+                   system: str | None | Sequence[str | None] = None, n: int = 1, max_new_tokens: int = 128,
+                   do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                   seed: int = 0, batch_size: int = 16, stop_token_ids: Sequence[int] | None = None,
+                   first_token_ids: Sequence[int] | None = None, progress: str | None = "generating",
+                   backend: str = "auto", chunk_size: int = 64) -> list[list[Sample]]:
+    """:func:`generate` written row by row to ``path`` (JSONL, one row per prompt:
+    ``{"index", "prompt", "system", "settings", "samples": [Sample fields]}``), resumable: a
+    rerun after a kill keeps the complete rows already there and generates the rest, chunk of
+    ``chunk_size`` prompts by chunk. Rows are checked against the call (same prompt, system and
+    settings fingerprint) so a file made with other settings is refused, not reused. Since every
+    sample has its own seed, the resumed file equals an uninterrupted run's. Only rank 0 writes;
+    every rank returns the full result."""
+    settings = GenerationSettings(n=n, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, seed=seed,
+                                  stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+    prompts = _check_prompts(prompts)
+    systems = _systems(system, len(prompts))
+    occurrences = occurrence_numbers(prompts, systems)
+    fingerprint = settings.fingerprint()
+    if first_token_ids is not None:
+        fingerprint += ":first_token_ids=" + ",".join(str(int(t)) for t in first_token_ids)
+
+    path = Path(path)
+    done = read_jsonl_rows(path)
+    if len(done) > len(prompts):
+        raise ValueError(f"{path}: has {len(done)} rows but {len(prompts)} prompts were given; "
+                         "it belongs to another call (delete it or write elsewhere)")
+    for position, row in enumerate(done):
+        if (row.get("index") != position or row.get("prompt") != prompts[position]
+                or row.get("system") != systems[position] or row.get("settings") != fingerprint):
+            raise ValueError(f"{path}: row {position} was generated for another prompt, system prompt or "
+                             "settings (a stale file: delete it or write elsewhere)")
+    results = [[Sample(**s) for s in row["samples"]] for row in done]
+    distributed.barrier()  # every rank has read the file before rank 0 appends to it
+
+    with JsonlAppender(path) if distributed.is_main() else contextlib.nullcontext() as out:
+        for start in range(len(done), len(prompts), chunk_size):
+            stop = min(start + chunk_size, len(prompts))
+            chunk = _generate(model, tokenizer, prompts[start:stop], systems[start:stop], occurrences[start:stop],
+                              settings, batch_size=batch_size, first_token_ids=first_token_ids,
+                              progress=None if progress is None else f"{progress} {start}/{len(prompts)}",
+                              backend=backend)
+            if out is not None:
+                for offset, samples in enumerate(chunk):
+                    out.write({"index": start + offset, "prompt": prompts[start + offset],
+                               "system": systems[start + offset], "settings": fingerprint,
+                               "samples": [asdict(s) for s in samples]})
+            results += chunk
+    distributed.barrier()
+    return results
