@@ -152,7 +152,7 @@ def evaluation_directions(count: int = 10, *, angle_range: Sequence[float] = DEF
 
 def prompt_weights(v: Sequence[float], num_objectives: int | None = None) -> list[int]:
     """The integer weights written into the prompt: ``round(100 * v_i)`` of the unit vector."""
-    return [int(round(100 * x)) for x in unit_direction(v, num_objectives)]
+    return [round(100 * x) for x in unit_direction(v, num_objectives)]
 
 
 def direction_system_prompt(v: Sequence[float], objectives: Sequence[str], *, prefix: str = "") -> str:
