@@ -1,0 +1,219 @@
+"""pyalign's per-token log-probs behind TRL's fused-lm_head forward (docs/integrations.md).
+
+TRL 1.16's DPOTrainer calls ``add_fused_lm_head(model, outputs=...)`` on the policy (and on the
+reference model); that replaces ``model.forward`` so that ``model(..., labels=labels,
+fused_lm_head=True)`` returns a :class:`trl.trainer.utils.FusedCausalLMOutput`: per-token
+``log_probs [B, T-1]`` of ``labels[:, 1:]`` (0 where the label is -100) plus, on request,
+``entropy``, ``mean_logits`` and ``is_top1`` for TRL's metrics. Every log-prob TRL's DPOTrainer
+reads (policy, reference, precomputed reference) comes from that call.
+
+:func:`add_fused_lm_head` here installs TRL's forward first, then wraps it: a ``fused_lm_head=True``
+call is answered by pyalign and returns the same ``FusedCausalLMOutput``:
+
+- **fused lm_head** (:func:`pyalign.linear_token_logprobs`) when
+  :func:`pyalign.integrations.hf.fused_head_or_reason` says the model's logits are exactly
+  ``lm_head(last hidden state)``: only completion tokens are projected; the statistics
+  (``return_stats=True``) come from the same chunks of logits, without gradient;
+- else the **fused op on the model's own logits** (:func:`pyalign.token_logprobs`): the model
+  computes its logits (soft-capping and scaling included) and the statistics are computed from
+  them without gradient;
+- **handed back to TRL's own forward**, with the reason logged once, for what pyalign does not
+  compute: router logits (MoE auxiliary loss),
+  pre-shifted ``shift_labels`` (context parallelism), ``temperature != 1``, and an lm_head sharded
+  by FSDP or DeepSpeed ZeRO-3. ``strict=True`` raises ValueError instead.
+
+``entropy`` is returned without gradient (TRL's DPOTrainer only logs it), like the other statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pyalign.data import IGNORE_INDEX
+from pyalign.integrations import hf
+from pyalign.ops.token_logprobs import token_logprobs
+from pyalign.reference import reference_token_stats
+
+logger = logging.getLogger(__name__)
+
+# Per-token fields of FusedCausalLMOutput besides log_probs; pyalign computes all of them.
+STAT_FIELDS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+ROUTES = ("fused lm_head", "logits", "trl")
+
+
+@dataclass
+class HeadSettings:
+    """Shared by every forward one trainer installs (policy, reference)."""
+
+    fused: bool | str = "auto"   # as in pyalign.integrations.hf: "auto", True, False
+    strict: bool = False         # raise instead of handing a forward back to TRL
+    trainer: weakref.ref | None = None
+    recording: list | None = None  # fused outputs of the current loss computation, in call order
+    routes: list = field(default_factory=list)  # (model name, route, reason) of every fused call, last 64
+    _logged: set = field(default_factory=set)
+
+    def note(self, model, route: str, reason: str = "") -> None:
+        self.routes.append((type(model).__name__, route, reason))
+        del self.routes[:-64]
+        if reason and (route, reason) not in self._logged:
+            self._logged.add((route, reason))
+            what = "TRL's own fused lm_head" if route == "trl" else "the model's full logits"
+            logger.warning("pyalign.integrations.trl: using %s for %s: %s", what, type(model).__name__, reason)
+
+
+def _trainer_reason(settings: HeadSettings) -> str:
+    trainer = settings.trainer() if settings.trainer is not None else None
+    if trainer is not None and getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP shards the lm_head; pyalign's fused head reads lm_head.weight whole"
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # noqa: PLC0415
+    except ImportError:
+        return ""
+    if is_deepspeed_zero3_enabled():
+        return "DeepSpeed ZeRO-3 partitions the lm_head; pyalign's fused head reads lm_head.weight whole"
+    return ""
+
+
+def handback_reason(settings: HeadSettings, model, *, temperature: float, outputs: tuple[str, ...],
+                    shift_labels, model_kwargs: dict) -> str:
+    """Why this fused call must go to TRL's own forward ("" when pyalign can answer it)."""
+    if temperature != 1.0:
+        return f"temperature={temperature} (pyalign scores the untempered distribution)"
+    if shift_labels is not None:
+        return "pre-shifted shift_labels (context/sequence parallelism)"
+    if model_kwargs.get("output_router_logits"):
+        return "router logits were requested (MoE auxiliary loss)"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and type(weight).__name__ == "DTensor":
+        return "the lm_head weight is a DTensor (FSDP2/tensor parallel sharding)"
+    return _trainer_reason(settings)
+
+
+# --------------------------------------------------------------------------- the two pyalign routes
+
+
+@torch.no_grad()
+def logits_token_stats(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
+                       chunk_bytes: int = 64 << 20) -> dict[str, Tensor]:
+    """The statistics of ``return_stats=True`` (:func:`pyalign.reference.reference_token_stats`)
+    from materialised ``logits [..., V]``, without gradient, over the scored positions only and in
+    chunks of rows (at most ``chunk_bytes`` of float64 logits each), so that no second full-size
+    tensor exists; float32 / bool, 0 / False where the label is ignored."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    keep = (flat_labels != ignore_index).nonzero().squeeze(1)
+    out = {name: torch.zeros(flat_labels.shape, dtype=torch.float32, device=logits.device)
+           for name in STAT_FIELDS if name != "is_top1"}
+    out["is_top1"] = torch.zeros(flat_labels.shape, dtype=torch.bool, device=logits.device)
+    rows_per_chunk = max(1, chunk_bytes // (8 * max(1, logits.shape[-1])))
+    for start in range(0, keep.numel(), rows_per_chunk):
+        rows = keep[start:start + rows_per_chunk]
+        stats = reference_token_stats(flat.index_select(0, rows), flat_labels.index_select(0, rows), ignore_index)
+        for name, value in out.items():
+            value[rows] = stats[name].to(value.dtype)
+    return {name: value.view(labels.shape) for name, value in out.items()}
+
+
+def _fused_lm_head_logprobs(head: hf.FusedHead, args, kwargs, labels: Tensor, want_stats: bool,
+                            cast_lm_head_to_fp32: bool):
+    """Per-token log-probs [B, T-1] (and statistics) from the decoder's hidden states and lm_head."""
+    from pyalign.ops.linear_token_logprobs import linear_token_logprobs  # noqa: PLC0415
+
+    outputs = head.decoder(*args, **kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    hidden = hidden.to(head.weight.device)
+    # Aligned with every hidden state (the last position is simply not scored): no shifted copy.
+    targets = hf.shift_labels(labels.to(head.weight.device), IGNORE_INDEX)
+    if cast_lm_head_to_fp32:
+        weight = head.weight.float()
+        bias = None if head.bias is None else head.bias.float()
+        hidden = hidden.float()
+    else:
+        hidden, weight, bias = hf._compute_operands(hidden, head)
+    if want_stats:
+        logp, stats = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX,
+                                            return_stats=True)
+        stats = {name: stats[name][:, :-1] for name in STAT_FIELDS}
+    else:
+        logp = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX)
+        stats = {}
+    return logp[:, :-1], stats
+
+
+def _logits_logprobs(trl_forward, args, kwargs, labels: Tensor, want_stats: bool):
+    """Per-token log-probs [B, T-1] (and statistics) from the model's own logits."""
+    logits = trl_forward(*args, **kwargs).logits[:, :-1]
+    targets = labels[:, 1:].to(logits.device)
+    logp = token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)
+    return logp, (logits_token_stats(logits, targets) if want_stats else {})
+
+
+# --------------------------------------------------------------------------- installation
+
+
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",), *, trl_add_fused_lm_head,
+                      settings: HeadSettings) -> None:
+    """TRL's ``add_fused_lm_head`` (same arguments), answered by pyalign where it can be.
+
+    TRL's forward is installed first and kept: it serves the non-fused calls (generation, plain
+    logits) and every fused call handed back to TRL.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput  # noqa: PLC0415
+
+    trl_add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                          outputs=outputs)
+    trl_forward = model.forward
+    want_stats = any(name in outputs for name in STAT_FIELDS)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        if not fused_lm_head:
+            return trl_forward(*args, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        reason = handback_reason(settings, self, temperature=temperature, outputs=outputs,
+                                 shift_labels=shift_labels, model_kwargs=kwargs)
+        if reason:
+            if settings.strict:
+                raise ValueError(f"strict: pyalign cannot compute this forward's log-probs: {reason}")
+            settings.note(self, "trl", reason)
+            result = trl_forward(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels,
+                                 num_items_in_batch=num_items_in_batch, **kwargs)
+            if settings.recording is not None:
+                settings.recording.append(result)
+            return result
+        if labels is None:
+            raise ValueError("labels: a fused_lm_head=True call needs labels ([B, T], -100 where not scored)")
+        if settings.fused is False:
+            head, head_reason = None, "fused=False"
+        else:
+            head, head_reason = hf.fused_head_or_reason(self)
+            if head is None and settings.fused is True:
+                raise ValueError(f"fused: the fused lm_head path cannot run this model: {head_reason}")
+        kwargs["use_cache"] = False
+        if head is not None:
+            settings.note(self, "fused lm_head")
+            log_probs, stats = _fused_lm_head_logprobs(head, args, kwargs, labels, want_stats, cast_lm_head_to_fp32)
+        else:
+            settings.note(self, "logits", head_reason if settings.fused == "auto" else "")
+            log_probs, stats = _logits_logprobs(trl_forward, args, kwargs, labels, want_stats)
+        mask = labels[:, 1:].to(log_probs.device) != IGNORE_INDEX
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        requested = {name: stats[name] for name in STAT_FIELDS if name in outputs}
+        result = FusedCausalLMOutput(loss=-log_probs.sum() / denominator, log_probs=log_probs,
+                                     label_mask=mask, **requested)
+        if settings.recording is not None:
+            settings.recording.append(result)
+        return result
+
+    model.forward = types.MethodType(forward, model)
+    model._pyalign_fused_head = settings
