@@ -21,6 +21,7 @@ import contextlib
 import gc
 import os
 import re
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -149,19 +150,35 @@ def time_calls(
     return summarize(times)
 
 
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (first touches of freshly mapped memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_interleaved(
     entries: Sequence[tuple[Callable[[], object], Callable[[], None]]],
     device: torch.device,
     repeats: int,
 ) -> list[dict]:
     """Time several already warmed-up ``(run_once, before_each)`` in rounds: one call of each per
-    round, so that a load that drifts over time (a shared machine) hits every method alike."""
+    round, so that a load that drifts over time (a shared machine) hits every method alike.
+
+    On the CPU each row also gets ``minor_faults_per_call`` (median over the timed calls): a method
+    that returns a freshly allocated gradient pays one fault per 4 KiB page of it on every call
+    when the allocator hands the memory back to the kernel on free (glibc does, above 32 MiB)."""
     times: list[list[float]] = [[] for _ in entries]
+    faults: list[list[int]] = [[] for _ in entries]
     for _ in range(repeats):
         for slot, (run_once, before_each) in enumerate(entries):
             before_each()
+            before = minor_page_faults()
             times[slot].append(_timed_call(run_once, device))
-    return [summarize(t) for t in times]
+            faults[slot].append(minor_page_faults() - before)
+    results = [summarize(t) for t in times]
+    if device.type == "cpu":
+        for result, counts in zip(results, faults):
+            result["minor_faults_per_call"] = int(statistics.median(counts))
+    return results
 
 
 # --------------------------------------------------------------------------- memory

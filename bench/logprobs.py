@@ -174,6 +174,70 @@ def prepare_method(case: LogitsCase, reference: Reference, method: Method, args)
     return runner.guarded_prepare(method, case.device, method.extra_bytes(case.logits) + margin, check)
 
 
+def kernel_backends(device: torch.device) -> list[str]:
+    """pyalign's compiled backends on this device (the float64 reference is no contender)."""
+    try:
+        import pyalign  # noqa: PLC0415
+    except ImportError:
+        return []
+    wanted = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    return [name for name in pyalign.available_backends(device) if name in wanted]
+
+
+def time_kernels(case: LogitsCase, floor_ms: float, copy_bytes_per_s: float, args) -> list[dict]:
+    """The backend kernels alone, without autograd, the loss or any allocation the size of the
+    logits: forward (``logp, lse``), backward into a gradient buffer allocated once (one read +
+    one write), and backward in place. ``x_floor`` = (forward + backward) / the 3-pass floor: the
+    number that says whether a kernel runs at memory speed, apart from what surrounds it (issue 12:
+    the CPU kernel within 2x). Bytes moved count what the kernels touch: ignored rows are not read."""
+    from pyalign.ops.backends import get_backend  # noqa: PLC0415
+
+    rows = []
+    x3, labels2 = case.logits.detach(), case.labels
+    kept_rows = int(case.mask.sum())
+    row_bytes = case.logits_bytes // (case.shape[0] * case.shape[1])
+    for name in kernel_backends(case.device):
+        backend = get_backend(name)
+        row = {"backend": name}
+        try:
+            logp, lse = backend.forward(x3, labels2, IGNORE_INDEX)
+            grad2 = torch.ones_like(lse)
+            out = torch.empty_like(x3)
+            forward = common.time_calls(lambda: backend.forward(x3, labels2, IGNORE_INDEX), lambda: None,
+                                        case.device, args.warmup + 1, args.repeats)
+            backward = common.time_calls(
+                lambda: backend.backward(x3, labels2, lse, grad2, IGNORE_INDEX, out), lambda: None,
+                case.device, args.warmup + 1, args.repeats)
+            del out
+
+            def in_place():
+                backend.backward(x3, labels2, lse, grad2, IGNORE_INDEX, x3)
+                case.dirty = True
+
+            backward_in_place = common.time_calls(in_place, case.restore, case.device, args.warmup + 1,
+                                                  args.repeats)
+            case.restore()
+        except Exception as err:  # noqa: BLE001 - one failing kernel must not lose the others
+            row["skipped"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            rows.append(row)
+            continue
+        fwd_bytes = kept_rows * row_bytes
+        bwd_bytes = fwd_bytes + case.logits_bytes
+        row.update({
+            "forward_ms": forward["median_ms"], "forward_iqr_ms": forward["iqr_ms"],
+            "backward_ms": backward["median_ms"], "backward_iqr_ms": backward["iqr_ms"],
+            "backward_inplace_ms": backward_in_place["median_ms"],
+            "forward_gb_per_s": fwd_bytes / forward["median_ms"] / 1e6,
+            "backward_gb_per_s": bwd_bytes / backward["median_ms"] / 1e6,
+            "copy_gb_per_s": copy_bytes_per_s / 1e9,
+        })
+        row["total_ms"] = row["forward_ms"] + row["backward_ms"]
+        row["x_floor"] = row["total_ms"] / floor_ms
+        row["x_floor_inplace"] = (row["forward_ms"] + row["backward_inplace_ms"]) / floor_ms
+        rows.append(row)
+    return rows
+
+
 def measure_ceilings(args, device, dtypes) -> dict:
     return {"copy": common.copy_bandwidth(device, args.copy_mib * common.MIB)}
 
@@ -187,6 +251,10 @@ def run_case(shape, dtype, device, methods_filter, args, ceilings) -> dict:
     floor_bytes = 3 * case.logits_bytes
     floor_ms = floor_bytes / ceilings["copy"]["bytes_per_s"] * 1e3
     label = f"{'x'.join(map(str, shape))} {common.dtype_name(dtype)}"
+    kernels = time_kernels(case, floor_ms, ceilings["copy"]["bytes_per_s"], args) if args.kernels else []
+    if kernels:
+        print(f"\n## {label}: kernels alone, floor {floor_ms:.3f} ms")
+        print(report.markdown_table(kernels, KERNEL_COLUMNS), flush=True)
     rows = runner.check_and_time_methods(
         logits_methods(device, methods_filter),
         lambda method: prepare_method(case, reference, method, args), device, args.repeats, label)
@@ -203,7 +271,7 @@ def run_case(shape, dtype, device, methods_filter, args, ceilings) -> dict:
     common.release_memory(device)
     return {"label": label, "shape": list(shape), "dtype": common.dtype_name(dtype),
             "logits_bytes": floor_bytes // 3, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
-            "reference_loss": ref_loss, "methods": rows}
+            "reference_loss": ref_loss, "kernels": kernels, "methods": rows}
 
 
 COLUMNS = [
@@ -214,6 +282,13 @@ COLUMNS = [
     ("|loss err|", "loss_abs_err", ".1e"), ("grad max err", "grad_max_abs_err", ".1e"),
     ("grad rel err", "grad_rel_err", ".1e"), ("skipped / note", "status", ""),
 ]
+KERNEL_COLUMNS = [
+    ("kernel", "backend", ""), ("forward ms", "forward_ms", ".3f"), ("backward ms", "backward_ms", ".3f"),
+    ("fwd + bwd ms", "total_ms", ".3f"), ("x floor", "x_floor", ".2f"),
+    ("backward in place ms", "backward_inplace_ms", ".3f"), ("x floor (in place)", "x_floor_inplace", ".2f"),
+    ("forward GB/s", "forward_gb_per_s", ".1f"), ("backward GB/s", "backward_gb_per_s", ".1f"),
+    ("skipped", "skipped", ""),
+]
 
 
 def render_markdown(payload: dict) -> str:
@@ -221,6 +296,7 @@ def render_markdown(payload: dict) -> str:
     columns = list(COLUMNS)
     if env["device_type"] == "cpu":
         columns.insert(8, ("RSS peak GiB", "rss_peak_extra_gib", ".3f"))
+        columns.insert(3, ("page faults / call", "minor_faults_per_call", ""))
     lines = [
         f"# DPO loss from logits, forward + backward: {env['device']}", "",
         f"`{env['command']}`  ",
@@ -237,6 +313,10 @@ def render_markdown(payload: dict) -> str:
                 row["rss_peak_extra_gib"] = row["rss_peak_extra_bytes"] / common.GIB
         lines += [f"## {case['label']} (logits {case['logits_bytes'] / common.GIB:.3f} GiB, "
                   f"floor {case['floor_ms']:.3f} ms)", "", report.markdown_table(rows, columns), ""]
+        if case.get("kernels"):
+            lines += ["Kernels alone (no autograd, no loss, gradient buffer allocated once; bytes moved: "
+                      "kept rows read forward, kept rows read + all rows written backward):", "",
+                      report.markdown_table(case["kernels"], KERNEL_COLUMNS), ""]
     return "\n".join(lines)
 
 
@@ -253,6 +333,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     parser.add_argument("--copy-mib", type=int, help="buffer size of the copy-bandwidth measurement")
+    parser.add_argument("--no-kernels", dest="kernels", action="store_false",
+                        help="skip timing the backend kernels alone (forward, backward, in place)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     return runner.finish_args(parser, argv, DEFAULTS)
 

@@ -92,9 +92,16 @@ def versions_line(env: dict, *packages: str) -> str:
     parts += [f"{name.replace('_', '-')} {env.get(name)}" for name in packages]
     if env.get("device_type") == "cpu":
         parts.append(f"CPU {env.get('cpu_isa')}, pyalign kernel {env.get('pyalign_cpu_kernel')}, "
-                     f"{env.get('torch_threads')} threads")
+                     f"{env.get('torch_threads')} threads, load average {_load(env)}")
+    if env.get("env"):
+        parts.append(" ".join(f"{k}={v}" for k, v in env["env"].items()))
     dirty = " (dirty)" if env["git_dirty"] else ""
     return f"{env['timestamp_utc']}; {', '.join(parts)}; commit {env['git_commit']}{dirty}  "
+
+
+def _load(env: dict) -> str:
+    load = env.get("load_average")
+    return "-" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
 def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict:
@@ -116,6 +123,11 @@ def environment(device: torch.device, module: str, argv: Sequence[str]) -> dict:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
     }
+    # Settings that change CPU timings: threads, the kernel variant, and how big tensors get memory
+    # (THP_MEM_ALLOC_ENABLE=1: torch backs tensors >= 2 MiB with 2 MiB pages; see bench/NOTES.md).
+    info["env"] = {name: os.environ.get(name) for name in (
+        "OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES",
+        "PYALIGN_BACKEND", "TRITON_INTERPRET") if os.environ.get(name) is not None}
     if device.type == "cpu":
         info.update(cpu_vector_info())
     if device.type == "cuda":

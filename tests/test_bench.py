@@ -2,6 +2,7 @@
 correctness checks and memory tracker can tell right from wrong."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -52,6 +53,27 @@ def test_logprobs_bench_writes_checked_numbers(tmp_path):
         assert rows["pyalign[cpu]+inplace"]["grad_bytes"] == 0
         assert rows["pyalign[cpu]"]["grad_bytes"] == 2 * 16 * 100 * 4
     assert rows["eager_fp32"]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert all(row["minor_faults_per_call"] >= 0 for row in rows.values())
+    if "pyalign[cpu]" in rows:  # the kernels alone, against the same floor
+        (kernel,) = case["kernels"]
+        assert kernel["backend"] == "cpu" and "skipped" not in kernel, kernel
+        assert kernel["total_ms"] == pytest.approx(kernel["forward_ms"] + kernel["backward_ms"])
+        assert kernel["x_floor"] == pytest.approx(kernel["total_ms"] / case["floor_ms"])
+
+
+def test_page_faults_per_call_see_fresh_memory():
+    """A call that writes a fresh 64 MiB tensor faults once per 4 KiB page (glibc maps blocks
+    this big anew and unmaps them on free); one that rewrites a kept buffer does not."""
+    if os.environ.get("THP_MEM_ALLOC_ENABLE"):
+        pytest.skip("THP_MEM_ALLOC_ENABLE is set: torch backs big tensors with 2 MiB pages here")
+    kept = torch.empty(16 << 20)
+    kept.fill_(0.0)
+    fresh, reused = common.time_interleaved(
+        [(lambda: torch.empty(16 << 20).fill_(1.0), lambda: None), (lambda: kept.fill_(1.0), lambda: None)],
+        torch.device("cpu"), repeats=3)
+    pages = (64 << 20) // 4096
+    assert fresh["minor_faults_per_call"] >= 0.9 * pages
+    assert reused["minor_faults_per_call"] < 0.01 * pages
 
 
 def test_linear_bench_writes_checked_numbers(tmp_path):
