@@ -1,11 +1,13 @@
 """Command line: ``pyalign train``, ``pyalign eval``, ``pyalign config``.
 
-    pyalign train CONFIG.yaml [--recompute-stale-cache] [--device cpu]
+    pyalign train CONFIG.yaml [--recompute-stale-cache] [--device cpu]   # any task: preference, sft, ...
     pyalign eval CONFIG.yaml [--split eval|train] [--json OUT.json]
     pyalign eval MODEL_DIR --data pairs.jsonl [--ref REF_DIR] [--beta 0.1] [--json OUT.json]
-    pyalign config [CONFIG.yaml]      # the field reference, or check a config and print it resolved
+    pyalign config [CONFIG.yaml] [--task NAME]   # the field reference, or check a config and print it resolved
+    torchrun --nproc_per_node 2 -m pyalign train CONFIG.yaml                # several processes
 
 Also ``python -m pyalign ...``. Exit status 2 on a bad config or arguments, 1 on other errors.
+A subcommand is a parser-building function and a handler in :data:`COMMANDS`; add one there.
 """
 
 from __future__ import annotations
@@ -13,21 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyalign", description="Preference alignment: DPO, APO, SPO training.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="train every round of a config (resumes an interrupted run)")
-    train.add_argument("config", help="YAML config (see `pyalign config` and docs/training.md)")
+def _add_train(commands) -> None:
+    train = commands.add_parser("train", help="train the config's task (resumes an interrupted run)")
+    train.add_argument("config", help="YAML config; its `task:` (default preference) says what it trains "
+                                      "(see `pyalign config` and docs/training.md)")
     train.add_argument("--recompute-stale-cache", action="store_true",
                        help="recompute cached frozen log-probs whose key no longer matches, instead of refusing")
     train.add_argument("--device", help="override training.device (auto, cpu, cuda, cuda:N)")
     train.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a run (CONFIG.yaml) or a model folder on pairs")
     evaluate.add_argument("target", help="a training config, or a model folder")
     evaluate.add_argument("--data", nargs="+", help="JSONL pair files (model folder target)")
@@ -40,27 +43,36 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
 
+
+def _add_config(commands) -> None:
     config = commands.add_parser("config", help="print the config reference, or check and print a config")
     config.add_argument("config", nargs="?", help="YAML config to check")
-    return parser
+    config.add_argument("--task", help="only this task's fields (default: every task's)")
 
 
 def _train(args) -> int:
-    from pyalign.train.config import load_config  # noqa: PLC0415
-    from pyalign.train.sequential import run_sequential  # noqa: PLC0415
+    from pyalign import distributed  # noqa: PLC0415
+    from pyalign.train.config import ConfigError, device_name, load_config  # noqa: PLC0415
+    from pyalign.train.tasks import task_of  # noqa: PLC0415
 
     config = load_config(args.config)
+    task = task_of(config)
+    training = getattr(config, "training", None)
     if args.device:
-        from pyalign.train.config import device_name  # noqa: PLC0415
-
-        config.training.device = device_name("--device", args.device)
-    if args.no_progress:
-        config.training.progress_bar = False
-    result = run_sequential(config, recompute_stale_cache=args.recompute_stale_cache or None)
-    for n, (directory, metrics) in enumerate(zip(result.round_dirs, result.metrics), start=1):
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.get("eval", {}).items())
-        print(f"round {n}: {directory}" + (f"  eval: {shown}" if shown else ""))
-    print(f"final model: {result.final_model_dir}")
+        if training is None:
+            raise ConfigError(f"--device: task {task.name} has no training section")
+        training.device = device_name("--device", args.device)
+    if args.no_progress and training is not None:
+        training.progress_bar = False
+    if args.recompute_stale_cache:
+        if not hasattr(config, "recompute_stale_cache"):
+            raise ConfigError(f"--recompute-stale-cache: task {task.name} has no frozen log-prob cache")
+        config.recompute_stale_cache = True
+    result = task.run(config)
+    if distributed.is_main():
+        for line in task.summary(result) if task.summary else [str(result)]:
+            print(line)
+    distributed.shutdown()
     return 0
 
 
@@ -92,23 +104,41 @@ def _eval(args) -> int:
 
 
 def _config(args) -> int:
-    from pyalign.train.config import describe_fields, load_config  # noqa: PLC0415
+    from pyalign.train.config import config_to_dict, describe_fields, load_config  # noqa: PLC0415
 
     if args.config is None:
-        print(describe_fields())
+        print(describe_fields(args.task))
     else:
-        print(json.dumps(load_config(args.config).to_dict(), indent=2))
+        print(json.dumps(config_to_dict(load_config(args.config, task=args.task)), indent=2))
     return 0
+
+
+# name -> (adds its parser to the subparsers, handles the parsed arguments and returns the exit status)
+COMMANDS = {
+    "train": (_add_train, _train),
+    "eval": (_add_eval, _eval),
+    "config": (_add_config, _config),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyalign", description="Preference alignment: DPO, APO, SPO, SFT training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_parser, _ in COMMANDS.values():
+        add_parser(commands)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # one process's console output in a multi-process run: the others log warnings only
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from pyalign.train.config import ConfigError  # noqa: PLC0415
     from pyalign.train.logprob_cache import StaleLogprobCacheError  # noqa: PLC0415
 
     try:
-        return {"train": _train, "eval": _eval, "config": _config}[args.command](args)
+        return COMMANDS[args.command][1](args)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"pyalign {args.command}: error: {error}", file=sys.stderr)
         return 2

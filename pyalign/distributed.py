@@ -5,6 +5,13 @@ Launched by ``torchrun`` or ``accelerate launch``, every process sees ``RANK``, 
 starts the default process group from them (gloo on CPU, NCCL on CUDA). Without those variables
 everything here degrades to a single process: rank 0 of 1, gathers return their input.
 
+Training replicates the model on every process and all-reduces the gradients of the trainable
+parameters (:func:`all_reduce_gradients`) once per optimizer step, after gradient accumulation:
+DDP's semantics without its wrapper, whose hooks pyalign's fused lm_head path would bypass (it
+calls the decoder and the lm_head weight separately, not the wrapped module's forward).
+Parameter sharding (FSDP, DeepSpeed ZeRO) is refused (:func:`check_launch`): the fused lm_head
+needs the whole lm_head weight on every process.
+
 Sharding is by position, strided: rank ``r`` of ``w`` takes items ``r, r + w, r + 2w, ...``
 (:func:`shard_indices`), so shards differ in size by at most one and :func:`gather_in_order`
 restores the original order from the per-rank lists without any index bookkeeping.
@@ -32,10 +39,32 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_TRUE = ("1", "true", "yes")
+UNSUPPORTED_LAUNCHES = {
+    "ACCELERATE_USE_FSDP": "FSDP (accelerate launch --use_fsdp / an FSDP accelerate config)",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed (accelerate launch --use_deepspeed / a DeepSpeed accelerate config)",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM (accelerate launch --use_megatron_lm)",
+}
+
+
+def check_launch() -> None:
+    """Refuse, with a clear message, launches pyalign's trainer does not implement."""
+    for variable, what in UNSUPPORTED_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() in _TRUE:
+            raise ValueError(
+                f"{variable}: {what} shards parameters across processes; pyalign's trainer replicates "
+                "the model and all-reduces the gradients of the trainable (LoRA) parameters, and its "
+                "fused lm_head needs the whole lm_head weight on every process. Launch plain data "
+                "parallel instead (torchrun, or accelerate launch --multi_gpu); see "
+                "docs/integrations.md#multi-process-training"
+            )
+
+
 def init_from_env(device: torch.device | str | None = None, *, timeout_s: float = 1800) -> bool:
     """Start the default process group when launched and not started yet; returns whether this is
     a multi-process run. Backend: NCCL for CUDA devices, gloo otherwise. On CUDA each process
     takes the GPU ``LOCAL_RANK``."""
+    check_launch()
     if is_initialized():
         return world_size() > 1
     if not launched():
@@ -46,6 +75,13 @@ def init_from_env(device: torch.device | str | None = None, *, timeout_s: float 
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return True
+
+
+def shutdown() -> None:
+    """Wait for every process, then end the process group (no-op when none was started)."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def rank() -> int:
@@ -68,6 +104,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def process_device(device: torch.device | str) -> torch.device:
+    """The device this process uses for ``device``: a CUDA device without an index becomes
+    ``cuda:LOCAL_RANK`` in a multi-process run (one GPU per process); anything else is kept."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", local_rank())
+    return device
 
 
 def shard_indices(count: int, *, rank_: int | None = None, world: int | None = None) -> list[int]:
@@ -108,3 +153,40 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled: small things only)."""
+    return gather_in_order([obj])
+
+
+def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], *, bucket_elements: int = 1 << 24) -> None:
+    """Sum the gradients of ``parameters`` over ranks, in place (no-op in a single process).
+
+    A parameter without a gradient on this rank (e.g. a rank that had no examples this step)
+    takes part with zeros and ends with the others' sum, so every rank calls the same collectives
+    in the same order and none waits forever. Gradients travel flattened in buckets of at most
+    ``bucket_elements`` elements per dtype and device (a LoRA's fit in one)."""
+    if not is_initialized() or world_size() == 1:
+        return
+    for param in parameters:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    groups: dict[tuple, list[torch.nn.Parameter]] = {}
+    for param in parameters:
+        groups.setdefault((param.grad.dtype, param.grad.device), []).append(param)
+    for params in groups.values():
+        bucket: list[torch.nn.Parameter] = []
+        size = 0
+        for param in params + [None]:
+            if param is not None and (not bucket or size + param.numel() <= bucket_elements):
+                bucket.append(param)
+                size += param.numel()
+                continue
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+            bucket, size = ([param], param.numel()) if param is not None else ([], 0)

@@ -1,5 +1,6 @@
-"""The one-round trainer on a tiny random Llama: loss against the float64 reference, which
-parameters a step touches, gradient accumulation, merging the LoRA, checkpoint round trip."""
+"""The trainer with the preference objective on a tiny random Llama: loss against the float64
+reference, which parameters a step touches, gradient accumulation, merging the LoRA, checkpoint
+round trip, changing spo's alphas between steps."""
 
 import copy
 
@@ -11,11 +12,12 @@ from helpers_tiny_lm import make_model, make_pairs, make_tokenizer, one_thread
 from pyalign.data import PreferenceDataset, PreferencePair
 from pyalign.reference import reference_token_logprobs
 from pyalign.train.config import LoraConfig, MethodConfig, TrainingConfig
-from pyalign.train.logprob_cache import FrozenLogprobs, dataset_logprobs
+from pyalign.train.logprob_cache import FrozenLogprobs, PairsWithFrozenLogprobs, dataset_logprobs
 from pyalign.train.modeling import (
     apply_lora, enable_activation_checkpointing, load_model, policy_sequence_logprobs, save_merged_model,
 )
-from pyalign.train.trainer import Objective, PreferenceTrainer, RoundData
+from pyalign.train.objectives import PreferenceObjective
+from pyalign.train.trainer import Trainer
 
 MARKER = "bright"
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -51,6 +53,14 @@ def training(**overrides):
     return TrainingConfig(**{**base, **overrides})
 
 
+def objective(alphas=(), **method):
+    return PreferenceObjective.from_method(MethodConfig(**method), list(alphas))
+
+
+def make_trainer(model, dataset, chain, method_objective, directory="unused", **overrides):
+    return Trainer(model, method_objective, PairsWithFrozenLogprobs(dataset, chain), training(**overrides), directory)
+
+
 def perturb_lora(model, seed=1):
     """LoRA's B starts at zero; make the adapter do something."""
     generator = torch.Generator().manual_seed(seed)
@@ -75,11 +85,9 @@ def test_trainer_loss_equals_float64_reference(tokenizer, dataset, loss):
     beta, alpha = 0.1, 0.3
     alphas = [alpha] if loss == "spo" else []
     chain = random_chain(len(alphas) + 1, len(dataset))
-    data = RoundData(train=dataset, train_chain=chain)
-    trainer = PreferenceTrainer(model, data, Objective(MethodConfig(loss=loss, beta=beta, alpha=alpha), alphas),
-                                training(), "unused")
-    batch = dataset.batch([0, 5, 7, 2])
-    out = trainer.loss_on_batch(batch, chain)
+    trainer = make_trainer(model, dataset, chain, objective(alphas, loss=loss, beta=beta, alpha=alpha))
+    batch = trainer.train_data.batch([0, 5, 7, 2])
+    out = trainer.loss_on_batch(batch)
 
     logps = reference_sequence_logprobs(model, batch)
     chosen, rejected = logps[:4], logps[4:]
@@ -95,20 +103,19 @@ def test_trainer_loss_equals_float64_reference(tokenizer, dataset, loss):
     assert out.loss.dtype == torch.float32
     assert abs(out.loss.item() - expected.item()) < 1e-5
     assert out.metrics["reward_accuracy"] == (z > 0).double().mean().item()
+    assert out.metrics["loss"] == out.loss.item()
 
 
 def test_nll_term_is_added(tokenizer, dataset):
     model = lora_model(tokenizer)
     chain = random_chain(1, len(dataset))
-    data = RoundData(train=dataset, train_chain=chain)
-    plain = PreferenceTrainer(model, data, Objective(MethodConfig(loss="dpo"), []), training(), "unused")
-    with_nll = PreferenceTrainer(model, data, Objective(MethodConfig(loss="dpo", nll_weight=0.5), []),
-                                 training(), "unused")
-    batch = dataset.batch([1, 3])
+    plain = make_trainer(model, dataset, chain, objective(loss="dpo"))
+    with_nll = make_trainer(model, dataset, chain, objective(loss="dpo", nll_weight=0.5))
+    batch = plain.train_data.batch([1, 3])
     logps = reference_sequence_logprobs(model, batch)
     tokens = (batch["labels"][:, 1:] != -100).sum(-1)
     nll = (-logps[:2] / tokens[:2]).mean().item()
-    difference = with_nll.loss_on_batch(batch, chain).loss.item() - plain.loss_on_batch(batch, chain).loss.item()
+    difference = with_nll.loss_on_batch(batch).loss.item() - plain.loss_on_batch(batch).loss.item()
     assert abs(difference - 0.5 * nll) < 1e-5
 
 
@@ -118,8 +125,8 @@ def test_sdpo_objective_equals_dpo():
     policy = torch.randn(8, generator=generator, dtype=torch.float64) - 10
     chain = torch.randn(1, 8, generator=generator, dtype=torch.float64) - 10
     tokens = torch.full((8,), 5)
-    spo = Objective(MethodConfig(loss="spo", alpha=0.0), [])(policy, chain, tokens)
-    dpo = Objective(MethodConfig(loss="dpo"), [])(policy, chain, tokens)
+    spo = objective([], loss="spo", alpha=0.0).from_sequence_logprobs(policy, chain, tokens)
+    dpo = objective([], loss="dpo").from_sequence_logprobs(policy, chain, tokens)
     assert torch.allclose(spo.loss, dpo.loss, rtol=0, atol=1e-12)
 
 
@@ -128,9 +135,8 @@ def test_step_changes_only_trainable_parameters(tokenizer, dataset):
     model = lora_model(tokenizer, trainable_tokens=new_tokens)
     perturb_lora(model)  # with LoRA's B at zero, A gets no gradient on the first step
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = PreferenceTrainer(model, RoundData(dataset, random_chain(1, len(dataset))),
-                                Objective(MethodConfig(loss="dpo"), []), training(), "unused")
-    trainer.optimizer_step(trainer.micro_batches_of_step(0))
+    trainer = make_trainer(model, dataset, random_chain(1, len(dataset)), objective(loss="dpo"))
+    trainer.optimizer_step(0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any("lora_B" in name for name in trainable)
     assert any("trainable_tokens" in name for name in trainable)
@@ -144,10 +150,8 @@ def test_gradient_accumulation_equals_one_large_batch(tokenizer, dataset):
     for batch_size, accum in [(6, 1), (2, 3), (4, 2)]:  # (4, 2) has a short last micro-batch
         model = lora_model(tokenizer)
         perturb_lora(model)
-        trainer = PreferenceTrainer(model, RoundData(dataset, random_chain(1, len(dataset))),
-                                    Objective(MethodConfig(loss="dpo"), []),
-                                    training(batch_size=batch_size, grad_accum=accum, max_grad_norm=None),
-                                    "unused")
+        trainer = make_trainer(model, dataset, random_chain(1, len(dataset)), objective(loss="dpo"),
+                               batch_size=batch_size, grad_accum=accum, max_grad_norm=None)
         micro = trainer.micro_batches_of_step(0)
         assert sum(len(m) for m in micro) == 6 if batch_size != 4 else 8
         if batch_size == 4:  # compare on the same 6 pairs: 4 + 2
@@ -156,7 +160,7 @@ def test_gradient_accumulation_equals_one_large_batch(tokenizer, dataset):
         trainer.optimizer.zero_grad()
         pairs = sum(len(m) for m in micro)
         for indices in micro:
-            out = trainer.loss_on_batch(dataset.batch(indices.tolist()), trainer.data.train_chain)
+            out = trainer.loss_on_batch(trainer.train_data.batch(indices.tolist()))
             (out.loss * len(indices) / pairs).backward()
         grads.append(torch.cat([p.grad.flatten() for p in trainer.params.values()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
@@ -164,8 +168,8 @@ def test_gradient_accumulation_equals_one_large_batch(tokenizer, dataset):
 
 
 def test_data_order_is_seeded_and_covers_each_epoch(tokenizer, dataset):
-    trainer = PreferenceTrainer(lora_model(tokenizer), RoundData(dataset, random_chain(1, len(dataset))),
-                                Objective(MethodConfig(), []), training(epochs=2, batch_size=5), "unused")
+    trainer = make_trainer(lora_model(tokenizer), dataset, random_chain(1, len(dataset)), objective(),
+                           epochs=2, batch_size=5)
     assert trainer.steps_per_epoch == 3 and trainer.total_steps == 6
     for epoch in range(2):
         steps = range(epoch * 3, epoch * 3 + 3)
@@ -206,21 +210,20 @@ def test_policy_logprobs_at_init_equal_the_base_model(tokenizer, dataset):
 def test_checkpoint_round_trip_continues_identically(tokenizer, dataset, tmp_path):
     def trainer_for(directory):
         model = lora_model(tokenizer)
-        return PreferenceTrainer(model, RoundData(dataset, random_chain(1, len(dataset))),
-                                 Objective(MethodConfig(loss="dpo"), []),
-                                 training(epochs=2, lr_scheduler="cosine", warmup_ratio=0.2), directory)
+        return make_trainer(model, dataset, random_chain(1, len(dataset)), objective(loss="dpo"), directory,
+                            epochs=2, lr_scheduler="cosine", warmup_ratio=0.2)
 
     straight = trainer_for(tmp_path / "a")
     for step in range(3):
-        straight.optimizer_step(straight.micro_batches_of_step(step))
+        straight.optimizer_step(step)
     first = trainer_for(tmp_path / "b")
-    first.optimizer_step(first.micro_batches_of_step(0))
+    first.optimizer_step(0)
     first.step = 1
     first.save()
     resumed = trainer_for(tmp_path / "b")
     assert resumed.restore() and resumed.step == 1
     for step in (1, 2):
-        resumed.optimizer_step(resumed.micro_batches_of_step(step))
+        resumed.optimizer_step(step)
     for name, param in straight.params.items():
         assert torch.equal(param, resumed.params[name]), name
 
@@ -247,30 +250,28 @@ def test_bf16_autocast_loss_is_close_to_fp32(tokenizer, dataset):
     chain = random_chain(1, len(dataset))
     losses = {}
     for precision in ("no", "bf16"):
-        trainer = PreferenceTrainer(model, RoundData(dataset, chain), Objective(MethodConfig(loss="dpo"), []),
-                                    training(mixed_precision=precision), "unused")
-        losses[precision] = trainer.loss_on_batch(dataset.batch([0, 1, 2, 3]), chain).loss.item()
+        trainer = make_trainer(model, dataset, chain, objective(loss="dpo"), mixed_precision=precision)
+        losses[precision] = trainer.loss_on_batch(trainer.train_data.batch([0, 1, 2, 3])).loss.item()
     assert losses["bf16"] == pytest.approx(losses["no"], abs=2e-2)
     assert losses["bf16"] != losses["no"]  # autocast really ran
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "robust", "apo_zero", "apo_down", "kto_pair", "spo"])
 def test_every_loss_trains_a_step(tokenizer, dataset, loss):
-    method = MethodConfig(loss=loss, nll_weight=0.1, label_smoothing=0.1 if loss in ("dpo", "robust") else 0.0)
+    smoothing = 0.1 if loss in ("dpo", "robust") else 0.0
     alphas = [0.1, 0.2] if loss == "spo" else []
     model = lora_model(tokenizer)
     perturb_lora(model)
-    trainer = PreferenceTrainer(model, RoundData(dataset, random_chain(len(alphas) + 1, len(dataset))),
-                                Objective(method, alphas), training(), "unused")
+    trainer = make_trainer(model, dataset, random_chain(len(alphas) + 1, len(dataset)),
+                           objective(alphas, loss=loss, nll_weight=0.1, label_smoothing=smoothing))
     assert trainer.objective.average == (loss == "ipo")
     before = {name: p.detach().clone() for name, p in trainer.params.items()}
-    metrics = trainer.optimizer_step(trainer.micro_batches_of_step(0))
+    metrics = trainer.optimizer_step(0)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and "nll" in metrics
     assert any(not torch.equal(before[name], p) for name, p in trainer.params.items())
 
 
 def test_chain_of_the_wrong_shape_is_refused(tokenizer, dataset):
-    spo_round_3 = Objective(MethodConfig(loss="spo"), [0.1, 0.1])  # needs pi_0, pi_1, pi_2
+    spo_round_3 = objective([0.1, 0.1], loss="spo")  # needs pi_0, pi_1, pi_2
     with pytest.raises(ValueError, match=r"data.train_chain: expected frozen log-probs of shape \(3, 12\)"):
-        PreferenceTrainer(lora_model(tokenizer), RoundData(dataset, random_chain(2, len(dataset))),
-                          spo_round_3, training(), "unused")
+        make_trainer(lora_model(tokenizer), dataset, random_chain(2, len(dataset)), spo_round_3)

@@ -2,7 +2,7 @@
 
 Layout under ``<round_dir>/checkpoints``::
 
-    step_000040/state.pt     trainable weights, optimizer, scheduler, RNG states, progress
+    step_000040/state.pt     trainable weights, optimizer, scheduler, objective state, progress
     latest.json              {"step": 40, "dir": "step_000040"}
 
 A checkpoint is written into ``.partial_step_000040``, renamed to ``step_000040`` (a new name, so
@@ -14,27 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 
 import torch
 
 from pyalign.io import write_json_atomic
-
-
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict, *, keep: int = 1) -> Path:

@@ -5,6 +5,11 @@ Every field is checked and every error names the field by its path, e.g.
 Relative paths are resolved against the current working directory when the config is loaded,
 and stored absolute. YAML reads ``1e-5`` as a string (YAML 1.1 wants ``1.0e-5``); float fields
 accept such strings.
+
+A config's top-level ``task:`` (default ``preference``) picks its dataclass from the task
+registry (:mod:`pyalign.train.tasks`); a task's dataclass is built from the same pieces as the
+preference one: :func:`_field` with a check, :func:`section` for a nested dataclass,
+:func:`section_list` for a list of them, and the shared sections below (model, lora, training).
 """
 
 from __future__ import annotations
@@ -162,9 +167,9 @@ def round_name(path, value):
     return value
 
 
-def _field(default=dataclasses.MISSING, check: Callable = None, doc: str = ""):
+def _field(default=dataclasses.MISSING, check: Callable = None, doc: str = "", **metadata):
     """A dataclass field with its check and one-line documentation."""
-    kwargs = {"metadata": {"check": check, "doc": doc}}
+    kwargs = {"metadata": {"check": check, "doc": doc, **metadata}}
     if isinstance(default, type):  # a section: its own defaults
         kwargs["default_factory"] = default
     elif isinstance(default, list):
@@ -174,11 +179,29 @@ def _field(default=dataclasses.MISSING, check: Callable = None, doc: str = ""):
     return field(**kwargs)
 
 
-# ----------------------------------------------------------------------------- sections
+def section(cls, doc: str = "", *, required: bool = False):
+    """A field holding the nested dataclass ``cls`` (built from its own defaults when the
+    config leaves it out, unless ``required``)."""
+    def check(path, value):
+        return _build(cls, {} if value is None else value, path)
+    return _field(dataclasses.MISSING if required else cls, check, doc, section=cls)
+
+
+def section_list(cls, doc: str = ""):
+    """A required, non-empty list of ``cls`` dataclasses (e.g. ``rounds``)."""
+    def check(path, value):
+        if not isinstance(value, list) or not value:
+            names = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise _fail(path, f"a non-empty list of {{{names}}}", value)
+        return [_build(cls, item, f"{path}[{i}]") for i, item in enumerate(value)]
+    return _field(check=check, doc=doc, items=cls)
+
+
+# ----------------------------------------------------------------------------- shared sections
 
 @dataclass
 class ModelConfig:
-    path: str = _field(check=path_value, doc="local HF model folder (weights + tokenizer) of pi_0")
+    path: str = _field(check=path_value, doc="local HF model folder (weights + tokenizer) of the starting model")
     dtype: str = _field("float32", choice("float32", "bfloat16"), "weights' dtype in memory and on disk")
 
 
@@ -193,6 +216,51 @@ class LoraConfig:
         "token ids whose embedding rows are trained too (e.g. newly added tokens)",
     )
 
+
+@dataclass
+class TrainingConfig:
+    lr: float = _field(1e-5, positive_float, "peak learning rate")
+    epochs: int = _field(2, positive_int, "epochs per round")
+    batch_size: int = _field(4, positive_int,
+                             "examples (pairs) per micro-batch, over all processes together")
+    grad_accum: int = _field(1, positive_int, "micro-batches per optimizer step")
+    eval_batch_size: Any = _field(None, optional(positive_int),
+                                  "examples per eval/log-prob batch and process (default batch_size)")
+    max_length: int = _field(512, positive_int, "max tokens of prompt + response")
+    max_prompt_length: int = _field(256, positive_int, "max prompt tokens (the prompt's tail is kept)")
+    warmup_ratio: float = _field(0.1, fraction, "fraction of steps with linear warm-up")
+    lr_scheduler: str = _field("linear", choice("linear", "cosine", "constant"), "decay after warm-up")
+    weight_decay: float = _field(0.0, non_negative_float, "AdamW weight decay")
+    max_grad_norm: Any = _field(1.0, optional(positive_float), "gradient clipping (null: none)")
+    seed: int = _field(0, integer, "seed of LoRA init, data order and dropout")
+    gradient_checkpointing: bool = _field(False, boolean, "recompute activations in backward")
+    mixed_precision: str = _field("auto", choice("auto", "bf16", "no"), "auto: bf16 autocast on CUDA only")
+    device: str = _field("auto", device_name, "auto, cpu, cuda, cuda:N")
+    num_threads: Any = _field(None, optional(positive_int), "torch CPU threads for the run (null: torch's default)")
+    fused_lm_head: Any = _field("auto", fused_choice,
+                                "log-probs from hidden states x lm_head without the [B, T, V] logits "
+                                "(auto: when the model allows it, else the logits path with a logged reason)")
+    eval_every: int = _field(0, non_negative_int, "evaluate every N steps (0: at the end of each round)")
+    save_every: int = _field(50, non_negative_int, "checkpoint every N steps (0: no mid-round checkpoints)")
+    log_every: int = _field(10, positive_int, "log every N steps")
+    keep_checkpoints: int = _field(1, positive_int, "checkpoints kept per round")
+    progress_bar: bool = _field(True, boolean, "tqdm progress bars")
+    tensorboard: bool = _field(True, boolean, "write tensorboard logs")
+
+
+# Fields that change neither what a run computes nor its result: a checkpoint or finished stage
+# made with other values of these is still valid.
+TRAINING_FIELDS_NOT_IN_FINGERPRINT = (
+    "eval_every", "save_every", "log_every", "keep_checkpoints", "progress_bar", "tensorboard", "device",
+    "eval_batch_size", "num_threads",
+)
+
+
+def training_fingerprint(training: TrainingConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(training).items() if k not in TRAINING_FIELDS_NOT_IN_FINGERPRINT}
+
+
+# ----------------------------------------------------------------------------- the preference task
 
 @dataclass
 class MethodConfig:
@@ -217,42 +285,15 @@ class RoundConfig:
 
 
 @dataclass
-class TrainingConfig:
-    lr: float = _field(1e-5, positive_float, "peak learning rate")
-    epochs: int = _field(2, positive_int, "epochs per round")
-    batch_size: int = _field(4, positive_int, "pairs per micro-batch")
-    grad_accum: int = _field(1, positive_int, "micro-batches per optimizer step")
-    eval_batch_size: Any = _field(None, optional(positive_int), "pairs per eval/log-prob batch (default batch_size)")
-    max_length: int = _field(512, positive_int, "max tokens of prompt + response")
-    max_prompt_length: int = _field(256, positive_int, "max prompt tokens (the prompt's tail is kept)")
-    warmup_ratio: float = _field(0.1, fraction, "fraction of steps with linear warm-up")
-    lr_scheduler: str = _field("linear", choice("linear", "cosine", "constant"), "decay after warm-up")
-    weight_decay: float = _field(0.0, non_negative_float, "AdamW weight decay")
-    max_grad_norm: Any = _field(1.0, optional(positive_float), "gradient clipping (null: none)")
-    seed: int = _field(0, integer, "seed of LoRA init, data order and dropout")
-    gradient_checkpointing: bool = _field(False, boolean, "recompute activations in backward")
-    mixed_precision: str = _field("auto", choice("auto", "bf16", "no"), "auto: bf16 autocast on CUDA only")
-    device: str = _field("auto", device_name, "auto, cpu, cuda, cuda:N")
-    num_threads: Any = _field(None, optional(positive_int), "torch CPU threads for the run (null: torch's default)")
-    fused_lm_head: Any = _field("auto", fused_choice,
-                                "log-probs from hidden states x lm_head without the [B, T, V] logits "
-                                "(auto: when the model allows it, else the logits path with a logged reason)")
-    eval_every: int = _field(0, non_negative_int, "evaluate every N steps (0: at the end of each round)")
-    save_every: int = _field(50, non_negative_int, "checkpoint every N steps (0: no mid-round checkpoints)")
-    log_every: int = _field(10, positive_int, "log every N steps")
-    keep_checkpoints: int = _field(1, positive_int, "checkpoints kept per round")
-    progress_bar: bool = _field(True, boolean, "tqdm progress bars")
-    tensorboard: bool = _field(True, boolean, "write tensorboard logs")
-
-
-@dataclass
 class SequentialConfig:
-    model: ModelConfig = _field(check=None, doc="the starting model pi_0")
-    rounds: list = _field(check=None, doc="preference dimensions, trained in this order")
+    """``task: preference``: one round of DPO/APO/... per preference dimension; SPO across them."""
+
+    model: ModelConfig = section(ModelConfig, "the starting model pi_0", required=True)
+    rounds: list = section_list(RoundConfig, "preference dimensions, trained in this order")
     output_dir: str = _field(check=path_value, doc="where rounds, checkpoints and caches go")
-    lora: LoraConfig = _field(LoraConfig, None, "LoRA adapter")
-    method: MethodConfig = _field(MethodConfig, None, "loss and its coefficients")
-    training: TrainingConfig = _field(TrainingConfig, None, "optimisation")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter")
+    method: MethodConfig = section(MethodConfig, "loss and its coefficients")
+    training: TrainingConfig = section(TrainingConfig, "optimisation")
     cache_dir: Any = _field(None, optional(path_value), "frozen log-prob cache (default output_dir/logprob_cache)")
     recompute_stale_cache: bool = _field(False, boolean, "recompute stale cached log-probs instead of refusing")
 
@@ -261,10 +302,7 @@ class SequentialConfig:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "logprob_cache"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "method": MethodConfig, "training": TrainingConfig}
+        return config_to_dict(self)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -272,7 +310,7 @@ SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "method": MethodConfig, "t
 def _build(cls, data: Any, path: str):
     """Instantiate dataclass ``cls`` from ``data`` checking every field; ``path`` prefixes errors."""
     if not isinstance(data, dict):
-        raise _fail(path, "a mapping of fields", data)
+        raise _fail(path or "config", "a mapping of fields", data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
@@ -289,10 +327,8 @@ def _build(cls, data: Any, path: str):
     return cls(**values)
 
 
-def load_config(source: str | os.PathLike | dict | SequentialConfig) -> SequentialConfig:
-    """A YAML file path, a dict of the same shape, or a config (returned as is)."""
-    if isinstance(source, SequentialConfig):
-        return source
+def read_config_source(source: str | os.PathLike | dict) -> dict:
+    """A YAML file or a dict -> a (copied) dict; errors name the file."""
     if isinstance(source, (str, os.PathLike)):
         import yaml  # noqa: PLC0415
 
@@ -306,28 +342,63 @@ def load_config(source: str | os.PathLike | dict | SequentialConfig) -> Sequenti
                 raise ConfigError(f"{file}: not valid YAML ({error})") from None
     if not isinstance(source, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(source).__name__}")
+    return dict(source)
 
-    data = dict(source)
-    for name, cls in SECTIONS.items():
-        if name in data:
-            data[name] = _build(cls, data[name] if data[name] is not None else {}, name)
-    if "rounds" in data:
-        rounds = data["rounds"]
-        if not isinstance(rounds, list) or not rounds:
-            raise _fail("rounds", "a non-empty list of {name, train, eval}", rounds)
-        data["rounds"] = [_build(RoundConfig, r, f"rounds[{i}]") for i, r in enumerate(rounds)]
-    config = _build(SequentialConfig, data, "")
-    _check_across_fields(config)
+
+def load_config(source, task: str | None = None):
+    """A YAML file path, a dict of the same shape, or a config object (returned as is).
+
+    The top-level ``task:`` (default ``preference``) selects the task's config dataclass and its
+    cross-field checks from :mod:`pyalign.train.tasks`; ``task`` overrides it."""
+    from pyalign.train import tasks  # noqa: PLC0415
+
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        if task is not None and tasks.task_of(source).name != task:
+            raise ConfigError(f"task: expected a {task} config, got a {tasks.task_of(source).name} one")
+        return source
+    data = read_config_source(source)
+    name = data.pop("task", None)
+    if task is not None:
+        if name is not None and name != task:
+            raise ConfigError(f"task: this runs {task!r}, the config says {name!r}")
+        name = task
+    spec = tasks.get_task(tasks.DEFAULT_TASK if name is None else name)
+    config = _build(spec.config_class, data, "")
+    if spec.check is not None:
+        spec.check(config)
     return config
 
 
-def _check_across_fields(config: SequentialConfig) -> None:
-    training, method, rounds = config.training, config.method, config.rounds
+def config_to_dict(config) -> dict:
+    """The resolved config as plain data, ``task`` first (loadable again by :func:`load_config`)."""
+    from pyalign.train import tasks  # noqa: PLC0415
+
+    return {"task": tasks.task_of(config).name, **dataclasses.asdict(config)}
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+
+def check_lengths(training: TrainingConfig) -> None:
     if training.max_prompt_length >= training.max_length:
         raise ConfigError(
             f"training.max_prompt_length: must be below training.max_length={training.max_length} "
             f"(the response needs room), got {training.max_prompt_length}"
         )
+
+
+def check_model_folder(model: ModelConfig, where: str = "model") -> None:
+    if not Path(model.path).is_dir():
+        raise ConfigError(f"{where}.path: no such model folder: {model.path}")
+
+
+def check_file(where: str, file: str | None) -> None:
+    if file is not None and not Path(file).is_file():
+        raise ConfigError(f"{where}: file not found: {file}")
+
+
+def check_sequential(config: SequentialConfig) -> None:
+    training, method, rounds = config.training, config.method, config.rounds
+    check_lengths(training)
     names = [r.name for r in rounds]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -344,25 +415,45 @@ def _check_across_fields(config: SequentialConfig) -> None:
         )
     if method.loss == "robust" and method.label_smoothing >= 0.5:
         raise ConfigError(f"method.label_smoothing: robust needs a value below 0.5, got {method.label_smoothing}")
-    if not Path(config.model.path).is_dir():
-        raise ConfigError(f"model.path: no such model folder: {config.model.path}")
+    check_model_folder(config.model)
     for i, r in enumerate(rounds):
         for split in ("train", "eval"):
-            file = getattr(r, split)
-            if file is not None and not Path(file).is_file():
-                raise ConfigError(f"rounds[{i}].{split}: file not found: {file}")
+            check_file(f"rounds[{i}].{split}", getattr(r, split))
 
 
-def describe_fields() -> str:
-    """The config reference as text (one line per field), for ``pyalign config --help``."""
+# ----------------------------------------------------------------------------- reference
+
+def describe_config_class(cls, prefix: str = "") -> list[str]:
+    """One line per field of ``cls`` and its sections: name, default, meaning."""
     lines = []
-    for section, cls in [("", SequentialConfig), *SECTIONS.items(), ("rounds[]", RoundConfig)]:
-        for f in dataclasses.fields(cls):
-            if f.name in SECTIONS or f.name == "rounds":
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
-            )
-            name = f"{section}.{f.name}" if section else f.name
-            lines.append(f"{name:34s} {default!s:22s} {f.metadata.get('doc', '')}")
-    return "\n".join(lines)
+    nested = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if "section" in f.metadata:
+            nested.append((f.metadata["section"], f"{name}."))
+            continue
+        if "items" in f.metadata:
+            nested.append((f.metadata["items"], f"{name}[]."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        )
+        lines.append(f"{name:34s} {default!s:22s} {f.metadata.get('doc', '')}")
+    for section_cls, section_prefix in nested:
+        lines += describe_config_class(section_cls, section_prefix)
+    return lines
+
+
+def describe_fields(task: str | None = None) -> str:
+    """The config reference as text, for ``pyalign config``: every registered task's fields
+    (or one task's)."""
+    from pyalign.train import tasks  # noqa: PLC0415
+
+    names = [task] if task else tasks.task_names()
+    blocks = []
+    for name in names:
+        spec = tasks.get_task(name)
+        default = " (the default)" if name == tasks.DEFAULT_TASK else ""
+        header = f"task: {name}{default} -- {spec.doc}"
+        blocks.append("\n".join([header, "-" * min(len(header), 100), *describe_config_class(spec.config_class)]))
+    return "\n\n".join(blocks)

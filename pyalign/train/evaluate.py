@@ -76,7 +76,7 @@ def evaluate_run(config: SequentialConfig | str, *, split: str = "eval", batch_s
     "metrics": {model: {dimension: metrics}}}``."""
     from pyalign.train.sequential import round_dir  # noqa: PLC0415
 
-    config = load_config(config)
+    config = load_config(config, task="preference")
     training = config.training
     tokenizer = load_tokenizer(config.model.path)
     datasets = {}

@@ -57,6 +57,24 @@ class FrozenLogprobs:
         return torch.cat([self.chosen[:, index], self.rejected[:, index]], dim=1)
 
 
+class PairsWithFrozenLogprobs:
+    """Preference pairs whose batches carry the frozen models' log-probs as a column:
+    ``batch(indices)`` is :func:`pyalign.data.collate_pairs`'s dict plus ``chain_logps``
+    ``[n, 2B]`` (the rows of ``chain`` for those pairs, in the same chosen-then-rejected layout)."""
+
+    def __init__(self, pairs: PreferenceDataset, chain: FrozenLogprobs):
+        self.pairs = pairs
+        self.chain = chain
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, indices) -> dict[str, Tensor]:
+        batch = self.pairs.batch(indices)
+        batch["chain_logps"] = self.chain.rows(batch["index"])
+        return batch
+
+
 def _differences(stored: dict, expected: dict, prefix: str = "") -> list[str]:
     changes = []
     for name in sorted(set(stored) | set(expected)):
@@ -103,23 +121,25 @@ class LogprobCache:
 def dataset_logprobs(
     model, dataset: PreferenceDataset, *, batch_size: int, device: torch.device,
     mixed_precision: str, average: bool, progress: str | None = None, fused: bool | str = "auto",
+    indices: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sequence log-probs (chosen ``[N]``, rejected ``[N]``, float32, CPU) of every pair under
-    ``model``, computed exactly as the trainer computes the policy's (same function, same
-    autocast). ``progress``: a tqdm bar with this label."""
+    ``model`` (or of the pairs ``indices``, in that order), computed exactly as the trainer
+    computes the policy's (same function, same autocast). ``progress``: a tqdm bar label."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
-    starts = range(0, len(dataset), batch_size)
+    rows = list(range(len(dataset))) if indices is None else list(indices)
+    starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
-        indices = range(start, min(start + batch_size, len(dataset)))
-        batch = {k: v.to(device) for k, v in dataset.batch(indices).items()}
+        batch = {k: v.to(device) for k, v in dataset.batch(rows[start : start + batch_size]).items()}
         with autocast_context(device, mixed_precision):
             logps = policy_sequence_logprobs(model, batch, average=average, fused=fused).float().cpu()
-        half = len(indices)
+        half = logps.shape[0] // 2
         chosen.append(logps[:half])
         rejected.append(logps[half:])
     model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    empty = torch.zeros(0)
+    return (torch.cat(chosen), torch.cat(rejected)) if chosen else (empty, empty.clone())

@@ -9,6 +9,12 @@ Frozen log-probs: as soon as pi_i exists (pi_0 at the start, pi_n after round n)
 the train and eval data of every later round that needs it and the results are cached on disk
 (:mod:`pyalign.train.logprob_cache`). Round n then needs only pi_{n-1} (as its base) in memory.
 
+Several processes (``torchrun`` / ``accelerate launch``; see docs/training.md): each frozen
+model's pairs are split over the processes, their log-probs gathered in order and written once by
+process 0 (the cache key does not depend on the number of processes, so any later run, with any
+number of processes, reuses the entry); every process trains each round (:mod:`pyalign.train.trainer`);
+process 0 writes checkpoints, the merged model and the round state.
+
 Resuming: a round is finished when ``round_state.json`` says so; finished rounds and cached
 log-probs are never redone (after checking they were made under the same model, data, tokenisation
 and settings); an unfinished round continues from its last checkpoint. Every model is loaded from
@@ -38,15 +44,17 @@ from typing import Callable
 
 import torch
 
+from pyalign import distributed
 from pyalign.data import PreferenceDataset, file_fingerprint, tokenization_fingerprint
 from pyalign.io import write_json_atomic
-from pyalign.train.config import SequentialConfig, load_config
-from pyalign.train.logprob_cache import CacheKey, FrozenLogprobs, LogprobCache, dataset_logprobs
-from pyalign.train.modeling import (
-    apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, model_fingerprint, resolve_device, save_merged_model,
-    uses_autocast,
+from pyalign.train.config import SequentialConfig, check_sequential, load_config, training_fingerprint
+from pyalign.train.logprob_cache import (
+    CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, dataset_logprobs,
 )
-from pyalign.train.trainer import Objective, PreferenceTrainer, RoundData
+from pyalign.train.modeling import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
+from pyalign.train.objectives import PreferenceObjective
+from pyalign.train.stage import stage_finished, train_lora_stage
+from pyalign.train.tasks import Task, register_task
 
 logger = logging.getLogger("pyalign.train")
 SPLITS = ("train", "eval")
@@ -85,7 +93,7 @@ class SequentialRun:
         self.config = config
         self.callback = callback or (lambda event, info: None)
         self.training = config.training
-        self.device = resolve_device(self.training.device)
+        self.device = distributed.process_device(resolve_device(self.training.device))
         self.output_dir = Path(config.output_dir)
         self.cache = LogprobCache(config.logprob_cache_dir, recompute_stale=config.recompute_stale_cache)
         self.tokenizer = load_tokenizer(config.model.path)
@@ -136,7 +144,8 @@ class SequentialRun:
 
     # ------------------------------------------------------------------ frozen log-probs
     def cache_frozen_logprobs(self, model_index: int) -> None:
-        """Run pi_i once over the data of every later round that needs it; skip cached entries."""
+        """Run pi_i once over the data of every later round that needs it; skip cached entries.
+        With several processes each runs its share of the pairs and process 0 writes the entry."""
         missing = [
             (n, split)
             for n in self.round_numbers
@@ -147,18 +156,28 @@ class SequentialRun:
         ]
         if not missing:
             return
-        logger.info("caching log-probs of pi_%d on %d data set(s)", model_index, len(missing))
+        if distributed.is_main():
+            logger.info("caching log-probs of pi_%d on %d data set(s)", model_index, len(missing))
         model = load_model(self.model_dirs[model_index], self.config.model.dtype, self.device)
         batch_size = self.training.eval_batch_size or self.training.batch_size
+        show = self.training.progress_bar and distributed.is_main()
         for n, split in missing:
+            dataset = self.dataset(n, split)
+            mine = distributed.shard_indices(len(dataset))
             chosen, rejected = dataset_logprobs(
-                model, self.dataset(n, split), batch_size=batch_size, device=self.device,
+                model, dataset, batch_size=batch_size, device=self.device, indices=mine,
                 mixed_precision=self.training.mixed_precision, average=self.average,
                 fused=self.training.fused_lm_head,
-                progress=f"log-probs of pi_{model_index} on round {n} {split}" if self.training.progress_bar else None,
+                progress=f"log-probs of pi_{model_index} on round {n} {split}" if show else None,
             )
-            path = self.cache.save(self.cache_key(model_index, n, split), chosen, rejected)
-            self.callback("cache_saved", {"model": model_index, "round": n, "split": split, "path": path})
+            self.callback("logprobs_computed", {"model": model_index, "round": n, "split": split,
+                                                "pairs": len(mine)})
+            rows = distributed.gather_in_order(list(zip(chosen.tolist(), rejected.tolist())))
+            if distributed.is_main():
+                chosen, rejected = torch.tensor(rows, dtype=torch.float32).reshape(-1, 2).unbind(1)
+                path = self.cache.save(self.cache_key(model_index, n, split), chosen, rejected)
+                self.callback("cache_saved", {"model": model_index, "round": n, "split": split, "path": path})
+            distributed.barrier()  # the entry exists for every process from here on
         del model
 
     def frozen_chain(self, round_number: int, split: str) -> FrozenLogprobs | None:
@@ -178,10 +197,6 @@ class SequentialRun:
         """What a round's result depends on; a checkpoint or finished round with another one is
         refused rather than silently mixed with the new settings."""
         config = self.config
-        training = {k: v for k, v in asdict(config.training).items()
-                    if k not in ("eval_every", "save_every", "log_every", "keep_checkpoints",
-                                 "progress_bar", "tensorboard", "device", "eval_batch_size",
-                                 "num_threads")}
         return {
             "round": round_number,
             "base_model": self.model_fingerprint(round_number - 1),
@@ -191,55 +206,43 @@ class SequentialRun:
             # this round's alphas only: changing a later round's alpha leaves this round valid
             "method": {k: v for k, v in asdict(config.method).items() if k != "alpha"},
             "alphas": round_alphas(config, round_number),
-            "training": training,
+            "training": training_fingerprint(config.training),
             "model_dtype": config.model.dtype,
         }
 
     def finished(self, round_number: int) -> bool:
-        state_file = round_dir(self.config, round_number) / "round_state.json"
-        if not state_file.is_file():
-            return False
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        expected = json.loads(json.dumps(self.round_fingerprint(round_number)))
-        if state["fingerprint"] != expected:
-            raise RuntimeError(
-                f"{state_file}: round {round_number} was finished under different settings "
-                "(base model, data, tokenisation, LoRA, method or training config); "
-                "use a new output_dir or delete that round's folder and the ones after it"
-            )
-        return True
+        return stage_finished(round_dir(self.config, round_number), self.round_fingerprint(round_number),
+                              what=f"round {round_number}")
+
+    def round_data(self, round_number: int, split: str) -> PairsWithFrozenLogprobs | None:
+        pairs = self.dataset(round_number, split)
+        return None if pairs is None else PairsWithFrozenLogprobs(pairs, self.frozen_chain(round_number, split))
 
     def train_round(self, round_number: int) -> dict:
-        config, directory = self.config, round_dir(self.config, round_number)
-        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config
         alphas = round_alphas(config, round_number)
-        logger.info("round %d (%s): loss %s, alphas %s, chain pi_%s", round_number,
-                    config.rounds[round_number - 1].name, config.method.loss, alphas,
-                    chain_models(config, round_number))
-        base = load_model(self.model_dirs[round_number - 1], config.model.dtype, self.device)
-        if self.training.gradient_checkpointing:
-            enable_activation_checkpointing(base)
-        model = apply_lora(base, config.lora, seed=self.training.seed + round_number)
-        data = RoundData(
-            train=self.dataset(round_number, "train"),
-            train_chain=self.frozen_chain(round_number, "train"),
-            eval=self.dataset(round_number, "eval"),
-            eval_chain=self.frozen_chain(round_number, "eval"),
-        )
-        torch.manual_seed(self.training.seed + round_number)  # dropout stream (restored on resume)
-        trainer = PreferenceTrainer(
-            model, data, Objective(config.method, alphas), self.training, directory,
-            fingerprint=self.round_fingerprint(round_number), callback=self.callback, round_number=round_number,
+        if distributed.is_main():
+            logger.info("round %d (%s): loss %s, alphas %s, chain pi_%s", round_number,
+                        config.rounds[round_number - 1].name, config.method.loss, alphas,
+                        chain_models(config, round_number))
+        metrics = train_lora_stage(
+            base_dir=self.model_dirs[round_number - 1],
+            stage_dir=round_dir(config, round_number),
+            tokenizer=self.tokenizer,
+            objective=PreferenceObjective.from_method(config.method, alphas, fused=self.training.fused_lm_head),
+            train=self.round_data(round_number, "train"),
+            eval=self.round_data(round_number, "eval"),
+            lora=config.lora,
+            training=self.training,
+            model_dtype=config.model.dtype,
+            device=self.device,
+            fingerprint=self.round_fingerprint(round_number),
+            seed=self.training.seed + round_number,
             name=f"round {round_number}/{len(config.rounds)} {config.rounds[round_number - 1].name}",
+            round_number=round_number,
+            callback=self.callback,
         )
-        metrics = trainer.train()
-        model.save_pretrained(directory / "adapter")
-        save_merged_model(model, self.tokenizer, directory / "model")
-        write_json_atomic(directory / "round_state.json",
-                          {"status": "finished", "fingerprint": self.round_fingerprint(round_number),
-                           "model_fingerprint": self.model_fingerprint(round_number), "metrics": metrics["eval"]})
-        shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
-        self.callback("round_done", {"round": round_number, "dir": directory})
+        self.callback("round_done", {"round": round_number, "dir": round_dir(config, round_number)})
         return metrics
 
 
@@ -251,24 +254,43 @@ def run_sequential(
 ) -> SequentialResult:
     """Train every round of ``config`` (a path, dict or :class:`SequentialConfig`), resuming
     whatever an earlier run left. ``callback(event, info)`` is called on ``"step"``,
-    ``"cache_saved"`` and ``"round_done"`` (tests use it to simulate a crash)."""
-    config = load_config(config)
+    ``"logprobs_computed"`` (every process), ``"cache_saved"`` (process 0) and ``"round_done"``
+    (tests use it to simulate a crash). Under ``torchrun`` / ``accelerate launch`` the process
+    group is started here if it is not yet."""
+    config = load_config(config, task="preference")
     if recompute_stale_cache is not None:
         config.recompute_stale_cache = recompute_stale_cache
+    distributed.init_from_env(distributed.process_device(resolve_device(config.training.device)))
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / "config.json", config.to_dict())
+    if distributed.is_main():
+        write_json_atomic(output_dir / "config.json", config.to_dict())
     run = SequentialRun(config, callback)
     metrics = []
     for n in run.round_numbers:
         run.cache_frozen_logprobs(n - 1)  # pi_{n-1} is final now: cache it for rounds n..K
         if run.finished(n):
-            logger.info("round %d (%s): already finished, skipped", n, config.rounds[n - 1].name)
-            shutil.rmtree(round_dir(config, n) / "checkpoints", ignore_errors=True)  # if killed before cleanup
+            if distributed.is_main():
+                logger.info("round %d (%s): already finished, skipped", n, config.rounds[n - 1].name)
+                shutil.rmtree(round_dir(config, n) / "checkpoints", ignore_errors=True)  # if killed before cleanup
             metrics.append(json.loads((round_dir(config, n) / "metrics.json").read_text(encoding="utf-8")))
             continue
         metrics.append(run.train_round(n))
     round_dirs = [round_dir(config, n) for n in run.round_numbers]
     return SequentialResult(round_dirs=round_dirs, final_model_dir=round_dirs[-1] / "model", metrics=metrics)
+
+
+def _summary(result: SequentialResult) -> list[str]:
+    lines = []
+    for n, (directory, metrics) in enumerate(zip(result.round_dirs, result.metrics), start=1):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.get("eval", {}).items())
+        lines.append(f"round {n}: {directory}" + (f"  eval: {shown}" if shown else ""))
+    return lines + [f"final model: {result.final_model_dir}"]
+
+
+register_task(Task(
+    "preference", SequentialConfig, run_sequential, check=check_sequential, summary=_summary,
+    doc="preference pairs: one round of dpo/ipo/hinge/robust/apo/kto_pair per dimension, spo across them",
+))

@@ -1,0 +1,134 @@
+"""Supervised fine-tuning (``task: sft``): a LoRA on (prompt, response) examples, NLL of the
+response tokens through pyalign's fused lm_head, merged into a new model folder.
+
+    pyalign train configs/sft_example.yaml
+
+Layout of ``output_dir``::
+
+    config.json          the resolved config of the last start
+    checkpoints/         mid-run checkpoints (removed when the run finishes)
+    tensorboard/
+    adapter/             the LoRA (peft format) on top of model.path
+    model/               merged weights + tokenizer: an ordinary HF folder
+    metrics.json         training history and final eval (loss = NLL per response token, perplexity)
+    state.json           finished, with the fingerprint of what the result depends on
+
+A killed run resumes from its last checkpoint when the same command is run again; a finished one
+is not redone (and is refused if the model, data, tokenisation or settings changed since).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pyalign import distributed
+from pyalign.data import file_fingerprint, tokenization_fingerprint
+from pyalign.io import write_json_atomic
+from pyalign.train.config import (
+    LoraConfig, ModelConfig, TrainingConfig, _field, check_file, check_lengths, check_model_folder,
+    config_to_dict, load_config, optional, path_value, section, training_fingerprint,
+)
+from pyalign.train.modeling import load_tokenizer, model_fingerprint, resolve_device
+from pyalign.train.objectives import SFTObjective
+from pyalign.train.sft_data import SFTDataset
+from pyalign.train.stage import stage_finished, train_lora_stage
+from pyalign.train.tasks import Task, register_task
+
+logger = logging.getLogger("pyalign.train")
+STATE_FILE = "state.json"
+
+
+@dataclass
+class SFTDataConfig:
+    train: str = _field(check=path_value, doc="JSONL {prompt, response, system?} examples to train on")
+    eval: Any = _field(None, optional(path_value), "JSONL examples to evaluate on (NLL per token, perplexity)")
+
+
+@dataclass
+class SFTConfig:
+    """``task: sft``: supervised fine-tuning of a LoRA on (prompt, response) examples."""
+
+    model: ModelConfig = section(ModelConfig, "the model to fine-tune", required=True)
+    data: SFTDataConfig = section(SFTDataConfig, "the examples", required=True)
+    output_dir: str = _field(check=path_value, doc="where checkpoints, the adapter and the merged model go")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter")
+    training: TrainingConfig = section(TrainingConfig, "optimisation")
+
+
+def check_sft(config: SFTConfig) -> None:
+    check_lengths(config.training)
+    check_model_folder(config.model)
+    check_file("data.train", config.data.train)
+    check_file("data.eval", config.data.eval)
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    model_dir: Path
+    metrics: dict = field(default_factory=dict)  # {"train", "eval", "history"}
+
+
+def sft_fingerprint(config: SFTConfig, tokenization: dict) -> dict:
+    """What the result depends on: a finished run or checkpoint with another one is refused."""
+    return {
+        "task": "sft",
+        "base_model": model_fingerprint(config.model.path),
+        "train_data": file_fingerprint(config.data.train),
+        "tokenization": tokenization,
+        "lora": asdict(config.lora),
+        "training": training_fingerprint(config.training),
+        "model_dtype": config.model.dtype,
+    }
+
+
+def run_sft(config, *, callback: Callable[[str, dict], None] | None = None) -> SFTResult:
+    """Fine-tune ``config`` (a path, dict or :class:`SFTConfig`), resuming whatever an earlier
+    run left. ``callback(event, info)``: the trainer's ``"step"`` events."""
+    config = load_config(config, task="sft")
+    training = config.training
+    device = distributed.process_device(resolve_device(training.device))
+    distributed.init_from_env(device)
+    if training.num_threads:
+        torch.set_num_threads(training.num_threads)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        write_json_atomic(output_dir / "config.json", config_to_dict(config))
+    tokenizer = load_tokenizer(config.model.path)
+    tokenization = tokenization_fingerprint(tokenizer, training.max_length, training.max_prompt_length)
+    fingerprint = sft_fingerprint(config, tokenization)
+    result = SFTResult(output_dir, output_dir / "model")
+    if stage_finished(output_dir, fingerprint, state_file=STATE_FILE, what="the SFT run"):
+        if distributed.is_main():
+            logger.info("sft: already finished (%s), nothing to do", output_dir / STATE_FILE)
+        result.metrics = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
+        return result
+
+    def dataset(file):
+        return None if file is None else SFTDataset.from_jsonl(file, tokenizer, training.max_length,
+                                                              training.max_prompt_length)
+
+    result.metrics = train_lora_stage(
+        base_dir=config.model.path, stage_dir=output_dir, tokenizer=tokenizer,
+        objective=SFTObjective(fused=training.fused_lm_head),
+        train=dataset(config.data.train), eval=dataset(config.data.eval),
+        lora=config.lora, training=training, model_dtype=config.model.dtype, device=device,
+        fingerprint=fingerprint, seed=training.seed, name="sft", callback=callback, state_file=STATE_FILE,
+    )
+    return result
+
+
+def _summary(result: SFTResult) -> list[str]:
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.get("eval", {}).items())
+    return ([f"eval: {shown}"] if shown else []) + [f"model: {result.model_dir}"]
+
+
+register_task(Task("sft", SFTConfig, run_sft, check=check_sft, summary=_summary,
+                   doc="supervised fine-tuning on {prompt, response} examples (NLL of response tokens)"))
