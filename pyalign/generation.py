@@ -164,26 +164,28 @@ def stop_token_ids_of(model, tokenizer, override: Sequence[int] | None = None) -
     return ids
 
 
-def _systems(system, count: int) -> list[str | None]:
+def per_prompt(system, count: int, name: str = "system") -> list[str | None]:
+    """One system prompt per prompt from ``system``: a string or None for all, or a list."""
     if system is None or isinstance(system, str):
         return [system] * count
     systems = list(system)
     if len(systems) != count:
-        raise ValueError(f"system: expected one system prompt per prompt ({count}), got {len(systems)}")
+        raise ValueError(f"{name}: expected one system prompt per prompt ({count}), got {len(systems)}")
     for i, value in enumerate(systems):
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"system[{i}]: expected a string or None, got {type(value).__name__}")
+            raise ValueError(f"{name}[{i}]: expected a string or None, got {type(value).__name__}")
     return systems
 
 
-def _check_prompts(prompts) -> list[str]:
-    if isinstance(prompts, str):
-        raise ValueError("prompts: expected a list of strings, got a single string")
-    prompts = list(prompts)
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompts[{i}]: expected a string, got {type(prompt).__name__}")
-    return prompts
+def check_texts(values, name: str = "prompts") -> list[str]:
+    """``values`` as a list of strings, or a ValueError naming ``name`` and the bad item."""
+    if isinstance(values, str):
+        raise ValueError(f"{name}: expected a list of strings, got a single string")
+    values = list(values)
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}[{i}]: expected a string, got {type(value).__name__}")
+    return values
 
 
 def _is_vllm_engine(model) -> bool:
@@ -327,8 +329,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, system: str | None | S
     settings = GenerationSettings(n=n, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed,
                                   stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids))
-    prompts = _check_prompts(prompts)
-    systems = _systems(system, len(prompts))
+    prompts = check_texts(prompts)
+    systems = per_prompt(system, len(prompts))
     return _generate(model, tokenizer, prompts, systems, occurrence_numbers(prompts, systems), settings,
                      batch_size=batch_size, first_token_ids=first_token_ids, progress=progress, backend=backend)
 
@@ -392,8 +394,8 @@ def generate_jsonl(path: str | os.PathLike, model, tokenizer, prompts: Sequence[
                                   stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
-    prompts = _check_prompts(prompts)
-    systems = _systems(system, len(prompts))
+    prompts = check_texts(prompts)
+    systems = per_prompt(system, len(prompts))
     occurrences = occurrence_numbers(prompts, systems)
     fingerprint = settings.fingerprint()
     if first_token_ids is not None:

@@ -1,0 +1,202 @@
+"""pyalign.reward_model: metrics against hand-computed values, the 0-100 rescaling, bad ratings,
+pooling, scoring, save/load, and a tiny model that learns synthetic ratings through
+``pyalign train`` (task: reward_model) to a measured held-out accuracy."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from helpers_tiny_lm import WORDS, one_thread, save_tiny_model
+
+from pyalign.reward_model import (
+    ObjectiveScale, RewardModel, load_rated_examples, load_reward_model, objective_metrics, pairwise_accuracy,
+    pearson, resolve_scales,
+)
+from pyalign.reward_model.data import RatingsDataset, check_within_scales
+from pyalign.reward_model.model import last_non_padding_index
+
+single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+OBJECTIVES = ["helpfulness", "verbosity"]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_metrics_match_hand_computed_values():
+    predictions = torch.tensor([[10.0], [20.0], [30.0], [25.0], [40.0], [40.0], [0.0]])
+    targets = torch.tensor([[0.0], [50.0], [40.0], [25.0], [60.0], [80.0], [90.0]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    result = objective_metrics(predictions, targets, groups, ["h"])["h"]
+    # mse: (10^2 + 30^2 + 10^2 + 0 + 20^2 + 40^2 + 90^2) / 7
+    assert result["mse"] == pytest.approx((100 + 900 + 100 + 0 + 400 + 1600 + 8100) / 7)
+    # group 0: pairs (0,1) (0,2) (1,2): true 0<50, 0<40, 50>40; predicted 10<20 ok, 10<30 ok, 20<30 wrong
+    # group 1: (3,4) ok, (3,5) ok, (4,5): true 60<80, predicted tie -> 1/2; group 2: one example
+    assert result["pairs"] == 6
+    assert result["pairwise_accuracy"] == pytest.approx((2 + 2 + 0.5) / 6)
+    p, y = predictions[:, 0].tolist(), targets[:, 0].tolist()
+    mp, my = sum(p) / 7, sum(y) / 7
+    expected_r = sum((a - mp) * (b - my) for a, b in zip(p, y)) / math.sqrt(
+        sum((a - mp) ** 2 for a in p) * sum((b - my) ** 2 for b in y))
+    assert result["pearson"] == pytest.approx(expected_r)
+    # same true rating: not a pair; constant predictions: Pearson undefined
+    assert pairwise_accuracy(torch.tensor([1.0, 2.0]), torch.tensor([5.0, 5.0]), torch.tensor([0, 0]))[1] == 0
+    assert math.isnan(pearson(torch.tensor([3.0, 3.0, 3.0]), torch.tensor([1.0, 2.0, 3.0])))
+    with pytest.raises(ValueError, match="^predictions"):
+        objective_metrics(predictions, targets[:, :0], groups, ["h"])
+
+
+# ----------------------------------------------------------------------------- data
+
+def write_rows(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_rescaling_to_100_and_scales():
+    scale = ObjectiveScale("helpfulness", 0, 4)
+    assert scale.to_100(3.0) == 75.0 and scale.from_100(75.0) == 3.0
+    examples = [type("E", (), {"ratings": {"a": v, "b": 1.0}})() for v in (2.0, 6.0, 4.0)]
+    inferred = resolve_scales({"a": None, "b": [0, 2]}, examples)
+    assert inferred == [ObjectiveScale("a", 2.0, 6.0), ObjectiveScale("b", 0.0, 2.0)]
+    with pytest.raises(ValueError, match=r"^objectives\.b: cannot infer"):
+        resolve_scales(["b"], examples)
+    with pytest.raises(ValueError, match=r"^objectives\.x: expected low < high"):
+        ObjectiveScale("x", 1, 1)
+    with pytest.raises(ValueError, match=r"example 2: ratings\.a = 6\.0 is outside its scale \[0, 4\]"):
+        check_within_scales(examples, [ObjectiveScale("a", 0, 4)], "train.jsonl")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "response": "r", "ratings": {"helpfulness": 1}}, r":2: ratings is missing objective 'verbosity'"),
+    ('{"prompt": "p", "response": "r", "ratings": {"helpfulness": NaN, "verbosity": 1}}',
+     r":2: ratings\.helpfulness must be finite, got nan"),
+    ('{"prompt": "p", "response": "r", "ratings": {"helpfulness": 1, "verbosity": Infinity}}',
+     r":2: ratings\.verbosity must be finite"),
+    ({"prompt": "p", "response": "r", "ratings": {"helpfulness": "high", "verbosity": 1}},
+     r":2: ratings\.helpfulness must be a number, got 'high'"),
+    ({"prompt": "p", "response": "r", "ratings": {"helpfulness": True, "verbosity": 1}}, r"ratings\.helpfulness must be a number"),
+    ({"prompt": "p", "response": "r"}, r":2: field 'ratings' must be an object"),
+    ({"prompt": "p", "response": "r", "ratings": {}, "score": 1}, r":2: unknown field 'score'"),
+    ({"prompt": "p", "ratings": {"helpfulness": 1, "verbosity": 1}}, r":2: missing field 'response'"),
+    ({"prompt": "p", "response": "r", "system": 3, "ratings": {}}, r":2: field 'system' must be a string"),
+])
+def test_bad_ratings_name_line_and_field(tmp_path, row, message):
+    good = {"prompt": "p", "response": "r", "ratings": {"helpfulness": 1, "verbosity": 2, "extra": 5}}
+    path = write_rows(tmp_path / "bad.jsonl", [good, row])
+    with pytest.raises(ValueError, match=message):
+        load_rated_examples(path, OBJECTIVES)
+
+
+def test_extra_ratings_are_ignored_and_blank_lines_skipped(tmp_path):
+    path = write_rows(tmp_path / "ok.jsonl", [
+        {"prompt": "p", "response": "r", "system": "s", "ratings": {"verbosity": 2, "helpfulness": 1.5, "extra": 9}}, ""])
+    [example] = load_rated_examples(path, OBJECTIVES)
+    assert example.ratings == {"helpfulness": 1.5, "verbosity": 2.0} and example.system == "s"
+    with pytest.raises(ValueError, match="no rated examples"):
+        load_rated_examples(write_rows(tmp_path / "empty.jsonl", [""]), OBJECTIVES)
+
+
+def test_last_non_padding_index_left_and_right():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_non_padding_index(mask).tolist() == [2, 4, 4]
+
+
+# ----------------------------------------------------------------------------- model
+
+def synthetic_rows(num_prompts: int, seed: int) -> list[dict]:
+    """Four responses per prompt; helpfulness 0-4 = whether the response says "good" (4 or 0),
+    verbosity = its number of words (1-12): a tiny model can read both."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w != "good"]
+    rows = []
+    for _ in range(num_prompts):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(3, 6)))
+        for _ in range(4):
+            length = rng.randint(1, 12)
+            response = [rng.choice(words) for _ in range(length)]
+            good = rng.random() < 0.5
+            if good:
+                response[rng.randrange(length)] = "good"
+            rows.append({"prompt": prompt, "response": " ".join(response),
+                         "ratings": {"helpfulness": 4.0 if good else 0.0, "verbosity": float(length)}})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("rm") / "tiny", seed=0)
+
+
+def fresh_model(folder, seed=0):
+    model = RewardModel.from_backbone(folder, [ObjectiveScale("helpfulness", 0, 4), ObjectiveScale("verbosity", 0, 12)],
+                                      offset=[50.0, 40.0], spread=[40.0, 30.0], max_length=64, max_prompt_length=32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a random head, so that scores differ between texts
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator))
+        model.head.bias.copy_(torch.randn(2, generator=generator))
+    return model
+
+
+def test_score_is_forward_on_the_policy_tokens_in_any_batching(tiny_backbone):
+    from pyalign.data import encode_prompt, encode_response
+
+    model = fresh_model(tiny_backbone)
+    rows = synthetic_rows(3, seed=1)
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    scores = model.score(prompts, responses, system="be good", batch_size=5)
+    assert scores.shape == (12, 2) and scores.dtype == torch.float32
+    assert torch.allclose(model.score(prompts, responses, system="be good", batch_size=1), scores, atol=1e-4)
+    ids = encode_prompt(model.tokenizer, prompts[0], "be good") + encode_response(model.tokenizer, responses[0])
+    with torch.no_grad():
+        direct = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    assert torch.allclose(direct[0], scores[0], atol=1e-4)
+    assert not torch.allclose(model.score(prompts, responses, batch_size=5), scores)  # the system prompt counts
+    with pytest.raises(ValueError, match="^responses: expected one per prompt"):
+        model.score(prompts, responses[:-1])
+    with pytest.raises(ValueError, match=r"^responses\[0\]"):
+        model.score(prompts[:1], [None])
+
+
+def test_save_load_round_trip_and_objective_checks(tiny_backbone, tmp_path):
+    import peft
+
+    from pyalign.reward_model.model import apply_backbone_lora
+    from pyalign.train.config import LoraConfig
+
+    model = fresh_model(tiny_backbone, seed=1)
+    model.backbone = apply_backbone_lora(model.backbone, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    with torch.no_grad():  # a non-zero LoRA, so that merging matters
+        for name, param in model.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    assert isinstance(model.backbone, peft.PeftModel)
+    rows = synthetic_rows(2, seed=2)
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    before = model.score(prompts, responses)
+    folder = model.save(tmp_path / "rm")
+    assert sorted(p.name for p in folder.iterdir()) == ["backbone", "head.safetensors", "reward_model.json"]
+    assert not (tmp_path / "rm.partial").exists()
+    loaded = load_reward_model(folder, objectives=OBJECTIVES)
+    assert loaded.objectives == OBJECTIVES and loaded.scales == model.scales
+    assert torch.allclose(loaded.score(prompts, responses), before, atol=1e-4)
+    assert torch.allclose(model.score(prompts, responses), before, atol=1e-4)  # merged in place: same function
+    with pytest.raises(ValueError, match=r"^objectives: expected the reward model's objectives \['helpfulness', "
+                                         r"'verbosity'\] \(.*rm\), got \['verbosity', 'helpfulness'\]"):
+        load_reward_model(folder, objectives=["verbosity", "helpfulness"])
+    with pytest.raises(ValueError, match="^reward_model: .* is not a pyalign reward model folder"):
+        load_reward_model(tiny_backbone)
+
+
+def test_ratings_dataset_targets_and_groups(tiny_backbone):
+    from pyalign.reward_model.data import RatedExample
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    examples = [RatedExample("a b", "c", {"h": 1.0}), RatedExample("a b", "c d", {"h": 3.0}),
+                RatedExample("a b", "c", {"h": 2.0}, system="s")]
+    data = RatingsDataset(examples, [ObjectiveScale("h", 1, 3)], tokenizer, 32, 16)
+    batch = data.batch([0, 1, 2])
+    assert batch["targets"].tolist() == [[0.0], [100.0], [50.0]]
+    assert batch["group"].tolist() == [0, 0, 1]  # another system prompt: another group
+    assert batch["attention_mask"].sum(-1).tolist() == [len(item.input_ids) for item in data.items]
