@@ -1,5 +1,6 @@
 """Supervised fine-tuning examples: JSONL ``{prompt, response, system?}`` in, padded ``[B, T]``
-batches out.
+batches out. ``prompt`` is the user's text or the conversation so far as chat messages (ending
+with the user's turn), read as pyalign's pair records read theirs (:mod:`pyalign.data.pairs`).
 
 Tokenisation is the preference data's (:mod:`pyalign.data`), with one response instead of two:
 the prompt through the chat template (:func:`pyalign.data.encode_prompt`), the response tokenised
@@ -12,61 +13,48 @@ token, labels with ``IGNORE_INDEX``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from pyalign.data import IGNORE_INDEX, encode_prompt, encode_response, pad_token_id, truncate_pair
+from pyalign.data import IGNORE_INDEX, RowError, encode_prompt, encode_response, pad_token_id, truncate_pair
+from pyalign.data.pairs import prompt_field, read_jsonl_records, reply_field, text_field
 
-SFT_FIELDS = ("prompt", "response", "system")
+SFT_FIELDS = ("prompt", "response", "system", "meta")  # meta: free-form provenance, ignored
 
 
 @dataclass(frozen=True)
 class SFTExample:
-    prompt: str
+    prompt: Any  # text, or chat messages ending with the user's turn (as PreferencePair.prompt)
     response: str
     system: str | None = None
 
 
-def sft_example_from_record(record: object, where: str, *, ignore_fields: Iterable[str] = ()) -> SFTExample:
-    """One JSON object -> an example; errors name ``where`` and the field. Fields in
-    ``ignore_fields`` may be present and are skipped (e.g. ``ratings`` of reward-model data)."""
+def sft_example_from_record(record: object, *, ignore_fields: Iterable[str] = ()) -> SFTExample:
+    """One JSON object -> an example; raises :class:`pyalign.data.RowError` naming the field.
+    Fields in ``ignore_fields`` may be present and are skipped (e.g. ``ratings`` of
+    reward-model data, so the same file can be fine-tuned on)."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise RowError("", f"expected a JSON object, got {type(record).__name__}")
     unknown = sorted(set(record) - set(SFT_FIELDS) - set(ignore_fields))
     if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (expected prompt, response, system)")
-    for name in ("prompt", "response"):
-        if name not in record:
-            raise ValueError(f"{where}: missing field {name!r}")
-        if not isinstance(record[name], str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
-    return SFTExample(record["prompt"], record["response"], system)
+        raise RowError(unknown[0], f"unknown field {unknown[0]!r} (expected {', '.join(SFT_FIELDS)})")
+    system = text_field(record, "system", optional=True)
+    prompt, system = prompt_field(record, "prompt", system)
+    return SFTExample(prompt, reply_field(record, "response"), system)
 
 
 def load_sft_examples(path: str | Path, *, ignore_fields: Iterable[str] = ()) -> list[SFTExample]:
     """Read a JSONL file of SFT examples (blank lines skipped); errors name file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: SFT data file not found")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            examples.append(sft_example_from_record(record, where, ignore_fields=ignore_fields))
+    for line_number, record in read_jsonl_records(path):
+        try:
+            examples.append(sft_example_from_record(record, ignore_fields=ignore_fields))
+        except RowError as error:
+            raise ValueError(f"{path}:{line_number}: {error}") from None
     if not examples:
         raise ValueError(f"{path}: no SFT examples in the file")
     return examples
