@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,19 +29,23 @@ CHAT_TEMPLATE = (
 _WORD = re.compile(r"\w+|[^\w\s]+")
 
 
-def vocabulary() -> list[str]:
+def vocabulary(extra_texts: Sequence[str] = ()) -> list[str]:
+    """Special tokens, the words of the SPO prompt bank, filler words, then the words of
+    ``extra_texts`` (another demo's prompts) not already there."""
     words = dict.fromkeys(SPECIAL_TOKENS)
     for prompt in prompt_bank():
         words.update(dict.fromkeys(_WORD.findall(prompt)))
     words.update(dict.fromkeys(FILLER_WORDS))
+    for text in extra_texts:
+        words.update(dict.fromkeys(_WORD.findall(text)))
     return list(words)
 
 
-def make_tokenizer():
+def make_tokenizer(extra_texts: Sequence[str] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(vocabulary())}
+    vocab = {word: i for i, word in enumerate(vocabulary(extra_texts))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -53,11 +58,12 @@ def make_tokenizer():
     return tokenizer
 
 
-def save_tiny_chat_model(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random chat model (weights + tokenizer) to ``directory``; returns it."""
+def save_tiny_chat_model(directory: str | os.PathLike, seed: int = 0, extra_texts: Sequence[str] = ()) -> Path:
+    """Write a tiny random chat model (weights + tokenizer) to ``directory``; returns it.
+    ``extra_texts``: texts whose words the vocabulary must also hold."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(extra_texts)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
