@@ -26,3 +26,5 @@ __all__ = [
     "objective_metrics", "pairwise_accuracy", "pearson", "RewardModel", "load_reward_model",
 ]
 
+# Registers ``task: reward_model`` with pyalign.train.tasks (which imports this package for it).
+from pyalign.reward_model import task  # noqa: E402,F401
