@@ -34,7 +34,7 @@ TASK_MODULES = {
     "preference": "pyalign.train.sequential",
     "sft": "pyalign.train.sft",
     "reward_model": "pyalign.reward_model",
-    "dpa": "pyalign.dpa",
+    "dpa": "pyalign.train.dpa",
 }
 
 
