@@ -8,8 +8,9 @@ plain torch: they are both the reference and the implementation, since they cost
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,12 @@ class LossOutput:
         return values
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_beta(beta: float) -> None:
-    if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
+    if not (_is_number(beta) and beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta: expected a positive finite number, got {beta!r}")
 
 
@@ -73,15 +78,61 @@ def _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
     return policy_chosen - ref_chosen.detach(), policy_rejected - ref_rejected.detach()
 
 
-def _check_smoothing(label_smoothing: float, upper: float) -> None:
-    if not 0.0 <= label_smoothing < upper:
-        raise ValueError(f"label_smoothing: expected a value in [0, {upper}), got {label_smoothing!r}")
+# label_smoothing is the rate at which labels are taken to be flipped: above 0.5 the loss would
+# prefer the rejected response. dpo at 0.5 is flat in the preference (a pull towards equal
+# rewards, still defined); robust divides by 1 - 2 * eps, so it needs eps < 0.5.
+SMOOTHING_RANGES = {"dpo": (0.5, True), "robust": (0.5, False)}
+
+
+def _check_smoothing(label_smoothing: float, loss: str) -> None:
+    upper, inclusive = SMOOTHING_RANGES[loss]
+    inside = _is_number(label_smoothing) and 0.0 <= label_smoothing and (
+        label_smoothing <= upper if inclusive else label_smoothing < upper)
+    if not inside:
+        interval = f"[0, {upper}]" if inclusive else f"[0, {upper})"
+        raise ValueError(f"label_smoothing: expected a value in {interval} for {loss}, got {label_smoothing!r}")
+
+
+def _check_alphas(alphas) -> list[float]:
+    if isinstance(alphas, (str, bytes, Tensor)) or not isinstance(alphas, Iterable):
+        raise ValueError(f"alphas: expected a list of numbers in [0, 1], got {alphas!r}")
+    alphas = list(alphas)
+    for k, alpha in enumerate(alphas):
+        if not (_is_number(alpha) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"alphas[{k}]: expected a value in [0, 1], got {alpha!r}")
+    return [float(a) for a in alphas]
+
+
+def _check_kl(kl) -> None:
+    if kl is None or isinstance(kl, Tensor):
+        return
+    if not (_is_number(kl) and kl >= 0 and math.isfinite(kl)):
+        raise ValueError(f"kl: expected a non-negative finite estimate (or None for the batch estimate), got {kl!r}")
+
+
+def check_nll_weight(nll_weight: float) -> None:
+    if not (_is_number(nll_weight) and nll_weight >= 0 and math.isfinite(nll_weight)):
+        raise ValueError(f"nll_weight: expected a non-negative finite number, got {nll_weight!r}")
+
+
+def check_loss_options(loss: str, *, beta: float, **options) -> None:
+    """Raise ValueError, naming the argument, when a hyper-parameter of ``loss`` is out of range
+    (called when a loss is built, so a bad value fails before the first batch)."""
+    get_loss(loss)
+    _check_beta(beta)
+    if "label_smoothing" in options:
+        _check_smoothing(options["label_smoothing"], loss)
+    if "alphas" in options:
+        _check_alphas(options["alphas"])
+        spo_coefficients(options["alphas"], beta)
+    if "kl" in options:
+        _check_kl(options["kl"])
 
 
 def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0.1, label_smoothing=0.0):
     """Sigmoid DPO, conservative (label-smoothed) when ``label_smoothing > 0``."""
     _check_beta(beta)
-    _check_smoothing(label_smoothing, 1.0)
+    _check_smoothing(label_smoothing, "dpo")
     c, r = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     z = beta * (c - r)
     per_pair = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
@@ -106,7 +157,7 @@ def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0.1)
 def robust(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0.1, label_smoothing=0.0):
     """Robust DPO: unbiased under label noise rate ``label_smoothing`` (< 0.5)."""
     _check_beta(beta)
-    _check_smoothing(label_smoothing, 0.5)
+    _check_smoothing(label_smoothing, "robust")
     c, r = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     z = beta * (c - r)
     eps = label_smoothing
@@ -141,9 +192,8 @@ def kto_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0
     mismatched pairs); when None, the detached batch mean of ``logp - ref`` over the chosen and
     rejected responses, clamped at 0."""
     _check_beta(beta)
+    _check_kl(kl)
     c, r = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    if isinstance(kl, (int, float)) and not kl >= 0:
-        raise ValueError(f"kl: expected a non-negative estimate, got {kl!r}")
     if kl is None:
         kl = torch.cat([c, r]).mean().clamp(min=0).detach() if c.numel() else c.new_zeros(())
     kl = torch.as_tensor(kl, dtype=c.dtype, device=c.device).detach()
@@ -161,10 +211,7 @@ def spo_coefficients(alphas: Sequence[float], beta: float) -> list[float]:
     ``kappa_n = beta``; ``kappa_k = -beta * alpha_k * prod_{m=k+1}^{n-1} (1 - alpha_m)``.
     """
     _check_beta(beta)
-    alphas = [float(a) for a in alphas]
-    for k, alpha in enumerate(alphas, start=1):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alphas[{k - 1}]: expected a value in [0, 1], got {alpha!r}")
+    alphas = _check_alphas(alphas)
     n = len(alphas) + 1
     kappas = []
     for k in range(1, n):

@@ -51,8 +51,11 @@ class PreferenceLoss(torch.nn.Module):
         self.loss_name = loss
         if loss == "spo" and "alphas" not in loss_kwargs:
             raise ValueError("alphas: the spo loss needs alphas (one per earlier round)")
-        if nll_weight < 0:
-            raise ValueError(f"nll_weight: expected a non-negative number, got {nll_weight!r}")
+        losses.check_nll_weight(nll_weight)
+        if average is not None and not isinstance(average, bool):
+            raise ValueError(f"average: expected True, False or None (ipo only), got {average!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
         self.beta = beta
         self.loss_kwargs = loss_kwargs
         self.nll_weight = nll_weight
@@ -60,8 +63,9 @@ class PreferenceLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.backend = backend
         self.inplace_backward = inplace_backward
-        # Fail at construction, not at the first batch, on a bad keyword.
+        # Fail at construction, not at the first batch, on a bad keyword or value.
         self._check_kwargs()
+        losses.check_loss_options(loss, beta=beta, **loss_kwargs)
 
     def _check_kwargs(self) -> None:
         import inspect  # noqa: PLC0415

@@ -69,6 +69,8 @@ BAD_CONFIGS = [
     ("method.alpha", 1.5, r"^method\.alpha: expected a float in \[0, 1\], got 1\.5"),
     ("method.alpha", [0.1, 0.2], r"^method\.alpha: expected 1 values \(one per round but the last\), got 2"),
     ("method.label_smoothing", 0.1, r"^method\.label_smoothing: only dpo and robust use it"),
+    ("method", {"loss": "dpo", "label_smoothing": 0.6}, r"^method\.label_smoothing: dpo needs a value in \[0, 0\.5\]"),
+    ("method", {"loss": "robust", "label_smoothing": 0.5}, r"^method\.label_smoothing: robust needs a value in \[0, 0\.5\)"),
     ("lora.r", 0, r"^lora\.r: expected a positive integer, got 0"),
     ("lora.trainable_token_indices", [3, -1], r"^lora\.trainable_token_indices\[1\]: expected a non-negative integer"),
     ("lora.target_modules", "q_proj", r"^lora\.target_modules: expected a non-empty list"),
@@ -147,7 +149,7 @@ def test_python_dash_m_pyalign(assets):
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["dpo_example.yaml", "spo_real_data_example.yaml"])
+@pytest.mark.parametrize("name", ["dpo_example.yaml", "spo_real_data_example.yaml", "sft_example.yaml"])
 def test_example_configs_are_valid(assets, name, tmp_path, monkeypatch):
     """The shipped examples use only real fields and valid values; the model folder and the
     user-prepared data files are swapped for test fixtures."""
@@ -155,6 +157,13 @@ def test_example_configs_are_valid(assets, name, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the examples' relative paths are from the repository root
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
     raw["model"]["path"] = str(model)
+    if name == "sft_example.yaml":  # its data ships with the repository
+        from pyalign.train.sft_data import load_sft_examples
+
+        config = load_config(raw)
+        assert config.output_dir.startswith(str(REPO / "outputs"))
+        assert len(load_sft_examples(config.data.train)) == 12 and len(load_sft_examples(config.data.eval)) == 4
+        return
     for entry in raw["rounds"]:
         for split in ("train", "eval"):
             if split in entry and not Path(entry[split]).is_file():
@@ -165,3 +174,106 @@ def test_example_configs_are_valid(assets, name, tmp_path, monkeypatch):
         assert config.rounds[0].train == str(REPO / "configs" / "data" / "helpful_train.jsonl")
         assert len(load_preference_pairs(config.rounds[0].train)) == 12
         assert len(load_preference_pairs(config.rounds[0].eval)) == 4
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def sft_config(assets, output_dir="sft_out"):
+    root, model, train, held_out = assets
+    sft_train = write_jsonl(root / "sft_train.jsonl", [{"prompt": p["prompt"], "response": p["chosen"]}
+                                                       for p in make_pairs(6, seed=5)])
+    return {
+        "task": "sft",
+        "model": {"path": str(model)},
+        "data": {"train": str(sft_train)},
+        "training": {"epochs": 1, "batch_size": 3, "max_length": 32, "max_prompt_length": 16,
+                     "progress_bar": False, "tensorboard": False, "save_every": 0},
+        "output_dir": str(root / output_dir),
+    }
+
+
+BAD_TASK_CONFIGS = [
+    ("task", "ppo", r"^task: expected one of preference, sft"),
+    ("task", 3, r"^task: expected one of preference, sft"),
+    ("data", ..., r"^data: required field is missing"),
+    ("data.train", "/no/such.jsonl", r"^data\.train: file not found"),
+    ("data.pairs", "x.jsonl", r"^data\.pairs: unknown field \(known: train, eval\)"),
+    ("rounds", [], r"^rounds: unknown field"),
+    ("training.max_prompt_length", 40, r"^training\.max_prompt_length: must be below training\.max_length=32"),
+    ("model.path", "/no/such/model", r"^model\.path: no such model folder"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", BAD_TASK_CONFIGS, ids=[f"{p}={v!r}" for p, v, _ in BAD_TASK_CONFIGS])
+def test_bad_sft_config_names_the_field(assets, path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(with_change(sft_config(assets), path, value))
+
+
+def test_config_without_task_is_preference_and_resolved_config_names_its_task(assets, tmp_path, capsys):
+    from pyalign.train.config import SequentialConfig, config_to_dict
+
+    config = load_config(base_config(assets))
+    assert isinstance(config, SequentialConfig) and config_to_dict(config)["task"] == "preference"
+    assert load_config(config_to_dict(config)) == config  # a printed config loads again
+    with pytest.raises(ConfigError, match=r"^task: this runs 'sft', the config says 'preference'"):
+        load_config({**base_config(assets), "task": "preference"}, task="sft")
+    assert main(["config", "--task", "sft"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("task: sft") and "data.train" in out and "training.batch_size" in out
+    assert "method.alpha" not in out
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "task: preference (the default)" in out and "task: sft" in out and "data.eval" in out
+
+
+def test_a_task_missing_from_this_install_is_refused_by_name(monkeypatch):
+    from pyalign.train import tasks
+
+    monkeypatch.setitem(tasks.TASK_MODULES, "ghost", "pyalign.no_such_module")
+    with pytest.raises(ConfigError, match=r"task: 'ghost' is provided by pyalign\.no_such_module, which is not installed"):
+        load_config({"task": "ghost"})
+    assert "ghost" not in tasks.task_names()
+
+
+def test_a_module_registers_a_task_that_pyalign_train_runs(assets, tmp_path, capsys, monkeypatch):
+    """The registry is the only place a task needs: config checks, `pyalign config` and
+    `pyalign train` pick it up."""
+    from dataclasses import dataclass
+
+    from pyalign.train import tasks
+    from pyalign.train.config import TrainingConfig, _field, path_value, positive_int, section
+
+    @dataclass
+    class CountConfig:
+        output_dir: str = _field(check=path_value, doc="where the count goes")
+        upto: int = _field(3, positive_int, "how far to count")
+        training: TrainingConfig = section(TrainingConfig, "optimisation")
+
+    def run(config, *, callback=None):
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.output_dir) / "count.txt").write_text(" ".join(map(str, range(1, config.upto + 1))))
+        return config.output_dir
+
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    tasks.register_task(tasks.Task("count", CountConfig, run, summary=lambda out: [f"counted into {out}"],
+                                   doc="counts"))
+    with pytest.raises(ConfigError, match=r"^upto: expected a positive integer, got 0"):
+        load_config({"task": "count", "output_dir": str(tmp_path), "upto": 0})
+    file = tmp_path / "count.yaml"
+    file.write_text(yaml.safe_dump({"task": "count", "output_dir": str(tmp_path / "c"), "upto": 4}))
+    assert main(["train", str(file), "--device", "cpu"]) == 0
+    assert (tmp_path / "c" / "count.txt").read_text() == "1 2 3 4"
+    assert f"counted into {tmp_path / 'c'}" in capsys.readouterr().out
+    assert main(["train", str(file), "--recompute-stale-cache"]) == 2
+    assert "--recompute-stale-cache: task count has no frozen log-prob cache" in capsys.readouterr().err
+    assert main(["config", "--task", "count"]) == 0
+    assert "upto" in capsys.readouterr().out
+
+
+def test_cli_trains_sft(assets, tmp_path, capsys):
+    file = tmp_path / "sft.yaml"
+    file.write_text(yaml.safe_dump(sft_config(assets, output_dir=tmp_path / "sft")))
+    assert main(["train", str(file), "--device", "cpu", "--no-progress"]) == 0
+    assert f"model: {tmp_path / 'sft' / 'model'}" in capsys.readouterr().out
+    assert (tmp_path / "sft" / "model" / "model.safetensors").is_file()

@@ -158,3 +158,53 @@ def test_empty_batch_gives_zero_loss_not_nan():
     out = losses.dpo(e, e, e, e)
     assert out.loss.item() == 0.0
     out.loss.backward()
+
+
+# ------------------------------------------------------------------------- hyper-parameters, when a loss is built
+
+BAD_OPTIONS = [
+    ("dpo", {"beta": -1.0}, r"^beta: expected a positive finite number, got -1\.0"),
+    ("dpo", {"beta": 0}, r"^beta:"),
+    ("dpo", {"beta": float("nan")}, r"^beta:"),
+    ("dpo", {"beta": float("inf")}, r"^beta:"),
+    ("dpo", {"beta": True}, r"^beta:"),
+    ("dpo", {"beta": "0.1"}, r"^beta:"),
+    ("dpo", {"label_smoothing": -0.1}, r"^label_smoothing: expected a value in \[0, 0\.5\] for dpo"),
+    ("dpo", {"label_smoothing": 0.7}, r"^label_smoothing: expected a value in \[0, 0\.5\] for dpo"),
+    ("robust", {"label_smoothing": 0.5}, r"^label_smoothing: expected a value in \[0, 0\.5\) for robust"),
+    ("spo", {"alphas": [0.1, 1.5]}, r"^alphas\[1\]: expected a value in \[0, 1\], got 1\.5"),
+    ("spo", {"alphas": [-0.1]}, r"^alphas\[0\]: expected a value in \[0, 1\]"),
+    ("spo", {"alphas": 0.1}, r"^alphas: expected a list of numbers in \[0, 1\]"),
+    ("spo", {"alphas": [float("nan")]}, r"^alphas\[0\]:"),
+    ("kto_pair", {"kl": -0.5}, r"^kl: expected a non-negative finite estimate"),
+    ("dpo", {"nll_weight": -1.0}, r"^nll_weight: expected a non-negative finite number, got -1\.0"),
+    ("dpo", {"nll_weight": float("inf")}, r"^nll_weight:"),
+    ("ipo", {"average": "yes"}, r"^average: expected True, False or None"),
+    ("hinge", {"label_smoothing": 0.1}, r"^label_smoothing: not an option of the hinge loss"),
+    ("ppo", {}, r"^loss: expected one of"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, message", BAD_OPTIONS, ids=[f"{n}-{k}" for n, k, _ in BAD_OPTIONS])
+def test_preference_loss_refuses_out_of_range_options_when_built(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pyalign.PreferenceLoss(name, **kwargs)
+
+
+def test_edges_of_the_ranges_are_accepted():
+    pyalign.PreferenceLoss("dpo", beta=1e-6, label_smoothing=0.5)
+    pyalign.PreferenceLoss("robust", label_smoothing=0.49)
+    pyalign.PreferenceLoss("spo", alphas=[0.0, 1.0])
+    pyalign.PreferenceLoss("spo", alphas=())  # round 1
+    pyalign.PreferenceLoss("kto_pair", kl=0.0)
+    pyalign.PreferenceLoss("dpo", nll_weight=0.0)
+
+
+def test_functional_losses_check_the_same_ranges():
+    pc, pr, rc, rr = one_pair()
+    with pytest.raises(ValueError, match=r"label_smoothing: expected a value in \[0, 0\.5\] for dpo"):
+        losses.dpo(pc, pr, rc, rr, label_smoothing=0.6)
+    with pytest.raises(ValueError, match="kl: expected a non-negative finite estimate"):
+        losses.kto_pair(pc, pr, rc, rr, kl=float("nan"))
+    with pytest.raises(ValueError, match="beta"):
+        losses.spo(pc, pr, rc[None], rr[None], alphas=[], beta=-0.1)

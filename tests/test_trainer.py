@@ -275,3 +275,58 @@ def test_chain_of_the_wrong_shape_is_refused(tokenizer, dataset):
     spo_round_3 = objective([0.1, 0.1], loss="spo")  # needs pi_0, pi_1, pi_2
     with pytest.raises(ValueError, match=r"data.train_chain: expected frozen log-probs of shape \(3, 12\)"):
         make_trainer(lora_model(tokenizer), dataset, random_chain(2, len(dataset)), spo_round_3)
+
+
+def test_a_step_callback_changes_spo_alphas_and_a_resumed_run_keeps_them(tokenizer, dataset, tmp_path):
+    """Adaptive alpha's hook: the callback sets new alphas between steps; they take effect at
+    the next step, are saved in the checkpoint and restored on resume."""
+    chain = random_chain(2, len(dataset))
+
+    def run(directory, crash_at=None):
+        model = lora_model(tokenizer)
+        perturb_lora(model)
+        seen = []
+
+        def callback(event, info):
+            trainer = info["trainer"]
+            seen.append(list(trainer.objective.alphas))
+            if info["step"] == 1:
+                trainer.objective.set_alphas([0.6])
+            if info["step"] == crash_at:
+                raise KeyboardInterrupt
+        trainer = Trainer(model, objective([0.1], loss="spo"), PairsWithFrozenLogprobs(dataset, chain),
+                          training(epochs=2, batch_size=3, save_every=2), directory, callback=callback)
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            pass
+        return trainer, seen
+
+    straight, seen = run(tmp_path / "a")
+    assert seen == [[0.1]] + [[0.6]] * 7
+    crashed, _ = run(tmp_path / "b", crash_at=3)
+    resumed, seen_after = run(tmp_path / "b")
+    assert seen_after == [[0.6]] * 6  # steps 3..8 from the checkpoint at step 2, alphas restored
+    for name, param in straight.params.items():
+        assert torch.equal(param, resumed.params[name]), name
+
+    plain = objective([0.1], loss="spo")
+    batch = PairsWithFrozenLogprobs(dataset, chain).batch([0, 1, 2])
+    model = lora_model(tokenizer)
+    perturb_lora(model)
+    before = plain.loss(model, batch).loss.item()
+    plain.set_alphas([0.6])
+    assert plain.loss(model, batch).loss.item() != before
+    with pytest.raises(ValueError, match=r"alphas\[0\]: expected a value in \[0, 1\]"):
+        plain.set_alphas([1.2])
+    with pytest.raises(ValueError, match="needs 1 alphas, got 2"):
+        plain.set_alphas([0.1, 0.2])
+    assert plain.alphas == [0.6]
+    with pytest.raises(ValueError, match="only the spo loss has alphas"):
+        objective(loss="dpo").set_alphas([])
+
+
+def test_empty_training_data_is_refused(tokenizer, dataset):
+    empty = PreferenceDataset([], tokenizer, max_length=32, max_prompt_length=16)
+    with pytest.raises(ValueError, match="train: the training data set is empty"):
+        make_trainer(lora_model(tokenizer), empty, random_chain(1, 0), objective())

@@ -413,8 +413,14 @@ def check_sequential(config: SequentialConfig) -> None:
             f"method.label_smoothing: only {' and '.join(SMOOTHED_LOSSES)} use it, "
             f"got {method.label_smoothing} with loss {method.loss}"
         )
-    if method.loss == "robust" and method.label_smoothing >= 0.5:
-        raise ConfigError(f"method.label_smoothing: robust needs a value below 0.5, got {method.label_smoothing}")
+    if method.loss in SMOOTHED_LOSSES:
+        from pyalign.losses import SMOOTHING_RANGES  # noqa: PLC0415
+
+        upper, inclusive = SMOOTHING_RANGES[method.loss]
+        if method.label_smoothing > upper or (not inclusive and method.label_smoothing == upper):
+            interval = f"[0, {upper}]" if inclusive else f"[0, {upper})"
+            raise ConfigError(f"method.label_smoothing: {method.loss} needs a value in {interval}, "
+                              f"got {method.label_smoothing}")
     check_model_folder(config.model)
     for i, r in enumerate(rounds):
         for split in ("train", "eval"):

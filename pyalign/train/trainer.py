@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -158,10 +159,13 @@ class Trainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if step_units:
             self.optimizer.step()
+            self.scheduler.step()
         else:  # nothing to learn from anywhere: no update (AdamW would still decay and move momentum)
             logger.warning("%s step %d: no %s in the step's batches on any process; no update",
                            self.name, step + 1, self.objective.unit)
-        self.scheduler.step()
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         return metrics
 
     # ------------------------------------------------------------------ evaluation
