@@ -15,6 +15,7 @@ checked against a float64 computation. Floor: 6*N*H*V flops at the measured matm
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 from pathlib import Path
 
@@ -159,17 +160,20 @@ def _pyalign_methods() -> list[Method]:
             return loss_fn(labels=case.labels, ref_logps=case.ref_logps, hidden=hidden, weight=weight,
                            mode=mode).loss
 
-        def fused_half_wgrad(hidden, weight, case, mode=mode, loss_fn=pyalign.PreferenceLoss("dpo", beta=BETA)):
+        def fused_wgrad(hidden, weight, case, mode=mode, dtype=None, loss_fn=pyalign.PreferenceLoss("dpo", beta=BETA)):
             return loss_fn(labels=case.labels, ref_logps=case.ref_logps, hidden=hidden, weight=weight,
-                           mode=mode, weight_grad_dtype=weight.dtype).loss
+                           mode=mode, weight_grad_dtype=dtype or weight.dtype).loss
 
         methods.append(Method(f"pyalign.linear_token_logprobs[{mode}]", op, _fused_extra))
         methods.append(Method(f"pyalign.PreferenceLoss(hidden)[{mode}]", fused, _fused_extra,
                               note="metrics synchronise"))
-        if "weight_grad_dtype" in inspect.signature(linear_preference_loss).parameters:
+        if mode == "default" and "weight_grad_dtype" in inspect.signature(linear_preference_loss).parameters:
+            methods.append(Method(f"pyalign.PreferenceLoss(hidden)[{mode},wgrad-fp32]",
+                                  functools.partial(fused_wgrad, dtype=torch.float32), _fused_fp32_extra,
+                                  note="pair groups (6NHV), [V, H] float32 weight-gradient accumulator"))
             methods.append(Method(f"pyalign.PreferenceLoss(hidden)[{mode},wgrad-in-weight-dtype]",
-                                  fused_half_wgrad, _fused_extra,
-                                  note="weight gradient accumulated in the weight's dtype, no fp32 buffer"))
+                                  fused_wgrad, _fused_extra,
+                                  note="pair groups (6NHV), weight gradient summed in its own dtype"))
     return methods
 
 
@@ -228,8 +232,13 @@ def _rowloop_extra(hidden, weight):
 
 
 def _fused_extra(hidden, weight):
-    _, grads, weight_cells = _dims(hidden, weight)
-    return grads + 4 * weight_cells + 768 * common.MIB  # fp32 weight-grad accumulator + chunk
+    _, grads, _ = _dims(hidden, weight)
+    # a chunk or group of logits, the kept hidden rows and their float32 gradient accumulator
+    return grads + 768 * common.MIB + hidden.numel() * (hidden.element_size() + 4)
+
+
+def _fused_fp32_extra(hidden, weight):
+    return _fused_extra(hidden, weight) + 4 * _dims(hidden, weight)[2]  # [V, H] float32 accumulator
 
 
 def _liger_extra(hidden, weight):

@@ -129,10 +129,52 @@ def test_a_fully_ignored_pair():
 
 
 def test_pair_groups():
-    assert lpl._pair_groups([4, 4, 4, 4], 8) == [(0, 2), (2, 4)]
-    assert lpl._pair_groups([4, 5, 0, 3], 8) == [(0, 1), (1, 4)]
-    assert lpl._pair_groups([4, 9], 8) is None
-    assert lpl._pair_groups([], 8) == []
+    assert lpl._pair_groups([4, 4, 4, 4], 8) == ([[0, 1], [2, 3]], [])
+    assert lpl._pair_groups([4, 5, 0, 3], 8) == ([[0], [1, 2, 3]], [])
+    assert lpl._pair_groups([4, 9, 3], 8) == ([[0, 2]], [1])
+    assert lpl._pair_groups([9], 8) == ([], [0])
+    assert lpl._pair_groups([], 8) == ([], [])
+
+
+def test_a_pair_over_the_budget_goes_alone(monkeypatch):
+    """One long pair does not push the whole batch off the pair-group path: it goes through the
+    op by itself, the others stay in groups, and loss, rewards and gradients are unchanged."""
+    seen = []
+    original = lpl._pair_group_loss
+    monkeypatch.setattr(lpl, "_pair_group_loss",
+                        lambda *a, **k: seen.append((k["groups"], k["alone"])) or original(*a, **k))
+    hidden, weight, bias, labels, ref, chain = make_batch(pairs=4, time=12, seed=8)
+    labels[:, 3:6] = -100
+    labels[[1, 5], 3:] = torch.randint(0, 40, (2, 9))  # pair 1: 18 kept tokens, the others 12
+    batch = (hidden, weight, bias, labels, ref, chain)
+    for name, kwargs in (("dpo", {}), ("apo_zero", {}), ("spo", {"alphas": [0.1, 0.2]})):
+        seen.clear()
+        fused, eager = losses_of(name, kwargs, batch, memory_budget=14 * 40 * 8)  # 14 rows of float64 logits
+        assert seen == [([[0], [2], [3]], [1])]
+        assert_same(fused, eager, atol=1e-10, rtol=1e-10)
+
+
+def test_no_float32_accumulator_for_a_trained_half_precision_weight(monkeypatch):
+    """A trainable bf16 weight over several pair groups: by default through the op (its weight
+    gradient vocabulary-major, no [V, H] float32 buffer); weight_grad_dtype=float32 keeps the pair
+    groups and their float32 accumulator. Both match the materialised path."""
+    seen = []
+    original = lpl._pair_group_loss
+    monkeypatch.setattr(lpl, "_pair_group_loss", lambda *a, **k: seen.append(1) or original(*a, **k))
+    batch = make_batch(seed=9, dtype=torch.bfloat16)
+    budget = 8 * 40 * 2  # 8 rows of bf16 logits: one pair per group
+    for weight_grad_dtype, groups_used in ((None, 0), (torch.float32, 1), (torch.bfloat16, 1)):
+        seen.clear()
+        fused, eager = losses_of("dpo", {}, batch, memory_budget=budget, weight_grad_dtype=weight_grad_dtype)
+        assert len(seen) == groups_used, weight_grad_dtype
+        (out, grads), (ref_out, ref_grads) = fused, eager
+        torch.testing.assert_close(out.loss.float(), ref_out.loss.float(), atol=2e-3, rtol=2e-3)
+        for grad, ref_grad in zip(grads, ref_grads):
+            scale = ref_grad.abs().max().float()
+            assert (grad.float() - ref_grad.float()).abs().max() <= 0.02 * scale
+    seen.clear()
+    losses_of("dpo", {}, batch, memory_budget=budget, requires=(True, False, False))  # frozen: groups
+    assert len(seen) == 1
 
 
 def test_plain_callable_and_no_grad():
@@ -215,7 +257,7 @@ def test_pair_group_memory_and_values_gpu(train_weight):
     out.loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    grads = leaf.numel() * 2 + (w.numel() * (2 + 4 + 2) if train_weight else 0)
+    grads = leaf.numel() * 2 + (w.numel() * 2 if train_weight else 0)  # one group: no accumulator
     assert extra <= lpl.PAIR_GROUP_BUDGET + grads + 64 * (1 << 20), extra / (1 << 20)
     eager_leaf = hidden.detach().requires_grad_()
     eager = module(eager_leaf @ weight.T, labels, ref)

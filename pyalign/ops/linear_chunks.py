@@ -191,3 +191,76 @@ def chunk_stats_into(stats: dict[str, Tensor], rows: slice, logits: Tensor, lse:
         stats["entropy"][out] = -p_log_p.sum(1)
         del p_log_p
         stats["log_sum_sq_probs"][out] = torch.logsumexp(log_p.mul_(2), dim=1)
+
+
+# --------------------------------------------------------------------------- vocabulary-major backward
+
+
+def vocab_block_columns(budget_bytes: int, rows: int, dtype: torch.dtype, vocab: int) -> int:
+    """Columns of a ``[rows, columns]`` logits block of ``dtype`` within ``budget_bytes`` (at
+    least 1, at most ``vocab``), rounded down to a multiple of 64 for the matmuls."""
+    return rows_for_budget(budget_bytes, rows, dtype, vocab) if rows else max(1, vocab)
+
+
+def vocab_major_backward(grad_kept: Tensor, hidden_kept: Tensor, weight: Tensor, bias: Tensor | None,
+                         labels_kept: Tensor, lse_kept: Tensor, backend,
+                         block_cols: int, needs: tuple[bool, bool, bool],
+                         grad_filter: float | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``sum_t g_t * logp_t`` over K kept tokens, one vocabulary block at a time.
+
+    Per block of ``block_cols`` columns ``[v0, v1)``: the block's logits ``hidden_kept @
+    weight[v0:v1].T (+ bias)`` for all K tokens, overwritten in place by the backend kernel with
+    ``d = g * (onehot - exp(z - lse))`` (``lse`` saved by the forward), then
+
+    - ``grad_weight[v0:v1] = d.T @ hidden_kept`` and ``grad_bias[v0:v1] = d.sum(0)``: written once,
+      one matmul over all tokens (fp32 accumulation inside it, one rounding), so no [V, H] float32
+      accumulator exists;
+    - ``grad_hidden += d @ weight[v0:v1]``, summed over blocks in a [K, H] float32 accumulator.
+
+    A token whose label lies outside the block has no one-hot term there. The kernels take one
+    label per row in ``[0, block)``, so such rows are given label 0 and their column 0 is then
+    rewritten from the logit saved before the kernel ran: ``-g * exp(z_0 - lse)``, fp32, one
+    rounding, exactly what the kernel writes for a non-label column.
+
+    Returns ``(grad_hidden [K, H] in hidden's dtype, grad_weight [V, H], grad_bias [V])``, None
+    where ``needs`` says not needed.
+    """
+    need_hidden, need_weight, need_bias = needs
+    rows, width = hidden_kept.shape
+    vocab = weight.shape[0]
+    math_dtype = lse_kept.dtype
+    acc_dtype = torch.promote_types(hidden_kept.dtype, torch.float32)
+    hidden_acc = torch.zeros(rows, width, dtype=acc_dtype, device=hidden_kept.device) if need_hidden else None
+    # Every row of grad_weight is written once, unless the filter drops its block: zeros then.
+    fresh = torch.empty_like if (grad_filter is None and rows) else torch.zeros_like
+    grad_weight = fresh(weight) if need_weight else None
+    grad_bias = fresh(bias) if (need_bias and bias is not None) else None
+    if rows == 0 or vocab == 0:
+        return (None if hidden_acc is None else hidden_acc.to(hidden_kept.dtype)), grad_weight, grad_bias
+    block_cols = max(1, min(block_cols, vocab))
+    flat = hidden_kept.new_empty(rows * block_cols)
+    grad2 = grad_kept.to(math_dtype).unsqueeze(0).contiguous()
+    lse2 = lse_kept.unsqueeze(0).contiguous()
+    limit_scale = grad_kept.abs().max().item() if grad_filter is not None else 1.0
+    for v0 in range(0, vocab, block_cols):
+        v1 = min(vocab, v0 + block_cols)
+        logits = linear_into(flat[: rows * (v1 - v0)].view(rows, v1 - v0), hidden_kept, weight[v0:v1],
+                             None if bias is None else bias[v0:v1])
+        local = labels_kept - v0
+        in_block = (local >= 0) & (local < v1 - v0)
+        first_logit = logits[:, 0].to(math_dtype, copy=True)
+        # Local labels are >= 0, so -1 never marks a row as ignored (the caller's ignore_index might).
+        backend.backward(logits.unsqueeze(0), torch.where(in_block, local, 0).unsqueeze(0), lse2, grad2,
+                         -1, logits.unsqueeze(0))
+        not_label = -grad2[0] * torch.exp(first_logit - lse2[0])
+        logits[:, 0] = torch.where(in_block, logits[:, 0].to(math_dtype), not_label).to(logits.dtype)
+        runs = kept_vocab_runs(logits, grad_filter, limit_scale)
+        for start, end in runs:
+            cols = logits[:, start:end]
+            if grad_weight is not None:
+                torch.mm(cols.t(), hidden_kept, out=grad_weight[v0 + start:v0 + end])
+            if grad_bias is not None:
+                grad_bias[v0 + start:v0 + end] = cols.sum(0, dtype=acc_dtype).to(grad_bias.dtype)
+            if hidden_acc is not None:
+                accumulate_product(hidden_acc, cols, weight[v0 + start:v0 + end])
+    return (None if hidden_acc is None else hidden_acc.to(hidden_kept.dtype)), grad_weight, grad_bias

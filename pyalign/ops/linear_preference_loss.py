@@ -14,10 +14,13 @@ Two paths, both exact:
   and ``grad_weight += d_logits^T @ hidden`` (fp32 accumulation for half-precision weights). The
   gradients are formed in the forward; the returned loss hands them back, scaled by the upstream
   gradient, in its backward. The logits of one group are the only ``[*, V]`` buffer.
-- **Through the op**, otherwise (``mode="low_memory"``, a coupled loss, or a pair whose logits
-  alone exceed the budget): token log-probs by :func:`linear_token_logprobs` (chunked, logits
-  recomputed in the backward), then the loss by autograd: 8*N*H*V flops (4 or 6 with a frozen
-  weight, docs/fused_linear.md), O(chunk) memory, any loss.
+- **Through the op**, otherwise (``mode="low_memory"``, a coupled loss, a trainable
+  half-precision weight whose pairs need several groups, where summing the groups' weight
+  gradients would take a [V, H] float32 accumulator): token log-probs by
+  :func:`linear_token_logprobs` (chunked, logits recomputed in the backward, the weight gradient
+  vocabulary-major), then the loss by autograd: 8*N*H*V flops (4 or 6 with a frozen weight,
+  docs/fused_linear.md), O(chunk) memory, any loss. A pair whose logits alone exceed the group
+  budget takes this path by itself while the other pairs stay in groups.
 """
 
 from __future__ import annotations
@@ -84,44 +87,61 @@ class _PrecomputedGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        scale = grad_loss.item()
-        grads = tuple(None if g is None else (g if scale == 1.0 else g * scale) for g in ctx.grads)
+        # Scaled in place (the stored gradients are ours alone): no copy of the weight gradient,
+        # and no read of grad_loss on the host, which would synchronise with the GPU. x * 1.0 is
+        # exact, so the usual loss.backward() leaves them bit for bit as formed.
+        grads = tuple(None if g is None else g.mul_(grad_loss) for g in ctx.grads)
         del ctx.grads
         return (None, *grads, None, None, None)
 
 
-def _pair_groups(pair_tokens: list[int], max_rows: int) -> list[tuple[int, int]] | None:
-    """Contiguous pair ranges ``[i, j)`` whose kept tokens fit ``max_rows`` logits rows; None when
-    one pair alone does not fit."""
-    groups, start, rows = [], 0, 0
+def _pair_groups(pair_tokens: list[int], max_rows: int) -> tuple[list[list[int]], list[int]]:
+    """Groups of pairs (consecutive among those that fit) whose kept tokens fit ``max_rows``
+    logits rows, and the pairs that do not fit alone (they go through the op, one by one)."""
+    groups: list[list[int]] = []
+    alone: list[int] = []
+    rows = 0
     for pair, tokens in enumerate(pair_tokens):
         if tokens > max_rows:
-            return None
-        if rows + tokens > max_rows and pair > start:
-            groups.append((start, pair))
-            start, rows = pair, 0
+            alone.append(pair)
+            continue
+        if not groups or rows + tokens > max_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(pair)
         rows += tokens
-    if start < len(pair_tokens):
-        groups.append((start, len(pair_tokens)))
-    return groups
+    return groups, alone
 
 
 def _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_logps, *, plan,
-                     average, groups, counts) -> LossOutput:
-    """The 6NHV path: loss and gradients of each group of pairs in one pass over its logits."""
+                     average, groups, alone, counts, op_kwargs) -> LossOutput:
+    """The 6NHV path: loss and gradients of each group of pairs in one pass over its logits; the
+    pairs in ``alone`` (each over the budget by itself) through the op, by autograd."""
     two_b, time, width = hidden.shape
     num_pairs = two_b // 2
     labels_flat = labels.reshape(-1)
     kept = labels != plan.ignore_index
     out_dtype = output_dtype(hidden.dtype)
     seq_logps = torch.zeros(two_b, dtype=out_dtype, device=hidden.device)
+    alone_share = None
+    if alone:
+        pairs = torch.tensor(alone, device=hidden.device)
+        rows = torch.cat([pairs, pairs + num_pairs])
+        token_logps = linear_token_logprobs(hidden.index_select(0, rows), weight, labels.index_select(0, rows),
+                                            bias=bias, ignore_index=plan.ignore_index, **op_kwargs)
+        alone_seq = token_logps.sum(-1)
+        if average:
+            alone_seq = alone_seq / counts.index_select(0, rows).clamp(min=1).to(out_dtype)
+        seq_logps[rows] = alone_seq.detach()
+        alone_out = compute(alone_seq, _take(ref_logps, rows), _take(chain_logps, rows), counts.index_select(0, rows))
+        alone_share = alone_out.loss * (len(alone) / num_pairs)
     with torch.no_grad():
         hidden2 = hidden.reshape(two_b * time, width)
         grad_hidden2 = torch.zeros_like(hidden2) if hidden.requires_grad else None
         sink = WeightGradSink(weight, bias, weight.requires_grad, bias is not None and bias.requires_grad,
                               single_step=len(groups) == 1, accumulate_dtype=plan.weight_grad_dtype)
-        for first, last in groups:
-            pairs = torch.arange(first, last, device=hidden.device)
+        for group in groups:
+            pairs = torch.tensor(group, device=hidden.device)
             rows = torch.cat([pairs, pairs + num_pairs])
             where = kept.index_select(0, rows).nonzero()  # [K, 2]: (row within the group, t)
             row_of_token = where[:, 0]
@@ -141,7 +161,7 @@ def _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_log
             with torch.enable_grad():
                 leaf = group_seq.detach().requires_grad_()
                 group_out = compute(leaf, _take(ref_logps, rows), _take(chain_logps, rows), group_counts)
-                (grad_seq,) = torch.autograd.grad(group_out.loss * ((last - first) / num_pairs), leaf)
+                (grad_seq,) = torch.autograd.grad(group_out.loss * (len(group) / num_pairs), leaf)
             if average:
                 grad_seq = grad_seq / group_counts.clamp(min=1).to(out_dtype)
             grad_tokens = grad_seq.index_select(0, row_of_token).to(out_dtype).unsqueeze(0).contiguous()
@@ -158,6 +178,8 @@ def _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_log
     grad_hidden = None if grad_hidden2 is None else grad_hidden2.view(hidden.shape)
     loss = _PrecomputedGradients.apply(final.loss, hidden, weight, bias, grad_hidden,
                                        sink.weight_grad(), sink.bias_grad())
+    if alone_share is not None:
+        loss = loss + (alone_share - alone_share.detach())  # the value stays final.loss exactly
     return LossOutput(loss, final.chosen_rewards, final.rejected_rewards, final.extra)
 
 
@@ -188,8 +210,16 @@ def linear_preference_loss(
     or ``"low_memory"`` (through :func:`linear_token_logprobs`, 32 MiB chunks by default).
     ``pair_separable``: whether the loss needs only each pair's own log-probs (default: inferred
     for PreferenceLoss, False for other callables). ``grad_filter``: the approximate gradient
-    filter of :func:`linear_token_logprobs` (None: exact); ``weight_grad_dtype``: its weight-gradient
-    accumulation (None: fp32 for a half-precision weight).
+    filter of :func:`linear_token_logprobs` (None: exact).
+
+    ``weight_grad_dtype`` decides how a trainable half-precision weight's gradient is summed when
+    the pairs need several groups: None (default) never holds a [V, H] float32 buffer: the batch
+    goes through the op, whose vocabulary-major backward writes each block of the gradient once
+    (8*N*H*V flops); ``torch.float32`` keeps the pair groups (6*N*H*V) and sums their gradients in
+    a [V, H] float32 accumulator (4*V*H bytes more); the weight's own dtype keeps the pair groups
+    and sums in place (one rounding per group). A frozen or float32 weight, or a single group,
+    needs no accumulator: pair groups then. A pair whose logits alone exceed the budget goes
+    through the op by itself; the other pairs stay in groups.
     """
     compute = _loss_callable(loss_fn)
     ignore_index = getattr(loss_fn, "ignore_index", -100) if ignore_index is None else ignore_index
@@ -212,20 +242,27 @@ def linear_preference_loss(
 
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    groups = None
+    groups, alone = [], []
     if wants_grad and mode == "default" and separable:
         budget = PAIR_GROUP_BUDGET if memory_budget is None else memory_budget
         max_rows = rows_for_budget(budget, weight.shape[0], hidden.dtype, labels.numel())
         num_pairs = hidden.shape[0] // 2
-        groups = _pair_groups((counts[:num_pairs] + counts[num_pairs:]).tolist(), max_rows)
+        groups, alone = _pair_groups((counts[:num_pairs] + counts[num_pairs:]).tolist(), max_rows)
+        half_weight_trained = weight.dtype in (torch.bfloat16, torch.float16) and (
+            weight.requires_grad or (bias is not None and bias.requires_grad))
+        if half_weight_trained and len(groups) > 1 and weight_grad_dtype is None:
+            groups, alone = [], []  # no [V, H] float32 accumulator: the op's vocabulary-major backward
     if groups:
         plan = make_plan(hidden, weight, bias, ignore_index=ignore_index, chunk_size=None,
                          memory_budget=None, mode=mode, grad_filter=grad_filter, backend=backend,
                          num_rows=labels.numel(), wants_grad=wants_grad,
                          weight_grad_dtype=weight_grad_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            return _pair_group_loss(compute, hidden, weight, bias, labels, ref_logps, chain_logps,
-                                    plan=plan, average=average, groups=groups, counts=counts)
+            return _pair_group_loss(
+                compute, hidden, weight, bias, labels, ref_logps, chain_logps, plan=plan, average=average,
+                groups=groups, alone=alone, counts=counts,
+                op_kwargs={"mode": mode, "memory_budget": memory_budget, "grad_filter": grad_filter,
+                           "backend": backend})
 
     token_logps = linear_token_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, mode=mode,

@@ -18,8 +18,10 @@ Modes (flops for N kept tokens, H hidden, V vocabulary):
 - ``"low_memory"``: chunks of up to 32 MiB, nothing but the log-sum-exp per token saved; the
   backward recomputes the logits: 6*N*H*V (frozen weight) or 8*N*H*V.
 
-The weight and bias gradients are accumulated over chunks in float32 when the weight is bf16/fp16
-(a bf16 running sum would lose bits with every chunk). ``grad_filter`` (off by default) skips the
+The weight and bias gradients are formed vocabulary-major: per block of vocabulary columns, the
+logits of all kept tokens are recomputed and that block of the gradient is written once (one
+matmul over all tokens, one rounding), so no [V, H] float32 accumulator exists; ``grad_hidden``
+is summed over blocks in a [N, H] float32 accumulator. ``grad_filter`` (off by default) skips the
 gradient matmuls of vocabulary blocks whose every |d_logits| is below ``grad_filter * max|g|``:
 approximate, with each dropped gradient element bounded by that limit (docs/fused_linear.md).
 """
@@ -44,6 +46,8 @@ from pyalign.ops.linear_chunks import (  # noqa: F401  (re-exported: tests and l
     kept_vocab_runs,
     linear_into,
     rows_for_budget,
+    vocab_block_columns,
+    vocab_major_backward,
 )
 from pyalign.reference import output_dtype
 
@@ -117,20 +121,33 @@ def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: 
 def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tensor | None,
                   keep_idx: Tensor, labels_kept: Tensor, lse_kept: Tensor, plan: LinearPlan,
                   needs: tuple[bool, bool, bool]):
-    """Recomputing backward: (grad_hidden, grad_weight, grad_bias), None where not needed."""
+    """Recomputing backward: (grad_hidden, grad_weight, grad_bias), None where not needed.
+
+    With a weight (or bias) gradient: vocabulary-major (:func:`vocab_major_backward`), so the
+    weight gradient is written once per vocabulary block and no [V, H] float32 accumulator exists.
+    With only the hidden gradient: token-major, each chunk's rows of grad_hidden written once.
+    """
     need_hidden, need_weight, need_bias = needs
     kept = keep_idx.numel()
     grad_kept = grad_logp.index_select(0, keep_idx).to(lse_kept.dtype)
+    if need_weight or (need_bias and bias is not None):
+        hidden_kept = hidden2.index_select(0, keep_idx)
+        columns = vocab_block_columns(plan.chunk * weight.shape[0] * hidden2.element_size(), kept,
+                                      hidden2.dtype, weight.shape[0])
+        grad_kept_hidden, grad_weight, grad_bias = vocab_major_backward(
+            grad_kept, hidden_kept, weight, bias, labels_kept, lse_kept, plan.backend, columns, needs,
+            plan.grad_filter)
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = torch.zeros_like(hidden2).index_copy_(0, keep_idx, grad_kept_hidden)
+        return grad_hidden, grad_weight, grad_bias
     grad_hidden = torch.zeros_like(hidden2) if need_hidden else None
-    sink = WeightGradSink(weight, bias, need_weight, need_bias, single_step=kept <= plan.chunk,
-                          accumulate_dtype=plan.weight_grad_dtype)
-    if kept:
+    if kept and need_hidden:
         buffer = hidden2.new_empty(min(plan.chunk, kept), weight.shape[0])
-    for start in range(0, kept, plan.chunk):
+    for start in range(0, kept if need_hidden else 0, plan.chunk):
         end = min(kept, start + plan.chunk)
         rows = keep_idx[start:end]
-        hidden_rows = hidden2.index_select(0, rows)
-        logits = linear_into(buffer[: end - start], hidden_rows, weight, bias)
+        logits = linear_into(buffer[: end - start], hidden2.index_select(0, rows), weight, bias)
         grad_rows = grad_kept[start:end]
         # In place: the chunk's logits become its d_logits (no second [chunk, V] buffer).
         plan.backend.backward(logits.unsqueeze(0), labels_kept[start:end].unsqueeze(0),
@@ -138,10 +155,8 @@ def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tens
                               plan.ignore_index, logits.unsqueeze(0))
         scale = grad_rows.abs().max().item() if plan.grad_filter is not None else 1.0
         runs = kept_vocab_runs(logits, plan.grad_filter, scale)
-        if grad_hidden is not None:
-            grad_hidden.index_copy_(0, rows, grad_hidden_from_runs(logits, weight, runs))
-        sink.add(logits, hidden_rows, runs)
-    return grad_hidden, sink.weight_grad(), sink.bias_grad()
+        grad_hidden.index_copy_(0, rows, grad_hidden_from_runs(logits, weight, runs))
+    return grad_hidden, None, None
 
 
 def scale_unscaled_grad_hidden(grad_logp: Tensor, unscaled: Tensor, keep_idx: Tensor,
@@ -295,9 +310,9 @@ def linear_token_logprobs(
     ``mode``: ``"default"`` or ``"low_memory"`` (module docstring); ``chunk_size`` (rows of logits
     per chunk) overrides ``memory_budget`` (bytes of logits per chunk; 256 MiB / 32 MiB by mode).
     ``grad_filter``: None (exact) or a threshold in (0, 1) for the approximate gradient filter.
-    ``backend``: as for :func:`pyalign.token_logprobs`. ``weight_grad_dtype``: None (fp32
-    accumulation over chunks for a half-precision weight) or the weight's dtype (accumulate in
-    place: half the memory and traffic, one rounding per chunk).
+    ``backend``: as for :func:`pyalign.token_logprobs`. ``weight_grad_dtype`` (None, float32 or
+    the weight's dtype) is accepted for symmetry with the loss; the op's vocabulary-major backward
+    writes each block of the weight gradient once, so it changes nothing here.
 
     ``return_stats=True`` returns ``(logp, stats)``: ``stats`` maps each name to a tensor shaped
     like ``labels``, computed from the same chunks of logits as the log-probs (no extra matmul),
