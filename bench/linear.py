@@ -136,6 +136,7 @@ def linear_methods(device: torch.device, only=()) -> list[Method]:
     methods = [Method("eager", eager, _eager_extra, note="hidden @ weight.T, log_softmax(.float()).gather"),
                Method("eager_rowloop", rowloop, _rowloop_extra, note="hidden @ weight.T, TRL row loop")]
     methods += _pyalign_methods()
+    methods += _trl_chunked_methods()
     if device.type == "cuda":
         methods += _cce_methods() + [_liger_method()]
     if only:
@@ -164,7 +165,14 @@ def _pyalign_methods() -> list[Method]:
             return loss_fn(labels=case.labels, ref_logps=case.ref_logps, hidden=hidden, weight=weight,
                            mode=mode, weight_grad_dtype=dtype or weight.dtype).loss
 
+        def op_stats(hidden, weight, case, mode=mode):
+            logps, _ = pyalign.linear_token_logprobs(hidden, weight, case.labels, mode=mode, return_stats=True)
+            return dpo_loss(logps.sum(-1), case.ref_logps)
+
         methods.append(Method(f"pyalign.linear_token_logprobs[{mode}]", op, _fused_extra))
+        if mode == "default":
+            methods.append(Method(f"pyalign.linear_token_logprobs[{mode},stats]", op_stats, _fused_extra,
+                                  note="+ entropy, mean logit, log sum p^2, argmax (return_stats)"))
         methods.append(Method(f"pyalign.PreferenceLoss(hidden)[{mode}]", fused, _fused_extra,
                               note="metrics synchronise"))
         if mode == "default" and "weight_grad_dtype" in inspect.signature(linear_preference_loss).parameters:
@@ -175,6 +183,40 @@ def _pyalign_methods() -> list[Method]:
                                   fused_wgrad, _fused_extra,
                                   note="pair groups (6NHV), weight gradient summed in its own dtype"))
     return methods
+
+
+# The per-token outputs TRL 1.16's DPOTrainer asks its fused lm_head for (dpo_trainer.py).
+TRL_DPO_OUTPUTS = ("entropy", "mean_logits", "is_top1")
+
+
+def _trl_chunked_methods() -> list[Method]:
+    """TRL 1.16's fused lm_head (``trl.kernels.ChunkedLogProbFunction``), called as its
+    ``add_fused_lm_head`` calls it: 32768 vocabulary columns per tile, fp32 gradient accumulators;
+    on a Triton device only the kept positions, elsewhere every position (its torch tile path)."""
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: PLC0415
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk  # noqa: PLC0415
+    except ImportError as err:
+        return [Method("trl_chunked", None, _grads_only, note=f"trl's chunked log-prob not importable: {err}")]
+
+    def make(outputs):
+        def loss(hidden, weight, case):
+            mask = case.mask
+            if hidden.is_cuda:  # TRL's compact path: the kept positions only
+                per_token = ChunkedLogProbFunction.apply(hidden[mask], weight, None, case.labels[mask], 1.0,
+                                                         chunk, None, 1.0, outputs)
+                logps = per_token[0].new_zeros(mask.shape).masked_scatter(mask, per_token[0])
+            else:
+                per_token = ChunkedLogProbFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, None,
+                                                         case.safe_labels.reshape(-1), 1.0, chunk, None, 1.0,
+                                                         outputs)
+                logps = per_token[0].view(mask.shape).masked_fill(~mask, 0)
+            return dpo_loss(logps.sum(-1), case.ref_logps)
+        return loss
+
+    return [Method("trl_chunked", make(()), _trl_extra, note="ChunkedLogProbFunction, log-probs only"),
+            Method("trl_chunked[dpo-outputs]", make(TRL_DPO_OUTPUTS), _trl_extra,
+                   note="+ entropy, mean logit, is_top1, as TRL's DPOTrainer asks")]
 
 
 def _cce_methods() -> list[Method]:
@@ -239,6 +281,13 @@ def _fused_extra(hidden, weight):
 
 def _fused_fp32_extra(hidden, weight):
     return _fused_extra(hidden, weight) + 4 * _dims(hidden, weight)[2]  # [V, H] float32 accumulator
+
+
+def _trl_extra(hidden, weight):
+    _, grads, weight_cells = _dims(hidden, weight)
+    tile = 4096 * 32768 * hidden.element_size()
+    # fp32 accumulators of both gradients, one tile, the cast of each accumulator at the end
+    return grads + 4 * (weight_cells + hidden.numel()) + tile + grads
 
 
 def _liger_extra(hidden, weight):

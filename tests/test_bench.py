@@ -78,15 +78,17 @@ def test_page_faults_per_call_see_fresh_memory():
 
 def test_linear_bench_writes_checked_numbers(tmp_path):
     linear.main(["--device", "cpu", "--shapes", "2x8x16x50", "--dtypes", "fp32", "--repeats", "1",
-                 "--warmup", "0", "--threads", "1", "--matmul-size", "64", "--methods", "eager,pyalign",
+                 "--warmup", "0", "--threads", "1", "--matmul-size", "64", "--methods", "eager,pyalign,trl",
                  "--out", str(tmp_path)])
     payload = _load(tmp_path, "linear")
     (case,) = payload["cases"]
     assert case["tokens"] == 16 and case["kept_tokens"] == 2 * (8 - 8 // 4)
     rows = {row["method"]: row for row in case["methods"]}
     assert {"eager", "eager_rowloop"} <= set(rows)
+    assert {"trl_chunked", "trl_chunked[dpo-outputs]"} <= set(rows)  # TRL 1.16's fused lm_head, CPU path
     for row in rows.values():
-        if row.get("skipped", "").startswith("pyalign's fused-linear op not importable"):
+        if row.get("skipped", "").startswith(("pyalign's fused-linear op not importable",
+                                              "trl's chunked log-prob not importable")):
             continue
         assert "skipped" not in row, row
         assert row["loss_abs_err"] < 1e-5, row
