@@ -1,0 +1,111 @@
+"""A small client for OpenAI-compatible chat-completions endpoints (OpenAI, vLLM, TGI, ...).
+
+``POST {base_url}/chat/completions`` with ``{"model", "messages", "max_tokens", "temperature",
+"seed"}``; the answer's ``choices[0].message.content`` is returned.
+
+- Timeouts: connecting and waiting for the answer are both bounded (``timeout`` seconds each).
+- Retries: connection errors, timeouts, 408, 409, 429 and 5xx are retried up to ``max_retries``
+  times with exponential backoff (``backoff * 2**attempt`` seconds, at most ``max_backoff``; a
+  ``Retry-After`` header in seconds is honoured); other 4xx answers fail at once.
+- The API key is read from the environment variable ``api_key_env`` (never passed as an argument,
+  so it does not end up in shell history, configs or logs) and sent as ``Authorization: Bearer``.
+  It is never logged, printed or written: ``repr`` and error messages leave it out, and any echo
+  of it in a server's error text is masked. Without the variable no Authorization header is sent
+  (local servers often need none).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+logger = logging.getLogger("pyalign.data")
+RETRIED_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class ChatCompletionsError(RuntimeError):
+    """The endpoint failed (after the retries, or with an answer that retrying cannot fix)."""
+
+
+class ChatCompletionsClient:
+    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                 max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0):
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: expected an http(s) URL, got {base_url!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model: expected the endpoint's model name, got {model!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries: expected an integer >= 0, got {max_retries!r}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
+        self._api_key = os.environ.get(api_key_env) or None
+        if self._api_key is None:
+            logger.info("chat completions: $%s is not set; requests to %s go without an API key", api_key_env, self.url)
+        self._session = None
+
+    def __repr__(self) -> str:
+        key = f"${self.api_key_env} (set)" if self._api_key else f"${self.api_key_env} (unset)"
+        return f"ChatCompletionsClient(url={self.url!r}, model={self.model!r}, api_key={key})"
+
+    def describe(self) -> dict:
+        """What the answers depend on (for provenance and resume checks); no key."""
+        return {"kind": "chat_completions", "url": self.url, "model": self.model}
+
+    def _mask(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def complete(self, messages: list[dict], *, max_tokens: int = 1024, temperature: float = 0.0,
+                 seed: int | None = None) -> str:
+        """The assistant's answer to ``messages``."""
+        import requests  # noqa: PLC0415
+
+        if self._session is None:
+            self._session = requests.Session()
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        if seed is not None:
+            body["seed"] = seed
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (1 + 0.1 * random.random())
+            try:
+                response = self._session.post(self.url, json=body, headers=self._headers(),
+                                              timeout=(self.timeout, self.timeout))
+            except (requests.ConnectionError, requests.Timeout) as error:
+                last = f"{type(error).__name__}"
+            else:
+                if response.status_code == 200:
+                    return self._content(response)
+                last = f"HTTP {response.status_code}: {self._mask(response.text[:300])}"
+                if response.status_code not in RETRIED_STATUS:
+                    raise ChatCompletionsError(f"{self.url}: {last}")
+                retry_after = response.headers.get("Retry-After")
+                if retry_after and retry_after.replace(".", "", 1).isdigit():
+                    wait = min(self.max_backoff, float(retry_after))
+            if attempt < self.max_retries:
+                logger.warning("chat completions: %s failed (%s); retry %d/%d in %.1f s", self.url, last,
+                               attempt + 1, self.max_retries, wait)
+                time.sleep(wait)
+        raise ChatCompletionsError(f"{self.url}: failed after {self.max_retries + 1} attempts; last: {last}")
+
+    def _content(self, response) -> str:
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ChatCompletionsError(
+                f"{self.url}: not a chat-completions answer: {self._mask(response.text[:300])}"
+            ) from None
+        if not isinstance(content, str):
+            raise ChatCompletionsError(f"{self.url}: choices[0].message.content is {type(content).__name__}, not text")
+        return content
