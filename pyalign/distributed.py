@@ -47,8 +47,24 @@ UNSUPPORTED_LAUNCHES = {
 }
 
 
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def check_launch() -> None:
     """Refuse, with a clear message, launches pyalign's trainer does not implement."""
+    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ):
+        # accelerate sets MASTER_ADDR only when asked for several processes; with --cpu and no
+        # mpirun it then starts ONE process, which would train alone without a word.
+        how = ("under mpirun (accelerate launch --cpu --mpirun_hostfile ...), which pyalign does not read"
+               if any(v in os.environ for v in MPI_SIZE_VARIABLES)
+               else "but `accelerate launch --cpu --num_processes N` started a single process (accelerate's "
+                    "multi-CPU mode needs mpirun)")
+        raise ValueError(
+            f"ACCELERATE_USE_CPU: several processes were asked for {how}. On CPU use "
+            "`accelerate launch --multi_gpu --num_processes N ...` (it runs torchrun; pyalign then uses gloo "
+            "on CPU) or `torchrun --nproc_per_node N ...`; see docs/integrations.md#multi-process-training"
+        )
     for variable, what in UNSUPPORTED_LAUNCHES.items():
         if os.environ.get(variable, "").lower() in _TRUE:
             raise ValueError(
@@ -140,9 +156,15 @@ def gather_in_order(local: Sequence[Any]) -> list[Any]:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it."""
+    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it. A CPU tensor
+    under NCCL (which reduces CUDA tensors only) travels through this process's GPU."""
     if is_initialized() and world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
