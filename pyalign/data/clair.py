@@ -209,10 +209,10 @@ def load_prompts(source, *, limit: int | None = None) -> list[tuple[str, str | N
             source = replace(source, schema=adapter.name, dimension=adapter.dimensions[0])
         pairs, _ = iter_pairs(source)
         prompts = [(pair.prompt, pair.system) for _, pair in pairs]
-    unique = list(dict.fromkeys(prompts))
-    for i, (prompt, _) in enumerate(unique):
+    for i, (prompt, _) in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"{source.label}: prompt {i} is multi-turn; CLAIR samples y_l from text prompts only")
+    unique = list(dict.fromkeys(prompts))
     return unique[:limit] if limit is not None else unique
 
 
@@ -284,7 +284,9 @@ def make_clair_pairs(prompts: Sequence[tuple[str, str | None]], model, reviser, 
     )
     rejected_texts = [s[0].text for s in samples]
 
-    fingerprint = _fingerprint({"version": CLAIR_VERSION, "settings": asdict(settings), "target": target_name,
+    # batch and chunk sizes change how the work is cut, not its result
+    decisive = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "chunk_size")}
+    fingerprint = _fingerprint({"version": CLAIR_VERSION, "settings": decisive, "target": target_name,
                                 "reviser": reviser.describe()})
     start = _done_rows(paths, fingerprint, len(prompts))
     with JsonlAppender(paths["pairs"]) as kept, JsonlAppender(paths["rejected"]) as dropped, \

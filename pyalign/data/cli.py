@@ -21,7 +21,12 @@ from pyalign.data.pairs import prompt_json
 
 
 def add_data_parser(commands) -> None:
-    data = commands.add_parser("data", help="inspect a data source as pyalign sees it; make CLAIR revision pairs")
+    """The ``data`` subcommand, added to ``pyalign``'s subparsers."""
+    _add_subcommands(commands.add_parser("data", help="inspect a data source as pyalign sees it; "
+                                                      "make CLAIR revision pairs"))
+
+
+def _add_subcommands(data) -> None:
     sub = data.add_subparsers(dest="data_command", required=True)
 
     inspect = sub.add_parser("inspect", help="print the first records of a source after the schema mapping "
@@ -177,7 +182,7 @@ def _clair(args) -> int:
             options[name] = getattr(args, name)
     settings = clair.ClairSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        batch_size=args.batch_size, **options,
+        batch_size=args.batch_size, chunk_size=args.concurrency if args.reviser_url else args.batch_size, **options,
     )
     if args.reviser_url:
         if not args.reviser_name:
@@ -204,10 +209,19 @@ def run_data(args) -> int:
     return {"inspect": _inspect, "clair": _clair}[args.data_command](args)
 
 
-def main(argv=None) -> int:  # ``python -m pyalign.data.cli`` (the same as ``pyalign data``)
-    parser = argparse.ArgumentParser(prog="pyalign")
-    add_data_parser(parser.add_subparsers(dest="command", required=True))
-    return run_data(parser.parse_args(argv))
+def main(argv=None) -> int:
+    """``python -m pyalign.data.cli inspect|clair ...``: the same as ``pyalign data ...``."""
+    parser = argparse.ArgumentParser(prog="pyalign data", description=__doc__.split("\n")[0])
+    _add_subcommands(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_data(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pyalign data {args.data_command}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"pyalign data {args.data_command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
