@@ -5,6 +5,7 @@
     pyalign eval MODEL_DIR --data pairs.jsonl [--ref REF_DIR] [--beta 0.1] [--json OUT.json]
     pyalign config [CONFIG.yaml] [--task NAME]   # the field reference, or check a config and print it resolved
     torchrun --nproc_per_node 2 -m pyalign train CONFIG.yaml                # several processes
+    pyalign data inspect SOURCE [--schema NAME] [--json]   # a data source as pyalign sees it (docs/data.md)
 
 Also ``python -m pyalign ...``. Exit status 2 on a bad config or arguments, 1 on other errors.
 A subcommand is a parser-building function and a handler in :data:`COMMANDS`; add one there.
@@ -113,11 +114,24 @@ def _config(args) -> int:
     return 0
 
 
+def _add_data(commands) -> None:
+    from pyalign.data.cli import add_data_parser  # noqa: PLC0415
+
+    add_data_parser(commands)
+
+
+def _data(args) -> int:
+    from pyalign.data.cli import run_data  # noqa: PLC0415
+
+    return run_data(args)
+
+
 # name -> (adds its parser to the subparsers, handles the parsed arguments and returns the exit status)
 COMMANDS = {
     "train": (_add_train, _train),
     "eval": (_add_eval, _eval),
     "config": (_add_config, _config),
+    "data": (_add_data, _data),  # pyalign data inspect|clair (pyalign/data/cli.py)
 }
 
 
