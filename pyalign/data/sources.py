@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pyalign.data.adapters import SCHEMAS, Adapter, get_adapter, guess_schema
+from pyalign.data.adapters import ADAPTERS, SCHEMAS, Adapter, get_adapter, guess_schema
 from pyalign.data.pairs import PreferencePair, RatingRecord, RowError, prompt_json, read_jsonl_records
 from pyalign.data.relabel import DEFAULT_TEMPLATE, METHODS, RelabelSpec, reward_augmented
 
@@ -174,6 +174,7 @@ def parse_source(value: Any, where: str = "source") -> DataSource:
         return DataSource(path=_local_path(where, value))
     if not isinstance(value, dict):
         raise _fail(where, "a path or a mapping with path or name", value)
+    value = {k: v for k, v in value.items() if v is not None}  # null means absent (as config.json writes it)
     known = [f.name for f in fields(DataSource)]
     for key in value:
         if key not in known:
@@ -199,6 +200,11 @@ def parse_source(value: Any, where: str = "source") -> DataSource:
             raise _fail(f"{where}.schema", "one of " + ", ".join(SCHEMAS), schema) from None
     kwargs["schema"] = schema
     dimension = _optional_text(f"{where}.dimension", value.get("dimension"))
+    if schema is None and dimension is not None:  # checked fully once the columns show the schema
+        known = {name for a in ADAPTERS.values() for name in (*a.dimensions, *a.aliases)}
+        if dimension not in known:
+            raise _fail(f"{where}.dimension", "one of " + ", ".join(
+                f"{a.name}: {'/'.join(a.dimensions)}" for a in ADAPTERS.values() if a.dimensions), dimension)
     if schema is not None:
         try:
             dimension = get_adapter(schema).dimension(dimension) if get_adapter(schema).has_pairs else dimension

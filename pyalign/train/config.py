@@ -277,11 +277,23 @@ class MethodConfig:
         return [self.alpha] * (round_number - 1)
 
 
+def data_source(path, value):
+    """A data source (:mod:`pyalign.data.sources`): a path string (kept as the resolved path) or
+    a mapping {path|name, schema, dimension, split, relabel, on_bad_row, ...}; docs/data.md."""
+    from pyalign.data.sources import check_data_source  # noqa: PLC0415
+
+    try:
+        return check_data_source(path, value)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 @dataclass
 class RoundConfig:
     name: str = _field(check=round_name, doc="the preference dimension's name (folder name)")
-    train: str = _field(check=path_value, doc="JSONL preference pairs to train on")
-    eval: Any = _field(None, optional(path_value), "JSONL preference pairs to evaluate on")
+    train: Any = _field(check=data_source, doc="preference pairs to train on: a file/folder path, or a data "
+                                                "source mapping (docs/data.md)")
+    eval: Any = _field(None, optional(data_source), "preference pairs to evaluate on (path or data source)")
 
 
 @dataclass
@@ -422,9 +434,7 @@ def check_sequential(config: SequentialConfig) -> None:
             raise ConfigError(f"method.label_smoothing: {method.loss} needs a value in {interval}, "
                               f"got {method.label_smoothing}")
     check_model_folder(config.model)
-    for i, r in enumerate(rounds):
-        for split in ("train", "eval"):
-            check_file(f"rounds[{i}].{split}", getattr(r, split))
+    # rounds[].train/eval were checked by data_source when parsed (a local path must exist)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 
 from pyalign import distributed
-from pyalign.data import PreferenceDataset, file_fingerprint, tokenization_fingerprint
+from pyalign.data import PreferenceDataset, data_fingerprint, tokenization_fingerprint
 from pyalign.io import write_json_atomic
 from pyalign.train.config import SequentialConfig, check_sequential, load_config, training_fingerprint
 from pyalign.train.logprob_cache import (
@@ -106,6 +106,10 @@ class SequentialRun:
         self.model_dirs = [Path(config.model.path)] + [round_dir(config, n) / "model" for n in self.round_numbers]
         self._datasets: dict[tuple[int, str], PreferenceDataset] = {}
         self._fingerprints: dict[Path, str] = {}
+        for n in self.round_numbers:  # read every round's data now: a bad source fails before any training
+            for split in SPLITS:
+                if self.data_file(n, split) is not None:
+                    data_fingerprint(self.data_file(n, split))
 
     @property
     def round_numbers(self) -> range:
@@ -136,7 +140,7 @@ class SequentialRun:
             model_fingerprint=self.model_fingerprint(model_index),
             round_index=round_number,
             split=split,
-            data_fingerprint=file_fingerprint(self.data_file(round_number, split)),
+            data_fingerprint=data_fingerprint(self.data_file(round_number, split)),
             tokenization=self.tokenization,
             average=self.average,
             precision=self.precision,
@@ -200,7 +204,7 @@ class SequentialRun:
         return {
             "round": round_number,
             "base_model": self.model_fingerprint(round_number - 1),
-            "train_data": file_fingerprint(self.data_file(round_number, "train")),
+            "train_data": data_fingerprint(self.data_file(round_number, "train")),
             "tokenization": self.tokenization,
             "lora": asdict(config.lora),
             # this round's alphas only: changing a later round's alpha leaves this round valid
