@@ -1,0 +1,270 @@
+"""The DPA loop: the quick demo end to end, its outputs, crash + resume == uninterrupted at every
+kind of stage, the pairwise fine-tune, continuing from the previous iteration, and bad input."""
+
+import contextlib
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_tiny_lm import one_thread
+from pyalign.demo import dpa as demo
+from pyalign.io import read_json, read_jsonl_rows, write_jsonl_atomic
+from pyalign.train.config import ConfigError, load_config
+from pyalign.train.dpa import run_dpa
+from pyalign.train.dpa_data import (
+    best_worst_pairs, chosen_examples, iteration_prompts, load_prompt_rows, plan_rows, replay_examples,
+)
+from pyalign.train.dpa_eval import control_check, ranks, spearman
+
+single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The quick demo once (tiny policy, a reward model trained on its rated samples, two DPA
+    iterations with evaluation): the uninterrupted run the crash tests compare against."""
+    out = tmp_path_factory.mktemp("dpa_quick")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert demo.main(["--quick", "--out", str(out)]) == 0
+    lines = buffer.getvalue().strip().splitlines()
+    return out, lines
+
+
+def base_config(quick_demo, output_dir, **sections):
+    out, _ = quick_demo
+    config = read_json(out / "dpa_config.json")
+    config["output_dir"] = str(output_dir)
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+    return config
+
+
+def crash_at(event_name, predicate):
+    def callback(event, info):
+        if event == event_name and predicate(info):
+            raise Crash(f"simulated crash at {event} {info}")
+    return callback
+
+
+def recorder(events):
+    return lambda event, info: events.append((event, {k: v for k, v in info.items() if k != "metrics"}))
+
+
+def without_paths(fronts):
+    for iteration in fronts["iterations"]:
+        iteration.pop("model")
+    return fronts
+
+
+def model_weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_quick_demo_prints_tables_and_writes_the_json_contract(quick_demo):
+    out, lines = quick_demo
+    assert lines[-1] == str(out / "dpa_demo.json")
+    text = "\n".join(lines)
+    for needle in ("Front of iteration 0", "Front of iteration 2", "control (last iteration)", "wall time"):
+        assert needle in text
+    result = json.loads((out / "dpa_demo.json").read_text())
+    for objective in ("helpfulness", "verbosity"):
+        assert set(result["reward_model"]["heldout"][objective]) >= {"mse", "pearson", "pairwise_accuracy"}
+    assert [it["iteration"] for it in result["iterations"]] == [0, 1, 2]
+    directions = [[p["v"] for p in it["front"]] for it in result["iterations"]]
+    assert directions[0] == directions[1] == directions[2] and len(directions[0]) == 4
+    assert directions[0][0] == [1.0, 0.0] and directions[0][-1] == pytest.approx([math.sqrt(0.5), -math.sqrt(0.5)])
+    for point in result["iterations"][-1]["front"]:
+        assert set(point) >= {"v", "angle", "reward_model", "true"}
+        assert set(point["true"]) == {"helpfulness", "verbosity"}
+        assert all(0 <= value <= 100 for value in point["true"].values())
+    assert result["control"]["objective"] == "verbosity" and "spearman" in result["control"]
+    assert result["wall_time_s"] > 0
+    assert (out / "dpa" / "fronts.png").stat().st_size > 1000
+
+
+def test_loop_outputs(quick_demo):
+    out, _ = quick_demo
+    dpa = out / "dpa"
+    config = load_config(dpa / "config.json")
+    train_rows = load_prompt_rows(config.prompts.train)
+    halves = [iteration_prompts(train_rows, t) for t in (1, 2)]
+    assert not {r["prompt"] for r in halves[0]} & {r["prompt"] for r in halves[1]}
+    for t, half in zip((1, 2), halves):
+        directory = dpa / f"iteration_{t}"
+        scored = read_jsonl_rows(directory / "scored.jsonl")
+        assert [r["prompt"] for r in scored] == [r["prompt"] for r in half for _ in range(2)]  # m = 2
+        for row in scored:
+            assert len(row["samples"]) == 3  # n = 3
+            for sample in row["samples"]:
+                assert len(sample["scores"]) == 2
+                assert sample["weighted"] == pytest.approx(sum(a * b for a, b in zip(row["v"], sample["scores"])))
+            assert row["system"].startswith("maximize weighted rating = helpfulness*")
+        chosen = read_jsonl_rows(directory / "chosen.jsonl")
+        assert [c["weighted"] for c in chosen] == [max(s["weighted"] for s in r["samples"]) for r in scored]
+        train = read_jsonl_rows(directory / "train.jsonl")
+        assert len(train) == len(chosen) + round(0.15 / 0.85 * len(chosen))  # ~15% replay
+        state = read_json(directory / "fine_tune" / "state.json")
+        assert state["status"] == "finished"
+    base = model_weights(config.model.path)
+    tuned = model_weights(dpa / "iteration_2" / "fine_tune" / "model")
+    assert any(not torch.equal(base[name], tuned[name]) for name in base)
+
+
+def test_selection_and_replay_helpers():
+    rows = [{"prompt": "p", "system": "s", "v": [1.0, 0.0], "samples": [
+        {"text": "a", "scores": [10, 0], "weighted": 10.0}, {"text": "b", "scores": [30, 0], "weighted": 30.0},
+        {"text": "c", "scores": [30, 5], "weighted": 30.0}, {"text": "d", "scores": [5, 0], "weighted": 5.0}]},
+        {"prompt": "q", "system": "s", "v": [1.0, 0.0], "samples": [
+            {"text": "x", "scores": [1, 1], "weighted": 1.0}, {"text": "y", "scores": [1, 2], "weighted": 1.0}]}]
+    assert [c["response"] for c in chosen_examples(rows)] == ["b", "x"]  # first of equals
+    pairs, skipped = best_worst_pairs(rows)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "d")] and skipped == 1  # ties give no pair
+    pool = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(50)]
+    drawn = replay_examples(pool, 17, 0.15, seed=0, iteration=1)
+    assert len(drawn) == 3 and drawn == replay_examples(pool, 17, 0.15, seed=0, iteration=1)
+    assert drawn != replay_examples(pool, 17, 0.15, seed=0, iteration=2)
+    assert replay_examples(pool, 17, 0.0, seed=0, iteration=1) == []
+    assert len(replay_examples(pool[:2], 170, 0.15, seed=0, iteration=1)) == 2  # all of a small pool
+    assert ranks([3, 1, 3, 2]) == [3.5, 1, 3.5, 2]
+    assert spearman([0, -0.3, -0.5, -0.7], [90, 80, 60, 20]) == pytest.approx(1.0)
+    assert spearman([0, -0.3, -0.5, -0.7], [20, 60, 80, 90]) == pytest.approx(-1.0)
+    front = [{"v": [1.0, -w], "true": {"helpfulness": 50, "verbosity": 100 - 50 * w}} for w in (0, 0.2, 0.6)]
+    assert control_check(front, ["helpfulness", "verbosity"], "verbosity")["spearman"] == pytest.approx(1.0)
+
+
+def test_directions_per_prompt_do_not_depend_on_the_number_of_prompts(quick_demo, tmp_path):
+    config = load_config(base_config(quick_demo, tmp_path))
+    rows = load_prompt_rows(config.prompts.train)
+    few = plan_rows(config, iteration_prompts(rows, 1, per_iteration=2), 1)
+    every = plan_rows(config, iteration_prompts(rows, 1), 1)
+    assert every[:len(few)] == few
+    assert plan_rows(config, iteration_prompts(rows, 2), 2) != every
+
+
+@pytest.mark.parametrize("where", ["generation", "scoring", "fine_tune", "evaluation", "selection"])
+def test_crash_and_resume_reproduces_the_uninterrupted_run(quick_demo, tmp_path, where):
+    out, _ = quick_demo
+    crash = {
+        "generation": crash_at("generated", lambda i: i["stage"] == "iteration" and i["iteration"] == 2
+                               and i["rows"] == 4),
+        "scoring": crash_at("scored", lambda i: i["stage"] == "iteration" and i["iteration"] == 1 and i["rows"] == 4),
+        "fine_tune": crash_at("step", lambda i: i["round"] == 2 and i["step"] == 2),
+        "evaluation": crash_at("scored", lambda i: i["stage"] == "evaluation" and i["iteration"] == 1
+                               and i["rows"] == 4),
+        "selection": crash_at("selected", lambda i: i["iteration"] == 2),
+    }[where]
+    config = base_config(quick_demo, tmp_path / "run")
+    with pytest.raises(Crash):
+        run_dpa(config, callback=crash)
+    events = []
+    resumed = run_dpa(config, callback=recorder(events))
+
+    expected = out / "dpa"
+    for t in (1, 2):
+        for name in ("samples.jsonl", "scored.jsonl", "chosen.jsonl", "train.jsonl"):
+            assert (resumed.output_dir / f"iteration_{t}" / name).read_bytes() == \
+                (expected / f"iteration_{t}" / name).read_bytes(), (t, name)
+        assert model_weights(resumed.model_dirs[t]).keys() == model_weights(expected / f"iteration_{t}/fine_tune/model").keys()
+        for name, tensor in model_weights(expected / f"iteration_{t}" / "fine_tune" / "model").items():
+            assert torch.equal(tensor, model_weights(resumed.model_dirs[t])[name]), (t, name)
+    assert without_paths(json.loads(resumed.fronts_file.read_text())) == \
+        without_paths(json.loads((expected / "fronts.json").read_text()))
+
+    # finished work was not redone
+    generated = [i for e, i in events if e == "generated"]
+    scored = [i for e, i in events if e == "scored"]
+    steps = [i for e, i in events if e == "step"]
+    assert not any(i["stage"] == "iteration" and i["iteration"] == 1 for i in generated)
+    if where == "generation":  # iteration 2's first chunk (4 rows of 8) was kept
+        assert [i["rows"] for i in generated if i["stage"] == "iteration"] == [8]
+        assert not any(i["round"] == 1 for i in steps)
+    if where == "scoring":
+        assert [i["rows"] for i in scored if i["stage"] == "iteration" and i["iteration"] == 1] == [8]
+    if where == "fine_tune":  # resumed from the checkpoint at step 2
+        assert [i["step"] for i in steps] == [3]
+        assert not any(i["stage"] == "iteration" for i in generated + scored)
+    if where == "evaluation":
+        assert [i["rows"] for i in scored if i["stage"] == "evaluation" and i["iteration"] == 1] == [8, 12]
+        assert not any(i["stage"] == "evaluation" and i["iteration"] == 0 for i in generated + scored)
+
+
+def test_pairwise_fine_tune_and_continuing_from_the_previous_iteration(quick_demo, tmp_path):
+    config = base_config(quick_demo, tmp_path / "pairwise", loop={"fine_tune": "pairwise", "restart_from_base": False},
+                         method={"loss": "apo_zero", "beta": 0.1})
+    config["prompts"] = {k: v for k, v in config["prompts"].items() if k != "eval"}  # no evaluation: faster
+    result = run_dpa(config)
+    assert result.fronts is None
+    for t in (1, 2):
+        directory = result.output_dir / f"iteration_{t}"
+        pairs = read_jsonl_rows(directory / "pairs.jsonl")
+        train = read_jsonl_rows(directory / "train.jsonl")
+        assert pairs and [set(r) for r in train] == [{"prompt", "system", "chosen", "rejected"}] * len(pairs)
+        assert all(p["margin"] > 0 for p in pairs)
+        assert list((directory / "fine_tune" / "logprob_cache").rglob("*.pt"))
+    # continuing: iteration 2 fine-tunes pi_1, not pi_0
+    from pyalign.train.modeling import model_fingerprint
+
+    state = read_json(result.output_dir / "iteration_2" / "fine_tune" / "state.json")
+    assert state["fingerprint"]["base_model"] == model_fingerprint(result.model_dirs[1])
+    assert state["fingerprint"]["method"]["loss"] == "apo_zero"
+
+
+def test_changed_settings_are_refused_not_reused(quick_demo, tmp_path):
+    out, _ = quick_demo
+    config = base_config(quick_demo, tmp_path / "run", loop={"iterations": 1})
+    config["prompts"] = {k: v for k, v in config["prompts"].items() if k != "eval"}
+    with pytest.raises(Crash):
+        run_dpa(config, callback=crash_at("scored", lambda i: True))
+    changed = copy.deepcopy(config)
+    changed["sampling"]["temperature"] = 0.5
+    with pytest.raises(RuntimeError, match=r"plan.json: iteration 1 was started under different settings \(changed: sampling\)"):
+        run_dpa(changed)
+    speed_only = copy.deepcopy(config)
+    speed_only["sampling"]["batch_size"] = 3  # how fast, not what: the run resumes
+    run_dpa(speed_only)
+
+
+def test_bad_input_names_the_field(quick_demo, tmp_path):
+    config = base_config(quick_demo, tmp_path / "run")
+    wrong = {**config, "objectives": ["verbosity", "helpfulness"]}
+    with pytest.raises(ConfigError, match=r"objectives: the reward model .* predicts \['helpfulness', 'verbosity'\]"):
+        load_config(wrong)
+    empty = write_jsonl_atomic(tmp_path / "empty.jsonl", [{"prompt": "  "}, {"question": "What?"}])
+    with pytest.raises(ValueError, match=r"prompts.train: .*empty.jsonl has no usable prompts .*without a 'prompt' "
+                                         r"field: 1, with an empty 'prompt': 1"):
+        run_dpa({**config, "prompts": {**config["prompts"], "train": str(empty)}})
+    with pytest.raises(ValueError, match=r"prompts.eval: .*:1: field 'prompt' must be a string"):
+        bad = write_jsonl_atomic(tmp_path / "bad.jsonl", [{"prompt": 3}])
+        run_dpa({**config, "prompts": {**config["prompts"], "eval": str(bad)}})
+    with pytest.raises(ConfigError, match=r"evaluation.vectors\[1\]: expected 2 components"):
+        load_config({**config, "evaluation": {**config["evaluation"], "vectors": [[1, 0], [1, 0, 0]]}})
+    with pytest.raises(ConfigError, match=r"evaluation.vectors\[0\]: expected a direction with a non-zero norm"):
+        load_config({**config, "evaluation": {**config["evaluation"], "vectors": [[0, 0]]}})
+    with pytest.raises(ConfigError, match="directions.signs: sampler sphere needs one sign per objective"):
+        load_config({**config, "directions": {**config["directions"], "sampler": "sphere"}})
+    with pytest.raises(ConfigError, match="method.loss: the pairwise fine-tune takes one of"):
+        load_config({**config, "loop": {**config["loop"], "fine_tune": "pairwise"}, "method": {"loss": "spo"}})
+    with pytest.raises(ConfigError, match="evaluation.true_ratings: pyalign.demo.dpa_tasks has no function 'nope'"):
+        load_config({**config, "evaluation": {**config["evaluation"], "true_ratings": "pyalign.demo.dpa_tasks:nope"}})
+    with pytest.raises(ConfigError, match="loop.replay_fraction: 0.15 needs original responses"):
+        run_dpa({**config, "prompts": {"train": config["prompts"]["train"]}})
+
+
+def test_true_ratings_missing_an_objective_is_an_error(quick_demo, tmp_path, monkeypatch):
+    import pyalign.demo.dpa_tasks as tasks
+
+    config = base_config(quick_demo, tmp_path / "run", loop={"iterations": 1})
+    monkeypatch.setattr(tasks, "rate_record", lambda row, response, tokenizer: {"helpfulness": 1.0})
+    with pytest.raises(ValueError, match="evaluation.true_ratings: returned no rating for the objective 'verbosity'"):
+        run_dpa(config)
