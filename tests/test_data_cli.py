@@ -84,3 +84,14 @@ def test_errors_exit_2_and_name_the_problem(capsys, tmp_path, monkeypatch):
     status, out, err = inspect(capsys, FIXTURES / "chat_messages.jsonl", "--schema", "pku_saferlhf", "--json",
                                "--dimension", "helpful", "--on-bad-row", "skip")
     assert status == 2 and "no preference pairs" in err
+
+
+def test_export_writes_pyalign_jsonl_that_loads_back(capsys, tmp_path):
+    from pyalign.data import load_pairs, load_ratings
+
+    source = FIXTURES / "helpsteer2"
+    assert main(["data", "export", str(source), "--ratings", "--out", str(tmp_path / "ratings.jsonl")]) == 0
+    assert load_ratings(str(tmp_path / "ratings.jsonl")) == load_ratings(str(source))
+    assert main(["data", "export", str(source), "--dimension", "coherence", "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    assert load_pairs(str(tmp_path / "pairs.jsonl")) == load_pairs({"path": str(source), "dimension": "coherence"})
+    assert "wrote 8 rating records" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """``pyalign data``: look at a data source as pyalign sees it, and make CLAIR pairs.
 
     pyalign data inspect SOURCE [--schema NAME] [--dimension NAME] [--limit N] [--json] [--model DIR]
+    pyalign data export SOURCE --out pairs.jsonl [--ratings]     # pyalign JSONL of pairs / rating records
     pyalign data clair PROMPTS --model TARGET --out pairs.jsonl (--reviser-model DIR | --reviser-url URL ...)
 
 SOURCE is a local file or folder, or a hub data set name (``owner/name``). ``inspect`` prints the
@@ -41,6 +42,12 @@ def _add_subcommands(data) -> None:
                               "SmolLM2-135M-Instruct from pyalign.models.smollm2_path())")
     inspect.add_argument("--max-length", type=int, default=512, help="prompt + response tokens (training default 512)")
     inspect.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (default 256)")
+
+    export = sub.add_parser("export", help="write a source's records as pyalign JSONL (pairs, or rating records)")
+    _source_arguments(export, "SOURCE: a local file or folder, or a hub data set name owner/name")
+    export.add_argument("--out", required=True, help="output JSONL (written atomically)")
+    export.add_argument("--ratings", action="store_true",
+                        help="rating records {prompt, response, ratings} (helpsteer2 / ratings schemas) instead of pairs")
 
     clair = sub.add_parser("clair", help="CLAIR pairs: sample y_l from the target model, revise it minimally "
                                          "with a reviser into y_w (resumable)")
@@ -166,6 +173,24 @@ def _truncated(tokenizer, pair, name: str, ids) -> bool:
     return len(full) != len(ids)
 
 
+def _export(args) -> int:
+    from pyalign.data.sources import load_ratings, load_source  # noqa: PLC0415
+    from pyalign.io import write_jsonl_atomic  # noqa: PLC0415
+
+    source = _source(args)
+    if args.ratings:
+        records = [r.to_record() for r in load_ratings(source)]
+        what = "rating records"
+    else:
+        loaded = load_source(source)
+        records = [p.to_record() for p in loaded.pairs]
+        what = "pairs"
+        print(loaded.report.summary())
+    write_jsonl_atomic(args.out, records)
+    print(f"wrote {len(records)} {what} to {args.out}")
+    return 0
+
+
 def _clair(args) -> int:
     from pyalign.data import clair  # noqa: PLC0415
 
@@ -206,7 +231,7 @@ def _clair(args) -> int:
 
 
 def run_data(args) -> int:
-    return {"inspect": _inspect, "clair": _clair}[args.data_command](args)
+    return {"inspect": _inspect, "export": _export, "clair": _clair}[args.data_command](args)
 
 
 def main(argv=None) -> int:
