@@ -9,6 +9,7 @@ the same log-probs; gradient accumulation and a short training run match TRL's.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import pytest
 import torch
@@ -332,3 +333,40 @@ def test_trl_path_is_restored_after_construction(tmp_path):
     assert trl.trainer.dpo_trainer.add_fused_lm_head is trl.trainer.utils.add_fused_lm_head
     theirs = build(trl.DPOTrainer, tmp_path / "trl", "full")
     assert not hasattr(theirs.model, "_pyalign_fused_head")
+
+
+def test_moe_auxiliary_loss_is_handed_back_to_trl(tmp_path):
+    """TRL adds the router's load-balancing loss from its own forward: the policy forward goes to
+    TRL's fused head (the reference, which needs no router logits, stays with pyalign)."""
+    from transformers import MixtralConfig, MixtralForCausalLM  # noqa: PLC0415
+
+    def mixtral(seed):
+        config = MixtralConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, router_aux_loss_coef=0.1, pad_token_id=0, eos_token_id=2,
+                               bos_token_id=None, max_position_embeddings=256)
+        torch.manual_seed(seed)
+        return MixtralForCausalLM(config)
+
+    results = []
+    for label, cls in (("trl", trl.DPOTrainer), ("ours", DPOTrainer)):
+        trainer = cls(model=mixtral(0), ref_model=mixtral(1), args=config(tmp_path / label), train_dataset=DATA,
+                      processing_class=TOKENIZER)
+        assert trainer.aux_loss_enabled
+        results.append(loss_grads_metrics(trainer, first_batch(trainer), ["sigmoid"]))
+    assert_same(results[1], results[0])
+    assert "aux_loss" in results[1][2]
+    routes = {(route, reason) for _, route, reason in trainer.pyalign_routes}
+    assert routes == {("trl", "router logits were requested (MoE auxiliary loss)"), ("fused lm_head", "")}
+
+
+def test_sharded_heads_are_handed_back():
+    class ShardedTrainer:
+        is_fsdp_enabled = True
+
+    trainer = ShardedTrainer()
+    settings = fused_head.HeadSettings(trainer=weakref.ref(trainer))
+    model = make_model(len(TOKENIZER))
+    reason = fused_head.handback_reason(settings, model, temperature=1.0, outputs=("log_probs",),
+                                        shift_labels=None, model_kwargs={})
+    assert reason.startswith("FSDP shards the lm_head")

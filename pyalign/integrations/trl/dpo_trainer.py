@@ -105,6 +105,9 @@ class _SpoChainCollator:
     def __call__(self, examples):
         batch = self.collator(examples)
         for column in SPO_CHAIN_COLUMNS:
+            if column not in examples[0]:
+                raise ValueError(f"dataset: the spo loss needs the column {column} in every dataset it sees; add "
+                                 "the columns with DPOTrainer.add_spo_chain_columns(dataset, chain_models)")
             batch[column] = torch.tensor([list(example[column]) for example in examples], dtype=torch.float32)
         return batch
 
@@ -274,7 +277,11 @@ class DPOTrainer(trl.DPOTrainer):
             self._pyalign_head.recording = None
         loss, outputs = result if return_outputs else (result, None)
 
-        # TRL's forwards in order: the policy's, then the reference's unless precomputed.
+        # TRL's fused forwards in order: the policy's, then the reference's unless precomputed.
+        expected = 1 if self.precompute_ref_logps else 2
+        if len(forwards) != expected:
+            raise RuntimeError(f"trl {trl.__version__}: DPOTrainer._compute_loss made {len(forwards)} fused "
+                               f"forwards, {expected} expected; this TRL version is not supported")
         seq_len = inputs["completion_mask"].shape[1] - 1
         policy = forwards[0].log_probs[:, -seq_len:].sum(1)
         if self.precompute_ref_logps:
