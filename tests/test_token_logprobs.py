@@ -121,6 +121,70 @@ def test_inplace_backward_refuses_a_leaf():
         pyalign.token_logprobs(leaf, torch.zeros(2, 3, dtype=torch.long), inplace_backward=True)
 
 
+def test_inplace_backward_refuses_logits_that_share_memory():
+    """An expanded view (stride 0) has one storage element for several logits: their gradients
+    cannot all be written into it. Every backend is protected by the shared validation."""
+    row = torch.randn(1, 5, 30, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 30, (4, 5), device=DEVICE)
+    expanded = row.expand(4, 5, 30) * 1  # a non-leaf copy is fine ...
+    pyalign.token_logprobs(expanded, labels, inplace_backward=True).sum().backward()
+    shared = (row * 1).expand(4, 5, 30)  # ... an expanded non-leaf is not
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="inplace_backward: the logits have elements that share memory"):
+            pyalign.token_logprobs(shared, labels, backend=backend, inplace_backward=True)
+    out = pyalign.token_logprobs(shared, labels)  # out of place: a fresh gradient, correct
+    out.sum().backward()
+    from pyalign.ops.token_logprobs import has_self_overlap
+
+    x = torch.empty(4, 6, 10)
+    assert not has_self_overlap(x) and not has_self_overlap(x[:, :-1]) and not has_self_overlap(x[..., ::2])
+    assert has_self_overlap(x[:1].expand(4, 6, 10)) and has_self_overlap(x.as_strided((4, 6, 10), (60, 5, 1)))
+
+
+def test_label_check_on_the_host_only_where_it_costs_no_sync(monkeypatch):
+    """CPU tensors (and the float64 reference) are checked with a ValueError; on a GPU the check
+    would read a value back every call (a sync that also breaks CUDA-graph capture), so there the
+    kernels turn a bad label into NaN instead, unless PYALIGN_CHECK_LABELS=1 asks for the check."""
+    from pyalign.ops.token_logprobs import CHECK_LABELS_ENV, labels_checked_on_host
+
+    monkeypatch.delenv(CHECK_LABELS_ENV, raising=False)
+    on_cpu, elsewhere = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long, device="meta")
+    assert labels_checked_on_host(on_cpu, "cpu") and labels_checked_on_host(on_cpu, "triton")
+    assert labels_checked_on_host(elsewhere, "torch")
+    assert not labels_checked_on_host(elsewhere, "triton") and not labels_checked_on_host(elsewhere, "cuda")
+    monkeypatch.setenv(CHECK_LABELS_ENV, "1")
+    assert labels_checked_on_host(elsewhere, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_gpu(backend):
+    """Forward and backward captured in a CUDA graph (what torch.compile's reduce-overhead mode
+    does): possible only because nothing on the path reads a value back to the host."""
+    if backend not in pyalign.available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    logits, labels = make_inputs((4, 64), 1000, torch.bfloat16)
+    logits = logits.requires_grad_()
+    upstream = torch.randn(4, 64, device="cuda")
+
+    def step():
+        out = pyalign.token_logprobs(logits, labels, backend=backend)
+        return torch.autograd.grad((out * upstream).sum(), logits)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            expected = step()  # warm-up (compilation) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_ignored_sequence_is_finite_with_zero_gradient(backend):
     logits, labels = make_inputs((3, 6), 40, torch.float32)

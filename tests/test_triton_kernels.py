@@ -156,6 +156,70 @@ def test_ignored_rows_are_not_read(num_splits, poison):
     assert torch.all(grad_out[ignored] == 0) and torch.isfinite(grad_out).all()
 
 
+def _layout(V, dtype, kind, seed):
+    """Logits [2, 3, V] whose rows start off 16-byte boundaries in different ways."""
+    gen = _generator(seed)
+    if kind == "shift_left":   # logits[:, :-1]: row starts b*(T+1)*V + t*V
+        full = (torch.randn(2, 4, V, generator=gen, device=DEVICE) * 3).to(dtype)
+        return full[:, :-1]
+    if kind == "shift_right":  # logits[:, 1:]: the first row starts at element V
+        full = (torch.randn(2, 4, V, generator=gen, device=DEVICE) * 3).to(dtype)
+        return full[:, 1:]
+    # vocab slice: a resized vocabulary, every row one element off (storage offset 1)
+    full = (torch.randn(2, 3, V + 1, generator=gen, device=DEVICE) * 3).to(dtype)
+    return full[..., 1:]
+
+
+@pytest.mark.parametrize("V", [50257, 32001])
+@pytest.mark.parametrize("kind", ["shift_left", "shift_right", "vocab_slice"])
+def test_unaligned_rows(V, kind):
+    """V not a multiple of the vector width and rows starting anywhere: a scalar head and tail
+    around an aligned body, forward and backward (out of place into a buffer of another phase,
+    and in place), one program per row and split rows."""
+    dtype = torch.bfloat16 if kind != "shift_right" else torch.float32
+    logits3 = _layout(V, dtype, kind, seed=V % 97)
+    assert not tk._fully_aligned(logits3)
+    labels2 = torch.randint(0, V, (2, 3), generator=_generator(1), device=DEVICE)
+    labels2[0, 0], labels2[0, 1], labels2[1, 2] = 0, V - 1, IGNORE  # both ends of the row
+    grad2 = torch.randn(2, 3, generator=_generator(2), device=DEVICE)
+    for num_splits in ((1, 5) if kind == "shift_left" else (1,)):
+        _, lse, grad_out = _check_case(logits3, labels2, grad2, num_splits=num_splits)
+    in_place = logits3.clone() if kind != "vocab_slice" else logits3
+    tk.triton_backward(in_place, labels2, lse, grad2, IGNORE, in_place)
+    torch.testing.assert_close(in_place, grad_out, rtol=0, atol=0)
+
+
+def test_labels_outside_the_vocabulary_give_nan_rows():
+    """Without the host check (GPU tensors), a label outside [0, V) reads nothing and gives that
+    row a NaN log-prob and a NaN gradient; the other rows are unaffected."""
+    _, logits3, labels2, grad2 = _make_case(2, 3, 50, torch.float32, seed=31, ignored_fraction=0.0)
+    labels2[0, 1], labels2[1, 0] = 50, -7
+    bad = torch.zeros_like(labels2, dtype=torch.bool)
+    bad[0, 1] = bad[1, 0] = True
+    logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
+    assert logp[bad].isnan().all() and not logp[~bad].isnan().any()
+    grad_out = torch.zeros_like(logits3)
+    tk.triton_backward(logits3, labels2, lse, grad2, IGNORE, grad_out)
+    assert grad_out[bad].isnan().all() and not grad_out[~bad].isnan().any()
+    good = labels2.masked_fill(bad, IGNORE)
+    ref_logp, _, _ = _reference(logits3, good, grad2)
+    torch.testing.assert_close(logp[~bad].double(), ref_logp[~bad], rtol=1e-5, atol=5e-5)
+
+
+def test_overlapping_gradient_buffers_are_rejected():
+    """One gradient element per logit: an expanded output (stride 0) or one that partly
+    overlaps the logits would be written twice or read after being written."""
+    logits3 = torch.randn(2, 3, 40, device=DEVICE)
+    labels2 = torch.randint(0, 40, (2, 3), device=DEVICE)
+    logp, lse = tk.triton_forward(logits3, labels2, IGNORE)
+    expanded = torch.empty(1, 3, 40, device=DEVICE).expand(2, 3, 40)
+    with pytest.raises(ValueError, match="grad_out3 must not have elements that share memory"):
+        tk.triton_backward(logits3, labels2, lse, logp, IGNORE, expanded)
+    storage = torch.randn(2, 4, 40, device=DEVICE)
+    with pytest.raises(ValueError, match="partially overlapping"):
+        tk.triton_backward(storage[:, :3], labels2, lse, logp, IGNORE, storage[:, 1:])
+
+
 def test_chunk_len_is_a_block_multiple_covering_v():
     for V in (1, 7, 4096, 4099, 50257, 152064):
         block_v, _ = tk._block_v_and_warps(V)
@@ -313,73 +377,120 @@ def test_gpu_8x4096x152064_bf16_inplace():
         assert not logits3[row][labels2[row] == IGNORE].any()
 
 
-# Compiles the kernels for sm_90 (Hopper) without a GPU: triton ships ptxas, and only the launch
-# needs a device. The interpreter accepts code that the compiler rejects (non-constexpr globals,
-# type errors in untaken branches), so this is the CPU's guard that the GPU build still works; it
-# also reads the PTX for 16-byte loads and register spills. A fresh process: a module decorated
-# under TRITON_INTERPRET=1 cannot be compiled.
+# Compiles the kernels for sm_90 (Hopper) without a GPU: triton ships ptxas and cuobjdump, and
+# only the launch needs a device. The interpreter accepts code that the compiler rejects
+# (non-constexpr globals, type errors in untaken branches), so this is the CPU's guard that the
+# GPU build still works; it also reads the machine code (SASS): 16-byte loads, the pipelined
+# loop, the flush-to-zero exp2, registers and spills. A fresh process: a module decorated under
+# TRITON_INTERPRET=1 cannot be compiled. bench/NOTES_triton.md records what it shows.
 _COMPILE_FOR_SM90 = r"""
-import json, re, sys
+import json, re, subprocess, sys
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import triton
+import triton.backends.nvidia as nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 try:
     from pyalign.kernels import token_logprobs as tk
 except ImportError:
     import kernels.token_logprobs as tk
+CUOBJDUMP = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+POINTERS = {"logits_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "part_max_ptr", "part_sum_ptr",
+            "grad_ptr", "grad_out_ptr"}
+# what the launcher's tensors give triton's specialization: aligned rows make every integer that
+# locates a row divisible by 16; unaligned rows (V = 50257) only the storage base and chunk_len
+ALIGNED_INTS = {"V", "stride_b", "stride_t", "out_stride_b", "out_stride_t", "chunk_len",
+                "base_offset", "in_base", "out_base"}
 
-def compile_(fn, sig, constexprs, num_warps):
-    # what the launcher specializes at run time for aligned tensors and V = 32000
-    aligned = [i for i, (name, ty) in enumerate(sig.items()) if ty != "constexpr"
-               and name not in ("T", "num_splits", "ignore_index")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+def sass_counts(fn, sig, constexprs, num_warps, aligned):
+    divisible = POINTERS | (ALIGNED_INTS if aligned else {"chunk_len"})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in divisible}
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     except TypeError as err:  # the ahead-of-time API is internal and moves between versions
         print(json.dumps({"skip": f"triton {triton.__version__}: {err}"}))
         sys.exit(0)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
-    return {op: len(re.findall(op.replace(".", "[.]"), ptx)) for op in
-            ("ld.global.v4", "st.global.v4", "ld.local", "st.local", "ex2.approx.f32")}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    out = {"ptx_ldg_v4": len(re.findall(r"ld[.]global[.]v4", compiled.asm["ptx"]))}
+    cubin = Path(sys.argv[2]) / f"{fn.__name__}_{len(sys.argv)}_{hash(json.dumps(constexprs, sort_keys=True)) & 0xffff}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    if not CUOBJDUMP.exists():
+        return out
+    sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    loop = sass[sass.index("DEPBAR.LE SB0"):] if "DEPBAR.LE SB0" in sass else ""
+    out.update({
+        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "local_memory": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "ldgsts_128": len(re.findall(r"LDGSTS[.]E[.]BYPASS[.]128", sass)),
+        "ldgsts_128_in_loop": len(re.findall(r"LDGSTS[.]E[.]BYPASS[.]128", loop)),
+        "ldg_128": len(re.findall(r"LDG[.]E[.]128", sass)),
+        "ldg_scalar": len(re.findall(r"LDG[.]E(?:[.]U16)?\s", sass)),  # 2- or 4-byte loads
+        "stg_128": len(re.findall(r"STG[.]E[.]128", sass)),
+        "wait_leaves_one_in_flight": "DEPBAR.LE SB0, 0x1" in sass,
+        "mufu_ex2": len(re.findall(r"MUFU[.]EX2", sass)),
+        "ex2_denormal_fixups": len(re.findall(r"FSETP[.]GEU[.]AND P\d, PT, R\d+, -126", sass)),
+    })
+    return out
 
-def counts(dt):
+def counts(dt, aligned):
+    vec = 16 // (2 if dt in ("bf16", "fp16") else 4)
     rows = dict(T="i32", V="i32", stride_b="i32", stride_t="i32")
-    fwd = dict(logits_ptr="*" + dt, labels_ptr="*i64", logp_ptr="*fp32", lse_ptr="*fp32",
-               part_max_ptr="*fp32", part_sum_ptr="*fp32", **rows, chunk_len="i32",
-               num_splits="i32", ignore_index="i32", BLOCK_V="constexpr", SPLIT="constexpr")
-    merge = dict(logits_ptr="*" + dt, labels_ptr="*i64", logp_ptr="*fp32", lse_ptr="*fp32",
-                 part_max_ptr="*fp32", part_sum_ptr="*fp32", T="i32", stride_b="i32",
-                 stride_t="i32", num_splits="i32", ignore_index="i32", BLOCK_SPLITS="constexpr")
-    bwd = dict(logits_ptr="*" + dt, labels_ptr="*i64", lse_ptr="*fp32", grad_ptr="*fp32",
-               grad_out_ptr="*" + dt, **rows, out_stride_b="i32", out_stride_t="i32",
-               chunk_len="i32", ignore_index="i32", BLOCK_V="constexpr")
-    return {
-        "forward": compile_(tk._forward_kernel, fwd, {"BLOCK_V": 4096, "SPLIT": False}, 8),
-        "forward_split": compile_(tk._forward_kernel, fwd, {"BLOCK_V": 4096, "SPLIT": True}, 8),
-        "merge": compile_(tk._forward_merge_kernel, merge, {"BLOCK_SPLITS": 128}, 1),
-        "backward": compile_(tk._backward_kernel, bwd, {"BLOCK_V": 4096}, 8),
+    fwd = dict(logits_ptr="*" + dt, base_offset="i64", labels_ptr="*i64", logp_ptr="*fp32",
+               lse_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32", **rows, chunk_len="i32",
+               num_splits="i32", ignore_index="i32", BLOCK_V="constexpr", SPLIT="constexpr",
+               VEC="constexpr", ALIGNED="constexpr", NUM_STAGES="constexpr")
+    merge = dict(logits_ptr="*" + dt, base_offset="i64", labels_ptr="*i64", logp_ptr="*fp32",
+                 lse_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32", **rows,
+                 num_splits="i32", ignore_index="i32", BLOCK_SPLITS="constexpr")
+    bwd = dict(logits_ptr="*" + dt, in_base="i64", labels_ptr="*i64", lse_ptr="*fp32", grad_ptr="*fp32",
+               grad_out_ptr="*" + dt, out_base="i64", **rows, out_stride_b="i32", out_stride_t="i32",
+               chunk_len="i32", ignore_index="i32", BLOCK_V="constexpr", VEC="constexpr",
+               ALIGNED="constexpr", SAME_PHASE="constexpr", NUM_STAGES="constexpr")
+    common = {"BLOCK_V": 4096, "VEC": vec, "ALIGNED": aligned, "NUM_STAGES": tk.NUM_STAGES}
+    result = {
+        "forward": sass_counts(tk._forward_kernel, fwd, {**common, "SPLIT": False}, 8, aligned),
+        "backward": sass_counts(tk._backward_kernel, bwd, {**common, "SAME_PHASE": True}, 8, aligned),
     }
+    if aligned:
+        result["forward_split"] = sass_counts(tk._forward_kernel, fwd, {**common, "SPLIT": True}, 8, aligned)
+        result["merge"] = sass_counts(tk._forward_merge_kernel, merge, {"BLOCK_SPLITS": 128}, 1, aligned)
+    return result
 
-print(json.dumps({dt: counts(dt) for dt in sys.argv[2:]}))
+print(json.dumps({f"{dt}_{'aligned' if a else 'unaligned'}": counts(dt, a)
+                  for dt, a in (("bf16", True), ("bf16", False), ("fp32", True))}))
 """
 
 
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper(tmp_path):
+    """sm_90 machine code: 16-byte accesses in every body loop (aligned rows, and the aligned
+    body of unaligned ones, V = 50257), the loop's loads pipelined (cp.async, LDGSTS: the loop
+    waits for the oldest stage with DEPBAR.LE SB0, 0x1, so the next block's loads are in flight
+    before the current block is used), exp2 with no denormal fix-ups (flush to zero), no spills."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90,
-                           str(Path(__file__).resolve().parents[1]), "bf16", "fp32"],
+                           str(Path(__file__).resolve().parents[1]), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    by_dtype = json.loads(done.stdout.strip().splitlines()[-1])
-    if "skip" in by_dtype:
-        pytest.skip(by_dtype["skip"])
-    for dtype, counts in by_dtype.items():
-        loads_per_iteration = 2 if dtype == "bf16" else 4  # 16 elements per thread, 16 B each
-        for kernel in ("forward", "forward_split", "backward"):
-            assert counts[kernel]["ld.global.v4"] == loads_per_iteration, (dtype, kernel, counts)
-        assert counts["backward"]["st.global.v4"] == loads_per_iteration, (dtype, counts)
-        for kernel, ops in counts.items():
-            assert ops["ld.local"] == ops["st.local"] == 0, (dtype, kernel, "spills", ops)
+    by_variant = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in by_variant:
+        pytest.skip(by_variant["skip"])
+    for variant, kernels in by_variant.items():
+        per_stage = 2 if variant.startswith("bf16") else 4  # 16 elements per thread, 16 B per load
+        for name, counts in kernels.items():
+            assert counts.get("local_memory", 0) == 0, (variant, name, "spills", counts)
+            assert counts.get("ex2_denormal_fixups", 0) == 0, (variant, name, counts)
+            if name == "merge" or "ldgsts_128" not in counts:
+                continue
+            # NUM_STAGES - 1 stages issued before the loop, one more per iteration
+            assert counts["ldgsts_128"] == tk.NUM_STAGES * per_stage, (variant, name, counts)
+            assert counts["ldgsts_128_in_loop"] == per_stage, (variant, name, counts)
+            assert counts["wait_leaves_one_in_flight"], (variant, name, counts)
+            assert counts["mufu_ex2"] > 0
+        if "stg_128" in kernels["backward"]:
+            assert kernels["backward"]["stg_128"] == per_stage, (variant, kernels["backward"])
+    print(json.dumps(by_variant, indent=1))
+

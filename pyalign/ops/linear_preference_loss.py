@@ -226,7 +226,7 @@ def linear_preference_loss(
     average = bool(getattr(loss_fn, "average", False)) if average is None else average
     backend = getattr(loss_fn, "backend", "auto") if backend is None else backend
     separable = is_pair_separable(loss_fn) if pair_separable is None else bool(pair_separable)
-    validate_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    validate_linear_inputs(hidden, weight, labels, bias, ignore_index, backend)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape [2B, T, H] (chosen rows first), got {tuple(hidden.shape)}")
     if hidden.shape[0] % 2:

@@ -28,12 +28,13 @@ approximate, with each dropped gradient element bounded by that limit (docs/fuse
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pyalign.ops.backends import Backend, resolve_backend
+from pyalign.ops.backends import ENV_VAR, Backend, resolve_backend
 from pyalign.ops.linear_chunks import (  # noqa: F401  (re-exported: tests and linear_preference_loss)
     FILTER_BLOCK,
     MIB,
@@ -49,6 +50,7 @@ from pyalign.ops.linear_chunks import (  # noqa: F401  (re-exported: tests and l
     vocab_block_columns,
     vocab_major_backward,
 )
+from pyalign.ops.token_logprobs import labels_checked_on_host
 from pyalign.reference import output_dtype
 
 DEFAULT_BUDGETS = {"default": 256 * MIB, "low_memory": 32 * MIB}
@@ -211,7 +213,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 # --------------------------------------------------------------------------- public API
 
 
-def validate_linear_inputs(hidden, weight, labels, bias, ignore_index) -> None:
+def validate_linear_inputs(hidden, weight, labels, bias, ignore_index, backend="auto") -> None:
     """ValueError naming the argument for anything the chunks and kernels must never see."""
     for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(value, Tensor):
@@ -250,13 +252,15 @@ def validate_linear_inputs(hidden, weight, labels, bias, ignore_index) -> None:
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     vocab = weight.shape[0]
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if labels.numel() and bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise ValueError(
-            f"labels: every label must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"found {first} ({int(bad.sum())} out-of-range labels)"
-        )
+    named = os.environ.get(ENV_VAR, "") if backend == "auto" else backend
+    if labels.numel() and labels_checked_on_host(labels, named):  # on a GPU: no sync unless asked
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(
+                f"labels: every label must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"found {first} ({int(bad.sum())} out-of-range labels)"
+            )
 
 
 def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, mode, grad_filter,
@@ -329,7 +333,7 @@ def linear_token_logprobs(
     """
     if not isinstance(return_stats, bool):
         raise ValueError(f"return_stats: expected True or False, got {return_stats!r}")
-    validate_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    validate_linear_inputs(hidden, weight, labels, bias, ignore_index, backend)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     num_rows = labels.numel()

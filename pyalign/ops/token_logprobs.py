@@ -9,6 +9,8 @@ op may not hand back one of its inputs as its output.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ from pyalign.ops.backends import Backend, resolve_backend
 from pyalign.reference import output_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+CHECK_LABELS_ENV = "PYALIGN_CHECK_LABELS"
 
 
 # --------------------------------------------------------------------------- validation
@@ -46,9 +49,39 @@ def validate_logits_labels(logits: Tensor, labels: Tensor, ignore_index: int) ->
         raise ValueError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
 
 
+def labels_checked_on_host(labels: Tensor, backend_name: str) -> bool:
+    """Whether label values are checked here, on the host, with a ValueError.
+
+    CPU tensors: always (no device to wait for). CUDA tensors: only with the float64 reference
+    backend ("torch": its gather would fail on the device) or when PYALIGN_CHECK_LABELS=1 asks for
+    it (debugging): the check reads a value back, which synchronises the stream every call and
+    breaks CUDA-graph capture. Unchecked, the triton and cuda kernels give a label outside
+    [0, V) that is not ignore_index a NaN log-prob and a NaN gradient row (never a stray read):
+    the contract in docs/DESIGN.md.
+    """
+    if labels.device.type == "cpu" or backend_name == "torch":
+        return True
+    return os.environ.get(CHECK_LABELS_ENV, "0") not in ("", "0")
+
+
+def has_self_overlap(tensor: Tensor) -> bool:
+    """Whether two elements of ``tensor`` might share memory (e.g. an expanded view, stride 0).
+
+    Dimensions of size > 1 sorted by stride must each step over everything the smaller ones
+    span; a layout that fails this is treated as overlapping (a few exotic interleaved layouts
+    that do not overlap are flagged too, which only costs them the in-place backward)."""
+    span = 0  # largest offset reachable with the dimensions seen so far
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(tensor.stride(), tensor.shape) if sz > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def validate_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
-    """Labels in [0, V) or ignore_index. Data-dependent (one device sync), so it runs inside the
-    custom op, where torch.compile treats it as opaque, rather than in traced Python."""
+    """Labels in [0, V) or ignore_index. Data-dependent (one device sync on a GPU), so it runs
+    inside the custom op, where torch.compile treats it as opaque, and only where
+    :func:`labels_checked_on_host` says so."""
     if labels.numel() == 0:
         return
     if vocab == 0:
@@ -87,7 +120,8 @@ def as_3d(logits: Tensor) -> tuple[Tensor, bool]:
 
 
 def _run_forward(chosen: Backend, logits: Tensor, labels: Tensor, ignore_index: int):
-    validate_label_values(labels, logits.shape[-1], ignore_index)
+    if labels_checked_on_host(labels, chosen.name):
+        validate_label_values(labels, logits.shape[-1], ignore_index)
     logits3, _ = as_3d(logits)
     labels2 = labels.reshape(logits3.shape[:2]).to(torch.int64).contiguous()
     logp2, lse2 = chosen.forward(logits3, labels2, ignore_index)
@@ -219,6 +253,12 @@ def token_logprobs(
             raise ValueError(
                 "inplace_backward: the logits are a leaf tensor; their storage would become "
                 "their own .grad — pass inplace_backward=False"
+            )
+        if has_self_overlap(logits):
+            raise ValueError(
+                "inplace_backward: the logits have elements that share memory (an expanded or "
+                f"overlapping view, strides {tuple(logits.stride())}); one gradient element per "
+                "logit cannot be written into them — pass inplace_backward=False"
             )
         return _InplaceBackwardTokenLogprobs.apply(logits, labels, ignore_index, backend)
     logp, _ = token_logprobs_fwd(logits, labels, ignore_index, backend)
