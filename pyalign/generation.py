@@ -24,12 +24,14 @@ Reproducibility (what is guaranteed, and tested in tests/test_generation.py):
   distribution (greedy: only on an exact near-tie), which our tests on the tiny model in fp32 on
   CPU never see; docs/generation.md gives the measured logit differences on SmolLM2.
 
-Sampling one token (``do_sample=True``): ``p = softmax(logits / temperature)``; sort ``p``
-descending (stable); keep the first ``top_k`` tokens (``top_k=0``: all) and, of those, the
+Sampling one token (``do_sample=True``): ``p = softmax(logits / temperature)``. Without top-p
+or top-k: draw ``u ~ U[0, 1)`` from the row's stream and take the first token, in token-id
+order, whose cumulative probability exceeds ``u`` (inverse-CDF sampling). With them: order the
+tokens by decreasing ``p``, keep the first ``top_k`` (``top_k=0``: all) and, of those, the
 smallest prefix whose mass reaches ``top_p`` (token i is kept when the mass before it is
-``< top_p``); draw ``u ~ U[0, 1)`` from the row's stream and take the first kept token whose
-cumulative kept mass exceeds ``u`` times the kept total (inverse-CDF sampling: one uniform per
-token, so a row's stream advances exactly once per generated token). ``do_sample=False``: argmax.
+``< top_p``), and take the first kept token whose cumulative kept mass exceeds ``u`` times the
+kept total. One uniform per token, so a row's stream advances exactly once per generated token.
+``do_sample=False``: argmax.
 
 Under ``torchrun`` (the process group started, e.g. by :func:`pyalign.distributed.init_from_env`)
 each rank generates the prompts of its strided shard (:func:`pyalign.distributed.shard`) and
@@ -128,23 +130,49 @@ def row_seed(seed: int, system: str | None, prompt: str, occurrence: int, sample
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
+# Candidates read with top-k before falling back to a full sort, when top-p needs more mass.
+TOP_P_CANDIDATES = 256
+
+
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
                   top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """One token per row of ``logits`` ``[B, V]`` by inverse-CDF sampling with ``uniforms``
-    ``[B]`` in [0, 1) (the recipe of the module docstring). Returns token ids ``[B]``."""
+    ``[B]`` in [0, 1) (the recipe of the module docstring). Returns token ids ``[B]``.
+
+    Only what a row needs is sorted: without top-p/top-k the CDF runs in token-id order (no
+    sort); with them, over the ``top_k`` (or ``TOP_P_CANDIDATES``) largest probabilities, and a
+    row whose nucleus is not within those is redone with all of them. A full sort of a
+    49152-token vocabulary costs ~10x a top-256 (docs/generation.md). Every decision is per row,
+    so a row's token does not depend on the other rows."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
-    if 0 < top_k < keep.shape[-1]:
-        keep[:, top_k:] = False
+    vocab = probs.shape[-1]
+    limit = vocab if top_k == 0 else min(top_k, vocab)
+    u = uniforms.to(device=probs.device, dtype=probs.dtype)[:, None]
+    if top_p >= 1.0 and limit == vocab:
+        cdf = probs.cumsum(-1)
+        position = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+        overflow = position >= vocab  # u * total rounded up to the total: the last non-zero token
+        if bool(overflow.any()):
+            nonzero = (probs[overflow] > 0).long() * torch.arange(1, vocab + 1, device=probs.device)
+            position[overflow] = nonzero.argmax(-1)
+        return position
+
+    width = limit if top_p >= 1.0 else min(limit, TOP_P_CANDIDATES)
+    values, order = probs.topk(width, dim=-1)
+    if width < limit:
+        short = values.sum(-1) < top_p  # the nucleus reaches beyond the candidates
+        if bool(short.any()):
+            rows = short.nonzero().flatten()
+            more_values, more_order = probs[rows].topk(limit, dim=-1)
+            values = torch.cat([values, values.new_zeros(len(values), limit - width)], -1)
+            order = torch.cat([order, order.new_zeros(len(order), limit - width)], -1)
+            values[rows], order[rows] = more_values, more_order
+    keep = values > 0  # (also drops the zero padding of rows that needed no more candidates)
     if top_p < 1.0:
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        keep &= mass_before < top_p
+        keep &= (values.cumsum(-1) - values) < top_p
     keep[:, 0] = True  # the most likely token is always a candidate
-    cdf = (sorted_probs * keep).cumsum(-1)
-    target = uniforms.to(device=cdf.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
-    position = torch.searchsorted(cdf, target, right=True)
-    # u * total can round up to the total: stay on the last kept token.
+    cdf = (values * keep).cumsum(-1)
+    position = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     position = torch.minimum(position, keep.sum(-1, keepdim=True) - 1)
     return order.gather(-1, position).squeeze(-1)
 

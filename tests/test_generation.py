@@ -120,6 +120,27 @@ def test_sample_tokens_inverse_cdf_with_top_p_and_top_k():
     assert torch.allclose(frequencies(temperature=0.5), probs.double()[0] ** 2 / (probs.double() ** 2).sum(), atol=2e-4)
     # u just below 1 stays on a kept token
     assert sample_tokens(logits, torch.tensor([1 - 1e-17]), top_p=0.7).item() == 3
+    assert sample_tokens(torch.tensor([[0.0, 0.0, float("-inf")]]), torch.tensor([1 - 1e-17])).item() == 1
+
+
+def test_sample_tokens_nucleus_beyond_the_top_k_candidates():
+    # 1000 tokens, nearly flat: the 0.9 nucleus holds ~900 tokens, more than TOP_P_CANDIDATES,
+    # in one row; the other row is peaked (its nucleus is within the candidates)
+    flat = torch.linspace(0.0, 0.5, 1000)
+    peaked = torch.full((1000,), -20.0)
+    peaked[[3, 500]] = torch.tensor([2.0, 1.0])
+    logits = torch.stack([flat, peaked])
+    assert generation.TOP_P_CANDIDATES < 900
+    grid = (torch.arange(4000, dtype=torch.float64) + 0.5) / 4000
+    tokens = sample_tokens(logits.repeat_interleave(len(grid), 0), grid.repeat(2), top_p=0.9)
+    flat_tokens, peaked_tokens = tokens[:len(grid)], tokens[len(grid):]
+    probs = flat.softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus = order[:int(((probs[order].cumsum(0) - probs[order]) < 0.9).sum())]
+    assert set(flat_tokens.tolist()) == set(nucleus.tolist())  # every nucleus token, nothing else
+    assert set(peaked_tokens.tolist()) == {3, 500}
+    # each row alone gives its tokens of the batched call (decisions are per row)
+    assert torch.equal(sample_tokens(logits[1:].expand(len(grid), -1), grid, top_p=0.9), peaked_tokens)
 
 
 def test_stops_at_eos_and_rows_do_not_affect_each_other(tiny_folder):

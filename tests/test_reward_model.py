@@ -11,7 +11,7 @@ import torch
 from helpers_tiny_lm import WORDS, one_thread, save_tiny_model
 
 from pyalign.reward_model import (
-    ObjectiveScale, RewardModel, load_rated_examples, load_reward_model, objective_metrics, pairwise_accuracy,
+    ObjectiveScale, RewardModel, evaluate_reward_model, load_rated_examples, load_reward_model, objective_metrics, pairwise_accuracy,
     pearson, resolve_scales,
 )
 from pyalign.reward_model.data import RatingsDataset, check_within_scales
@@ -231,6 +231,10 @@ def test_pyalign_train_learns_synthetic_ratings_resumes_and_refuses_stale_runs(t
     groups = torch.tensor([i // 4 for i in range(len(rows))])
     again = objective_metrics(scores, targets, groups, OBJECTIVES)
     assert again["helpfulness"]["mse"] == pytest.approx(heldout["helpfulness"]["mse"], rel=1e-3)
+    from_file = evaluate_reward_model(loaded, config["data"]["eval"], batch_size=7)
+    for name in OBJECTIVES:
+        assert from_file[name]["pairs"] == heldout[name]["pairs"]
+        assert from_file[name]["pearson"] == pytest.approx(heldout[name]["pearson"], abs=1e-4)
     # killed mid-run (after the step-8 checkpoint), rerun: the same result as uninterrupted
     def crash(event, info):
         if info["step"] == 11:

@@ -18,12 +18,12 @@ state of the last non-padding token, trained with MSE on ratings rescaled to 0-1
 from pyalign.reward_model.data import (
     ObjectiveScale, RatedExample, RatingsDataset, load_rated_examples, resolve_scales,
 )
-from pyalign.reward_model.metrics import objective_metrics, pairwise_accuracy, pearson
+from pyalign.reward_model.metrics import evaluate_reward_model, objective_metrics, pairwise_accuracy, pearson
 from pyalign.reward_model.model import RewardModel, load_reward_model
 
 __all__ = [
     "ObjectiveScale", "RatedExample", "RatingsDataset", "load_rated_examples", "resolve_scales",
-    "objective_metrics", "pairwise_accuracy", "pearson", "RewardModel", "load_reward_model",
+    "evaluate_reward_model", "objective_metrics", "pairwise_accuracy", "pearson", "RewardModel", "load_reward_model",
 ]
 
 # Registers ``task: reward_model`` with pyalign.train.tasks (which imports this package for it).

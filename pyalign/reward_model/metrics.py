@@ -85,3 +85,25 @@ def unflatten(flat: dict[str, float]) -> dict[str, dict]:
         if name and metric in METRICS:
             nested.setdefault(name, {})[metric] = int(value) if metric == "pairs" else value
     return nested
+
+
+def evaluate_reward_model(model, examples, *, batch_size: int = 16, progress: str | None = None) -> dict[str, dict]:
+    """The metrics of the module docstring for ``model`` (a :class:`~pyalign.reward_model.RewardModel`)
+    on rated examples: a JSONL path (read with the model's objectives) or a list of
+    :class:`~pyalign.reward_model.data.RatedExample`. True ratings are rescaled with the model's
+    own scales, so they are compared on its 0-100 scale."""
+    from pyalign.reward_model.data import load_rated_examples, prompt_groups  # noqa: PLC0415
+
+    if not isinstance(examples, (list, tuple)):
+        examples = load_rated_examples(examples, model.objectives)
+    if not examples:
+        raise ValueError("examples: expected at least one rated example")
+    for number, example in enumerate(examples, start=1):
+        missing = [name for name in model.objectives if name not in example.ratings]
+        if missing:
+            raise ValueError(f"examples[{number - 1}]: ratings is missing objective {missing[0]!r}")
+    predictions = model.score([e.prompt for e in examples], [e.response for e in examples],
+                              system=[e.system for e in examples], batch_size=batch_size, progress=progress)
+    targets = torch.tensor([[float(s.to_100(e.ratings[s.name])) for s in model.scales] for e in examples])
+    groups = torch.tensor(prompt_groups([(e.system, e.prompt) for e in examples]))
+    return objective_metrics(predictions, targets, groups, model.objectives)
