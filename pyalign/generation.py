@@ -62,7 +62,7 @@ from pyalign.io import JsonlAppender, read_jsonl_rows
 
 # Bump when the sampling recipe above changes: it changes which tokens a seed gives, so caches of
 # generated samples must key on it.
-GENERATION_VERSION = 1
+GENERATION_VERSION = 2
 BACKENDS = ("auto", "hf", "vllm")
 FINISH_REASONS = ("eos", "length")
 
