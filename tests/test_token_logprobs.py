@@ -1,6 +1,10 @@
 """The public op on every backend against the float64 reference: values, gradients, layouts,
 ignored labels, torch.compile, in-place backward, and the errors bad input must raise."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -239,6 +243,24 @@ def test_torch_compile_without_graph_break():
     eager.backward()
     out.backward()
     torch.testing.assert_close(compiled_in.grad, eager_in.grad)
+
+
+def test_first_call_imports_no_compiler_stack():
+    """The first forward + backward in a fresh process imports neither torch._dynamo nor sympy
+    (torch.library.custom_op's wrappers would: ~900 modules, ~2 s, ~150 MB)."""
+    code = (
+        "import sys, torch, pyalign\n"
+        "before = set(sys.modules)\n"
+        "x = torch.randn(2, 8, 100, requires_grad=True)\n"
+        "pyalign.sequence_logprobs(x, torch.randint(0, 100, (2, 8))).sum().backward()\n"
+        "new = set(sys.modules) - before\n"
+        "print(len(new), sorted(m for m in new if m.startswith(('torch._dynamo', 'sympy', 'torch._inductor'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYALIGN_BACKEND": "", "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, heavy = done.stdout.strip().split(" ", 1)
+    assert heavy == "[]" and int(count) < 20, done.stdout
 
 
 def test_environment_variable_overrides_auto(monkeypatch):

@@ -1,8 +1,9 @@
 """``token_logprobs`` / ``sequence_logprobs``: the fused log-softmax + gather op (SPEC 3.1).
 
-The op is registered as two torch custom ops (``pyalign::token_logprobs_fwd`` and
-``pyalign::token_logprobs_bwd``) with fake implementations and an autograd formula, so code that
-calls it compiles under ``torch.compile`` without a graph break. The in-place backward (gradient
+The op is registered as two torch operators (``pyalign::token_logprobs_fwd`` and
+``pyalign::token_logprobs_bwd``, torch.library's define / impl) with fake implementations and an
+autograd formula, so code that calls it compiles under ``torch.compile`` without a graph break,
+and a process that never compiles never imports the compiler stack. The in-place backward (gradient
 written into the logits' own storage) is a separate eager-only autograd Function, because a custom
 op may not hand back one of its inputs as its output.
 """
@@ -148,31 +149,49 @@ def _run_backward(
     return result
 
 
-@torch.library.custom_op("pyalign::token_logprobs_fwd", mutates_args=())
-def token_logprobs_fwd(
-    logits: Tensor, labels: Tensor, ignore_index: int, backend: str
-) -> tuple[Tensor, Tensor]:
+# The ops are defined with torch.library's low-level API (define / impl / register_fake /
+# register_autograd) rather than @torch.library.custom_op: custom_op wraps each implementation in
+# torch._disable_dynamo, whose first call imports torch._dynamo and with it sympy and ~900
+# modules (~2 s, ~150 MB) in a process that never compiles anything. Dynamo never traces into an
+# operator's implementation anyway: under torch.compile the op is one opaque node whose shapes
+# come from the fake implementation.
+torch.library.define(
+    "pyalign::token_logprobs_fwd",
+    "(Tensor logits, Tensor labels, int ignore_index, str backend) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "pyalign::token_logprobs_bwd",
+    "(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index, str backend) -> Tensor",
+)
+
+
+@torch.library.impl("pyalign::token_logprobs_fwd", "CompositeExplicitAutograd")
+def _token_logprobs_fwd_impl(logits: Tensor, labels: Tensor, ignore_index: int,
+                             backend: str) -> tuple[Tensor, Tensor]:
     chosen = resolve_backend(backend, logits)
     return _run_forward(chosen, logits, labels, ignore_index)
 
 
-@token_logprobs_fwd.register_fake
+@torch.library.register_fake("pyalign::token_logprobs_fwd")
 def _(logits, labels, ignore_index, backend):
     dtype = output_dtype(logits.dtype)
     return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype)
 
 
-@torch.library.custom_op("pyalign::token_logprobs_bwd", mutates_args=())
-def token_logprobs_bwd(
-    grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int, backend: str
-) -> Tensor:
+@torch.library.impl("pyalign::token_logprobs_bwd", "CompositeExplicitAutograd")
+def _token_logprobs_bwd_impl(grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
+                             ignore_index: int, backend: str) -> Tensor:
     chosen = resolve_backend(backend, logits)
     return _run_backward(chosen, grad, logits, labels, lse, ignore_index, inplace=False)
 
 
-@token_logprobs_bwd.register_fake
+@torch.library.register_fake("pyalign::token_logprobs_bwd")
 def _(grad, logits, labels, lse, ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+token_logprobs_fwd = torch.ops.pyalign.token_logprobs_fwd.default
+token_logprobs_bwd = torch.ops.pyalign.token_logprobs_bwd.default
 
 
 def _setup_context(ctx, inputs, output):
@@ -189,7 +208,7 @@ def _backward(ctx, grad_logp, grad_lse):
     return grad_logits, None, None, None
 
 
-token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("pyalign::token_logprobs_fwd", _backward, setup_context=_setup_context)
 
 
 class _InplaceBackwardTokenLogprobs(torch.autograd.Function):
