@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from helpers_tiny_lm import one_thread, write_jsonl
+
 from pyalign.data import clair
 from pyalign.data.chat_client import ChatCompletionsClient, ChatCompletionsError
 from pyalign.demo.markers import prompt_bank
@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-test-4f1c9e0d2b7a"
 # Short, so the tiny model's 128 positions hold the request (the paper's instruction is ~150 words).
 INSTRUCTION = "Improve the answer. {prompt} Answer: {response}"
-SETTINGS = dict(instruction=INSTRUCTION, output_format="plain", max_new_tokens=8, temperature=1.0, seed=3,
-                min_length_ratio=0.6, max_length_ratio=1.6)
+SETTINGS = {"instruction": INSTRUCTION, "output_format": "plain", "max_new_tokens": 8, "temperature": 1.0,
+            "seed": 3, "min_length_ratio": 0.6, "max_length_ratio": 1.6}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ PROMPTS = [(p, None) for p in prompt_bank()[:10]]
 
 
 def reviser_of(tiny, **kwargs):
-    folder, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     return clair.LocalReviser(model, tokenizer, name="tiny", max_new_tokens=8, **kwargs)
 
 
@@ -104,7 +104,7 @@ class FlakyReviser:
 
 
 def test_local_reviser_pairs_resume_to_the_same_files(tiny, tmp_path):
-    folder, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     target = (model, tokenizer, "tiny")
     settings = clair.ClairSettings(**SETTINGS, chunk_size=3)
     whole = clair.make_clair_pairs(PROMPTS, target, reviser_of(tiny), tmp_path / "a" / "pairs.jsonl",
@@ -146,7 +146,7 @@ def test_local_reviser_pairs_resume_to_the_same_files(tiny, tmp_path):
 
 
 def test_paper_instruction_with_the_tiny_reviser_drops_every_unformatted_answer(tiny, tmp_path):
-    folder, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     summary = clair.make_clair_pairs(PROMPTS[:3], (model, tokenizer, "tiny"), reviser_of(tiny),
                                      tmp_path / "pairs.jsonl", settings=clair.ClairSettings(max_new_tokens=6),
                                      progress=False)
@@ -274,7 +274,7 @@ def test_endpoint_client_retries_times_out_and_keeps_the_key_secret(server, monk
 
 
 def test_endpoint_reviser_makes_the_same_pairs_as_the_local_one(tiny, server, monkeypatch, tmp_path):
-    folder, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     settings = clair.ClairSettings(**SETTINGS, chunk_size=4)
     endpoint = clair.EndpointReviser(ChatCompletionsClient(server.url, "tiny", backoff=0.01), max_tokens=8,
@@ -302,7 +302,7 @@ def test_endpoint_reviser_makes_the_same_pairs_as_the_local_one(tiny, server, mo
 def test_killed_cli_run_resumes_to_the_same_files(tiny, server, tmp_path, monkeypatch):
     """``pyalign data clair`` with the endpoint reviser, SIGKILLed while its third request is in
     flight, then rerun: the files equal those of an uninterrupted run."""
-    folder, model, tokenizer = tiny
+    folder = tiny[0]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p, _ in PROMPTS[:6]])
     (tmp_path / "instruction.txt").write_text(INSTRUCTION)
     command = [sys.executable, "-m", "pyalign.data.cli", "clair", str(prompts), "--model", str(folder),
@@ -323,11 +323,11 @@ def test_killed_cli_run_resumes_to_the_same_files(tiny, server, tmp_path, monkey
     out, err = process.communicate(timeout=30)
     server.release.set()
     written = read(tmp_path / "run" / "pairs.jsonl").splitlines() + read(tmp_path / "run" / "pairs.rejected.jsonl").splitlines()
-    assert len(written) == 2  # rows of the two answered requests
+    assert len(written) == 2, (written, err[-2000:])  # rows of the two answered requests
 
     server.block_at = None
     finished = subprocess.run(command + ["--out", str(tmp_path / "run" / "pairs.jsonl")], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=180)
+                              capture_output=True, text=True, timeout=180, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     out, err = out + finished.stdout, err + finished.stderr
     # the uninterrupted run, through the Python API with the settings the command line used
@@ -336,8 +336,9 @@ def test_killed_cli_run_resumes_to_the_same_files(tiny, server, tmp_path, monkey
     clair.make_clair_pairs(clair.load_prompts(str(prompts)), str(folder), reviser, tmp_path / "clean" / "pairs.jsonl",
                            settings=clair.ClairSettings(**SETTINGS), progress=False)
     for name in ("pairs.jsonl", "pairs.rejected.jsonl", "pairs.samples.jsonl"):
-        assert read(tmp_path / "run" / name) == read(tmp_path / "clean" / name), name
+        resumed, clean = read(tmp_path / "run" / name).splitlines(), read(tmp_path / "clean" / name).splitlines()
+        assert resumed == clean, (name, [(a, b) for a, b in zip(resumed, clean) if a != b][:2], len(resumed), len(clean))
     summary = json.loads(read(tmp_path / "run" / "pairs.summary.json"))
     assert summary["prompts"] == 6 and summary["kept"] + sum(summary["rejected"].values()) == 6
     everything = out + err + b"".join(read(p) for d in ("run", "clean") for p in (tmp_path / d).iterdir()).decode()
-    assert SECRET not in everything
+    assert SECRET not in everything, "the API key leaked"

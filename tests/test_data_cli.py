@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers_tiny_lm import make_tokenizer, write_jsonl
+
 from pyalign.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -81,8 +81,8 @@ def test_errors_exit_2_and_name_the_problem(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     status, _, err = inspect(capsys, "Anthropic/hh-rlhf", "--json")
     assert status == 2 and "data set Anthropic/hh-rlhf: not in the local datasets cache" in err
-    status, out, err = inspect(capsys, FIXTURES / "chat_messages.jsonl", "--schema", "pku_saferlhf", "--json",
-                               "--dimension", "helpful", "--on-bad-row", "skip")
+    status, _, err = inspect(capsys, FIXTURES / "chat_messages.jsonl", "--schema", "pku_saferlhf", "--json",
+                             "--dimension", "helpful", "--on-bad-row", "skip")
     assert status == 2 and "no preference pairs" in err
 
 

@@ -22,11 +22,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from pyalign.data.pairs import (
-    PAIR_FIELDS, PreferencePair, RatingRecord, RowError, check_messages, normalize_prompt, pair_from_record,
-    prompt_field, reply_field, score_field, split_conversations, text_field,
+    PAIR_FIELDS,
+    PreferencePair,
+    RatingRecord,
+    RowError,
+    check_messages,
+    normalize_prompt,
+    pair_from_record,
+    prompt_field,
+    reply_field,
+    score_field,
+    split_conversations,
+    text_field,
 )
 
 Rows = Iterable[tuple[int, Any]]  # (row index, row)
@@ -36,7 +46,7 @@ OnError = Callable[[int, RowError], None]
 class Adapter:
     name = ""
     dimensions: tuple[str, ...] = ()  # empty: the schema has one pair stream
-    aliases: dict[str, str] = {}  # other accepted dimension names -> dimension
+    aliases: ClassVar[dict[str, str]] = {}  # other accepted dimension names -> dimension
     score_range: tuple[float, float] | None = None  # of chosen_score/rejected_score, when known
     has_pairs = True
     has_ratings = False
@@ -183,9 +193,9 @@ class PKUSafeRLHFAdapter(Adapter):
 
     name = "pku_saferlhf"
     dimensions = ("helpful", "harmless")
-    aliases = {"helpfulness": "helpful", "better": "helpful", "harmlessness": "harmless", "safer": "harmless",
+    aliases: ClassVar[dict[str, str]] = {"helpfulness": "helpful", "better": "helpful", "harmlessness": "harmless", "safer": "harmless",
                "safety": "harmless", "safe": "harmless"}
-    id_field = {"helpful": "better_response_id", "harmless": "safer_response_id"}
+    id_field: ClassVar[dict[str, str]] = {"helpful": "better_response_id", "harmless": "safer_response_id"}
 
     def row_pairs(self, row, dimension):
         prompt = text_field(row, "prompt")

@@ -137,7 +137,7 @@ class LocalReviser:
         self.max_new_tokens, self.temperature, self.seed, self.batch_size = max_new_tokens, temperature, seed, batch_size
 
     @classmethod
-    def from_folder(cls, path, *, dtype: str = "float32", **kwargs) -> "LocalReviser":
+    def from_folder(cls, path, *, dtype: str = "float32", **kwargs) -> LocalReviser:
         from pyalign.generation import load_for_generation  # noqa: PLC0415
         from pyalign.train.modeling import model_fingerprint  # noqa: PLC0415
 

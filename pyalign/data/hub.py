@@ -83,7 +83,7 @@ def load_hub_dataset(name: str, *, config: str | None = None, data_dir: str | No
     """``datasets.Dataset`` for split ``split`` of hub data set ``name``; see the module docstring."""
     import datasets  # noqa: PLC0415
 
-    kwargs = dict(name=config, data_dir=data_dir, split=split, revision=revision, cache_dir=cache_dir)
+    kwargs = {"name": config, "data_dir": data_dir, "split": split, "revision": revision, "cache_dir": cache_dir}
     label = name + (f" (config {config})" if config else "") + (f" (data_dir {data_dir})" if data_dir else "")
     if datasets.config.HF_HUB_OFFLINE:
         reachable, reason = False, "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"

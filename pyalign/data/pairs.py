@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "system", "chosen_score", "rejected_score", "meta")

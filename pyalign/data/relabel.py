@@ -18,8 +18,8 @@ pairs (twice as many, the two of each source pair next to each other).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from pyalign.data.pairs import PreferencePair
 

@@ -36,8 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from pyalign.data.adapters import ADAPTERS, SCHEMAS, Adapter, get_adapter, guess_schema
-from pyalign.data.pairs import PreferencePair, RatingRecord, RowError, prompt_json, read_jsonl_records
-from pyalign.data.relabel import DEFAULT_TEMPLATE, METHODS, RelabelSpec, reward_augmented
+from pyalign.data.pairs import (
+    PreferencePair,
+    RatingRecord,
+    RowError,
+    prompt_json,
+    read_jsonl_records,
+)
+from pyalign.data.relabel import (
+    DEFAULT_TEMPLATE,
+    METHODS,
+    RelabelSpec,
+    reward_augmented,
+)
 
 logger = logging.getLogger("pyalign.data")
 ON_BAD_ROW = ("fail", "skip")
@@ -276,8 +287,7 @@ def _quiet_datasets():
 def _datasets_builder(path: Path) -> str | None:
     name = path.name.lower()
     for suffix in COMPRESSION_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+        name = name.removesuffix(suffix)
     return DATASETS_SUFFIXES.get(Path(name).suffix)
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -108,7 +108,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.pad_token_id = pad_token_id(tokenizer)
 
     @classmethod
-    def from_source(cls, source, tokenizer, max_length: int, max_prompt_length: int) -> "PreferenceDataset":
+    def from_source(cls, source, tokenizer, max_length: int, max_prompt_length: int) -> PreferenceDataset:
         """From any data source: a path, a mapping or a :class:`pyalign.data.sources.DataSource`."""
         from pyalign.data.sources import load_pairs  # noqa: PLC0415
 
