@@ -62,7 +62,7 @@ def sampling_params(settings, seed: int, stop_token_ids):
 def generate_rows(llm, tokenizer, rows, settings, bar) -> list[tuple[list[int], str, None]]:
     """``rows``: ``[(prompt_ids, seed)]`` -> ``(token_ids, finish_reason, None)`` per row, in
     order (token ids cut before the first stop token, as the transformers backend does)."""
-    from pyalign.generation import _cut, stop_token_ids_of  # noqa: PLC0415
+    from pyalign.generation import cut_at_stop, stop_token_ids_of  # noqa: PLC0415
 
     stop_ids = stop_token_ids_of(None, tokenizer, settings.stop_token_ids)
     prompts = [{"prompt_token_ids": list(ids)} for ids, _ in rows]
@@ -72,7 +72,7 @@ def generate_rows(llm, tokenizer, rows, settings, bar) -> list[tuple[list[int], 
     stop_set = set(stop_ids)
     for output in outputs:
         completion = output.outputs[0]
-        tokens, reason = _cut(list(completion.token_ids), stop_set)
+        tokens, reason = cut_at_stop(list(completion.token_ids), stop_set)
         if reason == "length" and completion.finish_reason == "stop":
             reason = "eos"  # vLLM stopped on a token it does not report (e.g. its own EOS)
         results.append((tokens, reason, None))

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from pyalign import distributed
+from pyalign.data import pad_token_id
 from pyalign.io import atomic_directory, read_json, write_json_atomic
 from pyalign.models import resolve_dtype
 from pyalign.reward_model.data import ObjectiveScale, TokenizedRated, collate_rated, encode_prompt_response
@@ -101,11 +102,10 @@ class RewardModel(torch.nn.Module):
         self.max_prompt_length = max_prompt_length
         self.info = dict(info or {})
         k = len(scales)
-        self.head = torch.nn.Linear(backbone.config.hidden_size, k, dtype=torch.float32)
+        device = next(backbone.parameters()).device
+        self.head = torch.nn.Linear(backbone.config.hidden_size, k, dtype=torch.float32, device=device)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
-        self.head.to(next(backbone.parameters()).device)
-        device = next(backbone.parameters()).device
         offset = torch.full((k,), 50.0) if offset is None else torch.as_tensor(offset, dtype=torch.float32)
         spread = torch.ones(k) if spread is None else torch.as_tensor(spread, dtype=torch.float32)
         if offset.shape != (k,) or spread.shape != (k,) or not bool((spread > 0).all()):
@@ -169,7 +169,7 @@ class RewardModel(torch.nn.Module):
                                              self.max_length, self.max_prompt_length) for i in mine}
         order = sorted(mine, key=lambda i: (-len(encoded[i]), i))
         device = next(self.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_token_id(self.tokenizer)
         scores: dict[int, list[float]] = {}
         was_training = self.training
         self.eval()
