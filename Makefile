@@ -15,12 +15,12 @@ DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetenso
 NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-quick test test-gpu bench build venv clean help
+.PHONY: demo demo-quick test test-gpu test-gpu-all gpu-build bench build venv clean help
 
 help:
 	@echo "make demo        SPO vs S-DPO marker experiment on SmolLM2-135M (CPU, ~15 min)"
 	@echo "make test        build and run the test suite (CPU; Triton under its interpreter)"
-	@echo "make test-gpu    the whole suite on CUDA, large shapes included (on a GPU machine)"
+	@echo "make test-gpu    the kernel and op tests on CUDA, large shapes included (on a GPU machine)"
 	@echo "make bench       fused op and fused lm_head vs eager / torch.compile; tables + JSON + PNG in bench/results"
 
 $(VENV)/.deps-stamp: Makefile
@@ -43,11 +43,26 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # On the GPU machine (no network there): its own CUDA torch and packages, no venv, no installs
-# beyond pyalign itself. `bash bench/gpu_session.sh setup test` does the same plus the wheels.
+# beyond pyalign itself (built once with its CUDA kernels; kept when already built so).
+# test-gpu: the kernel and op tests on CUDA, large shapes included (N*V > 2^31); the other files
+# test CPU code that CI covers. test-gpu-all: the whole suite on the GPU machine.
+# `bash bench/gpu_session.sh part1` runs test-gpu after installing the carried wheels.
 GPU_PY ?= python3
-test-gpu:
-	$(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+GPU_TESTS := tests/test_token_logprobs.py tests/test_triton_kernels.py tests/test_cuda_sources.py \
+             tests/test_linear_token_logprobs.py tests/test_linear_preference_loss.py \
+             tests/test_preference_loss.py
+GPU_MARKED := tests/test_hf_integration.py tests/test_sequential.py  # only their @gpu tests
+gpu-build:
 	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'make test-gpu needs a CUDA device'"
+	$(GPU_PY) -c "import pyalign._C as C; assert C.has_cuda()" 2>/dev/null \
+		|| $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test-gpu: gpu-build
+	$(GPU_PY) -m pytest -q --run-large $(PYTEST_ARGS) $(GPU_TESTS); kernels=$$?; \
+	$(GPU_PY) -m pytest -q --run-large -m gpu $(PYTEST_ARGS) $(GPU_MARKED); marked=$$?; \
+	exit $$(( kernels || marked ))
+
+test-gpu-all: gpu-build
 	$(GPU_PY) -m pytest -q --run-large $(PYTEST_ARGS) tests
 
 demo: build

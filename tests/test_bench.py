@@ -171,3 +171,23 @@ def test_repeats_must_be_positive():
         logprobs.parse_args(["--device", "cpu", "--repeats", "0"])
     args, device = linear.parse_args(["--device", "cpu", "--logit-std", "flat"])
     assert device.type == "cpu" and args.logit_std == 1.0 and args.repeats == linear.DEFAULTS["cpu"]["repeats"]
+
+
+def test_kernel_sweep_suggests_one_line_from_its_timings():
+    """The auto table changes only where the other kernel is faster by more than 3 %, and the
+    best Triton settings are those with the least total time over the sweep's cases."""
+    from bench import kernel_sweep
+    from pyalign.ops.backends import AUTO_CUDA
+
+    kinds = [{"kind": "aligned/many_rows", "triton_ms": 1.00, "cuda_ms": 0.99},   # within noise: keep
+             {"kind": "unaligned/few_rows", "triton_ms": 1.00, "cuda_ms": 0.80}]  # clearly faster
+    sweep = [{"num_stages": s, "block_v": 4096, "num_warps": 8, "forward_ms": f, "backward_ms": 1.0}
+             for s, f in ((1, 2.0), (3, 1.5))] + [{"num_stages": 2, "block_v": 2048, "num_warps": 4,
+                                                   "skipped": "OutOfResources"}]
+    suggested = kernel_sweep.suggestions(sweep, kinds)
+    expected = {**AUTO_CUDA, "aligned/many_rows": AUTO_CUDA["aligned/many_rows"]}
+    if AUTO_CUDA["unaligned/few_rows"] == "triton":
+        expected["unaligned/few_rows"] = "cuda"
+    assert suggested["AUTO_CUDA"] == expected
+    assert suggested["auto_line"].startswith("AUTO_CUDA = {")
+    assert suggested["best_settings"]["num_stages"] == 3

@@ -263,6 +263,22 @@ def test_first_call_imports_no_compiler_stack():
     assert heavy == "[]" and int(count) < 20, done.stdout
 
 
+def test_auto_on_cuda_is_one_table(monkeypatch):
+    """"auto" on CUDA reads one table keyed by alignment and row count (bench.kernel_sweep
+    prints the line its timings support); every key is there and names a GPU backend."""
+    from pyalign.ops import backends
+
+    assert set(backends.AUTO_CUDA) == {f"{a}/{r}" for a in ("aligned", "unaligned")
+                                       for r in ("many_rows", "few_rows")}
+    assert set(backends.AUTO_CUDA.values()) <= {"triton", "cuda"}
+    monkeypatch.setattr(backends, "_multiprocessors", lambda index: 132)
+    meta = torch.empty(8, 1024, 32000, device="meta")
+    assert backends.cuda_logits_kind(meta) == "aligned/many_rows"
+    assert backends.cuda_logits_kind(torch.empty(8, 1024, 50257, device="meta")) == "unaligned/many_rows"
+    assert backends.cuda_logits_kind(meta[:, :-1]) == "aligned/many_rows"
+    assert backends.cuda_logits_kind(meta[:1, :64]) == "aligned/few_rows"
+
+
 def test_environment_variable_overrides_auto(monkeypatch):
     logits, labels = make_inputs((1, 2), 9, torch.float64)
     monkeypatch.setenv("PYALIGN_BACKEND", "torch")

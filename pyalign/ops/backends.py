@@ -106,11 +106,39 @@ def available_backends(device: str | torch.device) -> list[str]:
     return names
 
 
+# "auto" on CUDA tensors, by the kind of logits: rows 16-byte aligned or not (V and the row
+# strides multiples of 16 elements), and enough rows to fill the GPU without splitting the
+# vocabulary (4 programs per multiprocessor) or not. THE ONE LINE a GPU session edits after
+# `python -m bench.kernel_sweep` prints the line its timings support (bench/NOTES_triton.md).
+# Not measured on a GPU yet: Triton everywhere (it needs no compiled extension).
+AUTO_CUDA = {"aligned/many_rows": "triton", "aligned/few_rows": "triton", "unaligned/many_rows": "triton", "unaligned/few_rows": "triton"}  # noqa: E501
+
+
 @functools.cache
-def _auto_backend(device_type: str) -> str:
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
+
+
+def cuda_kind(aligned: bool, rows: int, device: torch.device) -> str:
+    """The key of :data:`AUTO_CUDA`: ``rows`` rows of logits on ``device``, 16-byte aligned or not."""
+    many = rows >= 4 * _multiprocessors(device.index)
+    return f"{'aligned' if aligned else 'unaligned'}/{'many_rows' if many else 'few_rows'}"
+
+
+def cuda_logits_kind(logits: torch.Tensor) -> str:
+    """The key of :data:`AUTO_CUDA` for these (CUDA) logits [..., V]."""
+    if logits.dim() == 0:
+        return cuda_kind(False, 1, logits.device)
+    aligned = logits.shape[-1] % 16 == 0 and logits.data_ptr() % 16 == 0 and all(
+        stride % 16 == 0 for stride, size in zip(logits.stride()[:-1], logits.shape[:-1]) if size > 1)
+    return cuda_kind(aligned, logits.numel() // max(1, logits.shape[-1]), logits.device)
+
+
+def _auto_backend(logits: torch.Tensor, kind: str | None = None) -> str:
+    device_type = logits.device.type
     if device_type == "cuda":
-        # Triton first: it matches the CUDA C++ kernel on Hopper and needs no compiled extension.
-        for name in ("triton", "cuda"):
+        first = AUTO_CUDA[kind or cuda_logits_kind(logits)]
+        for name in (first, "triton", "cuda"):
             if _available(name):
                 return name
         return "torch"
@@ -119,8 +147,10 @@ def _auto_backend(device_type: str) -> str:
     return "torch"
 
 
-def resolve_backend(backend: str, logits: torch.Tensor) -> Backend:
-    """Pick the backend for ``logits`` and check that it can run them, with a clear error."""
+def resolve_backend(backend: str, logits: torch.Tensor, kind: str | None = None) -> Backend:
+    """Pick the backend for ``logits`` and check that it can run them, with a clear error.
+    ``kind`` (a key of :data:`AUTO_CUDA`) describes the logits when ``logits`` is a stand-in
+    (the fused lm_head resolves its backend from the hidden states)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -128,7 +158,7 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> Backend:
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR}: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = _auto_backend(logits.device.type)
+        backend = _auto_backend(logits, kind)
     chosen = get_backend(backend)
     if logits.device.type not in chosen.devices:
         hint = (" (Triton runs CPU tensors only under TRITON_INTERPRET=1)"

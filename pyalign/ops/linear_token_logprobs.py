@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pyalign.ops.backends import ENV_VAR, Backend, resolve_backend
+from pyalign.ops.backends import ENV_VAR, Backend, cuda_kind, resolve_backend
 from pyalign.ops.linear_chunks import (  # noqa: F401  (re-exported: tests and linear_preference_loss)
     FILTER_BLOCK,
     MIB,
@@ -279,10 +279,12 @@ def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, 
             f"weight_grad_dtype: expected None, torch.float32 or the weight's dtype {weight.dtype}, "
             f"got {weight_grad_dtype!r}"
         )
-    chosen = resolve_backend(backend, hidden)
     if chunk_size is None:
         budget = memory_budget if memory_budget is not None else DEFAULT_BUDGETS[mode]
         chunk_size = rows_for_budget(budget, weight.shape[0], hidden.dtype, num_rows)
+    # The kernels see fresh contiguous [chunk, V] buffers: aligned exactly when V % 16 == 0.
+    kind = cuda_kind(weight.shape[0] % 16 == 0, chunk_size, hidden.device) if hidden.is_cuda else None
+    chosen = resolve_backend(backend, hidden, kind)
     frozen_params = not weight.requires_grad and (bias is None or not bias.requires_grad)
     precompute = mode == "default" and wants_grad and hidden.requires_grad and frozen_params
     return LinearPlan(chosen, chunk_size, ignore_index,
