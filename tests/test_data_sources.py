@@ -171,6 +171,7 @@ def test_every_format_datasets_reads(tmp_path):
     expected = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows))
     data = datasets.Dataset.from_list(rows)
     data.to_csv(tmp_path / "pairs.csv", index=False)
+    data.to_csv(tmp_path / "pairs.tsv", index=False, sep="\t")
     data.to_parquet(tmp_path / "pairs.parquet")
     data.save_to_disk(tmp_path / "saved")
     datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(tmp_path / "saved_dict")
@@ -178,7 +179,7 @@ def test_every_format_datasets_reads(tmp_path):
     with gzip.open(tmp_path / "pairs.jsonl.gz", "wt") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in rows)
     arrow_file = next((tmp_path / "saved").glob("*.arrow"))
-    for source in ("pairs.csv", "pairs.parquet", "saved", "saved_dict", "pairs.json", "pairs.jsonl.gz", arrow_file):
+    for source in ("pairs.csv", "pairs.tsv", "pairs.parquet", "saved", "saved_dict", "pairs.json", "pairs.jsonl.gz", arrow_file):
         assert load_pairs(str(tmp_path / source)) == expected, source
     assert len(load_pairs({"path": str(tmp_path / "saved_dict"), "split": "test"})) == 1
     with pytest.raises(ValueError, match="no split 'dev'.*train, test"):

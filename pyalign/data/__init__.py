@@ -4,10 +4,12 @@
 - :mod:`pyalign.data.adapters`: data-set schemas (PKU-SafeRLHF, HelpSteer2, UltraFeedback,
   HH-RLHF, chat messages) -> records;
 - :mod:`pyalign.data.sources`: where data comes from (local files of any format ``datasets``
-  reads, hub names), ``load_pairs``, ``fingerprint``;
+  reads, hub names), ``load_pairs``, ``fingerprint``; :mod:`pyalign.data.reading` reads the rows
+  and :mod:`pyalign.data.hub` loads hub data sets without hanging offline;
 - :mod:`pyalign.data.tokenize`: chat-templated tokenisation, truncation, ``[2B, T]`` batches;
 - :mod:`pyalign.data.relabel`: reward-augmented relabeling;
-- :mod:`pyalign.data.clair`: CLAIR revision pairs.
+- :mod:`pyalign.data.clair`: CLAIR revision pairs (:mod:`pyalign.data.chat_client`: OpenAI-compatible
+  endpoints); :mod:`pyalign.data.cli`: ``pyalign data inspect|export|clair``.
 
 docs/data.md describes every schema mapping with examples.
 """

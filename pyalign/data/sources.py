@@ -23,25 +23,23 @@ A source is a path string (a local file or folder, as before) or a mapping::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pyalign.data.adapters import ADAPTERS, SCHEMAS, Adapter, get_adapter, guess_schema
-from pyalign.data.pairs import (
-    PreferencePair,
-    RatingRecord,
-    RowError,
-    prompt_json,
-    read_jsonl_records,
+from pyalign.data.pairs import PreferencePair, RatingRecord, RowError, prompt_json
+from pyalign.data.reading import (
+    COMPRESSION_SUFFIXES,
+    DATASETS_SUFFIXES,
+    RowTable,
+    read_rows,
 )
 from pyalign.data.relabel import (
     DEFAULT_TEMPLATE,
@@ -52,9 +50,6 @@ from pyalign.data.relabel import (
 
 logger = logging.getLogger("pyalign.data")
 ON_BAD_ROW = ("fail", "skip")
-DATASETS_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
-                     ".arrow": "arrow"}
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -255,92 +250,6 @@ def source_from_cli(text: str, **options) -> DataSource:
     if _HUB_NAME.fullmatch(text) and not Path(text).suffix.lower() in (*DATASETS_SUFFIXES, *COMPRESSION_SUFFIXES):
         return parse_source({"name": text, **options}, "SOURCE")
     raise FileNotFoundError(f"SOURCE: no such file or folder: {text} (and not a hub data set name like owner/name)")
-
-
-# ----------------------------------------------------------------------------- reading rows
-
-@dataclass
-class RowTable:
-    rows: Iterable[tuple[int, Any]]  # (row index, row), lazily
-    columns: list[str]
-    first: Any
-    describe: Callable[[int], str]  # where row i is, for messages
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    """No progress bars or info logs from ``datasets`` while pyalign reads (it reports itself)."""
-    import datasets  # noqa: PLC0415
-
-    bars_were_on = not datasets.utils.are_progress_bars_disabled()
-    verbosity = datasets.utils.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        datasets.utils.logging.set_verbosity(verbosity)
-        if bars_were_on:
-            datasets.enable_progress_bars()
-
-
-def _datasets_builder(path: Path) -> str | None:
-    name = path.name.lower()
-    for suffix in COMPRESSION_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return DATASETS_SUFFIXES.get(Path(name).suffix)
-
-
-def _load_with_datasets(source: DataSource):
-    import datasets  # noqa: PLC0415
-
-    from pyalign.data.hub import load_hub_dataset  # noqa: PLC0415
-
-    with _quiet_datasets():
-        if source.name is not None:
-            return load_hub_dataset(source.name, config=source.config, data_dir=source.data_dir, split=source.split,
-                                    revision=source.revision, cache_dir=source.cache_dir)
-        path = Path(source.path)
-        try:
-            if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-                loaded = datasets.load_from_disk(str(path))
-                if isinstance(loaded, datasets.DatasetDict):
-                    if source.split not in loaded:
-                        raise ValueError(f"{path}: split: no split {source.split!r} (splits: {', '.join(loaded)})")
-                    loaded = loaded[source.split]
-                return loaded
-            if path.is_dir():
-                return datasets.load_dataset(str(path), name=source.config, data_dir=source.data_dir,
-                                             split=source.split, cache_dir=source.cache_dir)
-            builder = _datasets_builder(path)
-            if builder is None:
-                raise ValueError(f"{path}: unknown file type; expected one of "
-                                 f"{', '.join(DATASETS_SUFFIXES)} (optionally compressed), or a folder")
-            extra = {"delimiter": "\t"} if path.name.lower().split(".")[-1] == "tsv" or ".tsv." in path.name.lower() else {}
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train",
-                                         cache_dir=source.cache_dir, **extra)
-        except ValueError:
-            raise
-        except Exception as error:  # noqa: BLE001 - datasets raises many types; say which file failed
-            raise ValueError(f"{path}: datasets could not read it ({type(error).__name__}: {error})") from None
-
-
-def read_rows(source: DataSource) -> RowTable:
-    """The rows of ``source`` (JSONL line by line, everything else through ``datasets``)."""
-    if source.path is not None and Path(source.path).is_file() and Path(source.path).suffix.lower() == ".jsonl":
-        records = list(read_jsonl_records(source.path))
-        lines = [line for line, _ in records]
-        rows = [(i, record) for i, (_, record) in enumerate(records)]
-        first = rows[0][1] if rows else None
-        columns = sorted(first) if isinstance(first, dict) else []
-        if source.limit is not None:
-            rows = rows[: source.limit]
-        return RowTable(rows, columns, first, lambda i: f"{source.path}:{lines[i]} (row {i})")
-    dataset = _load_with_datasets(source)
-    count = len(dataset) if source.limit is None else min(len(dataset), source.limit)
-    first = dataset[0] if count else None
-    rows = enumerate(itertools.islice(iter(dataset), count))
-    return RowTable(rows, list(dataset.column_names), first, lambda i: f"{source.label} row {i}")
 
 
 # ----------------------------------------------------------------------------- pairs
