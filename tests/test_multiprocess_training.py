@@ -78,7 +78,7 @@ class MaskedResponses:
         return batch
 
 
-def sft_trainer(run_dir):
+def sft_trainer(run_dir, device="cpu"):
     """The same trainer in every process: 7 examples, micro-batches of 3, 2 per step, so step 1
     of each epoch is one example (rank 1 of 2 gets none); in step 0 the example rank 1 gets in
     the first micro-batch has every label ignored."""
@@ -91,6 +91,7 @@ def sft_trainer(run_dir):
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    model.to(device)
     config = TrainingConfig(lr=1e-2, epochs=2, batch_size=3, grad_accum=2, eval_batch_size=2, max_length=32,
                             max_prompt_length=16, warmup_ratio=0.0, save_every=1, log_every=1,
                             progress_bar=False, tensorboard=False, seed=0)
@@ -116,15 +117,16 @@ def train_recording_saves(trainer):
     return result, saves
 
 
-def _sft_worker(rank, world, port, out_dir):
+def _sft_worker(rank, world, port, out_dir, device="cpu"):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    assert distributed.init_from_env("cpu")
-    trainer, _ = sft_trainer(Path(out_dir) / "run")
+    device = distributed.process_device(device)
+    assert distributed.init_from_env(device)
+    trainer, _ = sft_trainer(Path(out_dir) / "run", device)
     batches = [len(trainer.this_process(m)) for s in range(trainer.total_steps) for m in trainer.micro_batches_of_step(s)]
     result, saves = train_recording_saves(trainer)
-    params = {name: p.detach().clone() for name, p in trainer.params.items()}
+    params = {name: p.detach().cpu().clone() for name, p in trainer.params.items()}
     torch.save({"result": result, "saves": saves, "params": params, "batches": batches},
                Path(out_dir) / f"rank{rank}.pt")
     distributed.shutdown()
@@ -156,6 +158,22 @@ def test_two_processes_train_like_one_with_an_ignored_and_an_empty_micro_batch(t
         assert torch.allclose(ranks[0]["params"][name], param, **TOLERANCE), name
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name  # replicas agree
     assert ranks[1]["result"]["history"] == got["history"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL with 2 processes needs 2 CUDA devices")
+def test_two_gpus_with_nccl_train_like_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    single, _ = sft_trainer(tmp_path / "single", "cuda:0")
+    expected, _ = train_recording_saves(single)
+    mp.spawn(_sft_worker, args=(2, free_port(), str(tmp_path), "cuda"), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for step_two, step_one in zip(ranks[0]["result"]["history"], expected["history"]):
+        assert step_two["loss"] == pytest.approx(step_one["loss"], rel=1e-4)
+    for name, param in single.params.items():
+        assert torch.allclose(ranks[0]["params"][name], param.cpu(), atol=1e-5, rtol=1e-4), name
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
 
 
 # ----------------------------------------------------------------------------- the SPO driver under torchrun
@@ -255,6 +273,8 @@ def test_spo_under_torchrun_shards_the_frozen_stage_then_one_process_resumes(tmp
     one = straight.metrics[0]
     for a, b in zip(two["history"], one["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for name in one["eval"]:  # eval batches split over the ranks (4 pairs, batches of 3)
+        assert two["eval"][name] == pytest.approx(one["eval"][name], rel=1e-5, abs=1e-6), name
     # the 2-process cache holds the 1-process values (to float tolerance) under the same key
     # (pi_1's entries differ in the model fingerprint only: pi_1's weights differ in the last bits)
     for entry in ("model_0/round_2_train.pt", "model_1/round_2_eval.pt"):

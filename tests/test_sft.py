@@ -239,3 +239,12 @@ def test_sft_run_crash_resume_and_finished(assets, tmp_path):
     config["training"]["lr"] = 5e-3
     with pytest.raises(RuntimeError, match="the SFT run was finished under different settings"):
         run_sft(config)
+
+
+@pytest.mark.gpu
+def test_sft_on_cuda_with_bf16_autocast_is_close_to_cpu(assets, tmp_path):
+    cpu = run_sft(sft_config(assets, tmp_path / "cpu", epochs=1))
+    gpu = run_sft(sft_config(assets, tmp_path / "gpu", epochs=1, device="cuda"))  # mixed_precision auto: bf16
+    for a, b in zip(cpu.metrics["history"], gpu.metrics["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=3e-2)
+    assert gpu.metrics["eval"]["loss"] == pytest.approx(cpu.metrics["eval"]["loss"], rel=3e-2)
