@@ -271,6 +271,13 @@ def test_endpoint_client_retries_times_out_and_keeps_the_key_secret(server, monk
     assert SECRET not in caplog.text + captured.out + captured.err
     with pytest.raises(ValueError, match="base_url: expected an http"):
         ChatCompletionsClient("127.0.0.1:80", "tiny")
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on: refused, retried, then a clear error
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    with pytest.raises(ChatCompletionsError, match="failed after 3 attempts; last: ConnectionRefusedError"):
+        ChatCompletionsClient(closed, "tiny", max_retries=2, backoff=0.01).complete(messages)
 
 
 def test_endpoint_reviser_makes_the_same_pairs_as_the_local_one(tiny, server, monkeypatch, tmp_path):

@@ -3,7 +3,8 @@
 ``POST {base_url}/chat/completions`` with ``{"model", "messages", "max_tokens", "temperature",
 "seed"}``; the answer's ``choices[0].message.content`` is returned.
 
-- Timeouts: connecting and waiting for the answer are both bounded (``timeout`` seconds each).
+- Timeouts: connecting and every wait for the server's bytes are bounded (``timeout`` seconds).
+  Standard library only (``urllib``), like the hub probe.
 - Retries: connection errors, timeouts, 408, 409, 429 and 5xx are retried up to ``max_retries``
   times with exponential backoff (``backoff * 2**attempt`` seconds, at most ``max_backoff``; a
   ``Retry-After`` header in seconds is honoured); other 4xx answers fail at once.
@@ -16,10 +17,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import socket
 import time
+import urllib.error
+import urllib.request
 
 logger = logging.getLogger("pyalign.data")
 RETRIED_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -47,7 +52,6 @@ class ChatCompletionsClient:
         self._api_key = os.environ.get(api_key_env) or None
         if self._api_key is None:
             logger.info("chat completions: $%s is not set; requests to %s go without an API key", api_key_env, self.url)
-        self._session = None
 
     def __repr__(self) -> str:
         key = f"${self.api_key_env} (set)" if self._api_key else f"${self.api_key_env} (unset)"
@@ -69,43 +73,40 @@ class ChatCompletionsClient:
     def complete(self, messages: list[dict], *, max_tokens: int = 1024, temperature: float = 0.0,
                  seed: int | None = None) -> str:
         """The assistant's answer to ``messages``."""
-        import requests  # noqa: PLC0415
-
-        if self._session is None:
-            self._session = requests.Session()
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         if seed is not None:
             body["seed"] = seed
+        data = json.dumps(body).encode("utf-8")
         last = ""
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (1 + 0.1 * random.random())
+            request = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
             try:
-                response = self._session.post(self.url, json=body, headers=self._headers(),
-                                              timeout=(self.timeout, self.timeout))
-            except (requests.ConnectionError, requests.Timeout) as error:
-                last = f"{type(error).__name__}"
-            else:
-                if response.status_code == 200:
-                    return self._content(response)
-                last = f"HTTP {response.status_code}: {self._mask(response.text[:300])}"
-                if response.status_code not in RETRIED_STATUS:
-                    raise ChatCompletionsError(f"{self.url}: {last}")
-                retry_after = response.headers.get("Retry-After")
+                # the timeout bounds connecting and every wait for the server's bytes
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return self._content(response.read())
+            except urllib.error.HTTPError as error:
+                text = error.read().decode("utf-8", "replace")
+                last = f"HTTP {error.code}: {self._mask(text[:300])}"
+                if error.code not in RETRIED_STATUS:
+                    raise ChatCompletionsError(f"{self.url}: {last}") from None
+                retry_after = error.headers.get("Retry-After")
                 if retry_after and retry_after.replace(".", "", 1).isdigit():
                     wait = min(self.max_backoff, float(retry_after))
+            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as error:
+                last = type(getattr(error, "reason", error)).__name__
             if attempt < self.max_retries:
                 logger.warning("chat completions: %s failed (%s); retry %d/%d in %.1f s", self.url, last,
                                attempt + 1, self.max_retries, wait)
                 time.sleep(wait)
         raise ChatCompletionsError(f"{self.url}: failed after {self.max_retries + 1} attempts; last: {last}")
 
-    def _content(self, response) -> str:
+    def _content(self, raw: bytes) -> str:
+        text = raw.decode("utf-8", "replace")
         try:
-            content = response.json()["choices"][0]["message"]["content"]
+            content = json.loads(text)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise ChatCompletionsError(
-                f"{self.url}: not a chat-completions answer: {self._mask(response.text[:300])}"
-            ) from None
+            raise ChatCompletionsError(f"{self.url}: not a chat-completions answer: {self._mask(text[:300])}") from None
         if not isinstance(content, str):
             raise ChatCompletionsError(f"{self.url}: choices[0].message.content is {type(content).__name__}, not text")
         return content

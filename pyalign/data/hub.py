@@ -41,14 +41,22 @@ def probe_timeout() -> float:
 def hub_reachable(endpoint: str, timeout: float) -> tuple[bool, str]:
     """Whether ``endpoint`` answers an HTTP request within ``timeout`` seconds (any status
     counts: the server is there), and why not."""
-    import requests  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
 
     try:
-        requests.head(endpoint, timeout=(timeout, timeout), allow_redirects=False)
-    except requests.Timeout:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+            pass
+    except urllib.error.HTTPError:  # an HTTP answer, whatever its status: the server is there
+        return True, ""
+    except (TimeoutError, socket.timeout):
         return False, f"no answer from {endpoint} within {timeout:g} s"
-    except requests.RequestException as error:
-        return False, f"cannot connect to {endpoint}: {type(error).__name__}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return False, f"no answer from {endpoint} within {timeout:g} s"
+        return False, f"cannot connect to {endpoint}: {type(reason).__name__}"
     return True, ""
 
 
