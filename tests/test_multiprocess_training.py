@@ -30,7 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers_tiny_lm import make_model, make_pairs, make_tokenizer, random_sentence, save_tiny_model, write_jsonl  # noqa: E402
+from helpers_tiny_lm import (  # noqa: E402
+    make_model,
+    make_pairs,
+    make_tokenizer,
+    random_sentence,
+    save_tiny_model,
+    write_jsonl,
+)
+
 from pyalign import distributed  # noqa: E402
 from pyalign.data import IGNORE_INDEX  # noqa: E402
 from pyalign.train.config import LoraConfig, TrainingConfig  # noqa: E402

@@ -8,8 +8,10 @@ import json
 
 import pytest
 import torch
+from helpers_tiny_lm import (
+    make_model, make_tokenizer, one_thread, random_sentence, save_tiny_model, write_jsonl,
+)
 
-from helpers_tiny_lm import make_model, make_tokenizer, one_thread, random_sentence, save_tiny_model, write_jsonl
 from pyalign.data import IGNORE_INDEX, encode_prompt, encode_response
 from pyalign.reference import reference_token_logprobs
 from pyalign.train.config import LoraConfig, TrainingConfig

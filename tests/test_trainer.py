@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers_tiny_lm import make_model, make_pairs, make_tokenizer, one_thread
+
 from pyalign.data import PreferenceDataset, PreferencePair
 from pyalign.reference import reference_token_logprobs
 from pyalign.train.config import LoraConfig, MethodConfig, TrainingConfig
@@ -304,7 +304,7 @@ def test_a_step_callback_changes_spo_alphas_and_a_resumed_run_keeps_them(tokeniz
 
     straight, seen = run(tmp_path / "a")
     assert seen == [[0.1]] + [[0.6]] * 7
-    crashed, _ = run(tmp_path / "b", crash_at=3)
+    run(tmp_path / "b", crash_at=3)
     resumed, seen_after = run(tmp_path / "b")
     assert seen_after == [[0.6]] * 6  # steps 3..8 from the checkpoint at step 2, alphas restored
     for name, param in straight.params.items():

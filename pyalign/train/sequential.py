@@ -51,7 +51,9 @@ from pyalign.train.config import SequentialConfig, check_sequential, load_config
 from pyalign.train.logprob_cache import (
     CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, dataset_logprobs,
 )
-from pyalign.train.modeling import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
+from pyalign.train.modeling import (
+    load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast,
+)
 from pyalign.train.objectives import PreferenceObjective
 from pyalign.train.stage import stage_finished, train_lora_stage
 from pyalign.train.tasks import Task, register_task
