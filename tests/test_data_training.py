@@ -72,6 +72,11 @@ def test_spo_on_pku_saferlhf_streams_and_the_cache_sees_a_changed_source(tiny_mo
     assert {"loss", "reward_accuracy"} <= set(result.metrics[1]["eval"])  # round 2 evaluated on its test split
     # rerunning the same config finds everything done
     run_sequential(data)
+    from pyalign.train.evaluate import evaluate_run
+
+    table = evaluate_run(data)  # `pyalign eval CONFIG`: every model on every round's eval source
+    assert table["dimensions"] == ["helpful", "harmless"] and len(table["models"]) == 2
+    assert table["metrics"][table["models"][1]]["harmless"]["pairs"] == 2
 
     # round 2's eval source now yields other pairs: pi_0's cached log-probs on it are stale
     data["rounds"][1]["eval"] = dict(data["rounds"][1]["eval"], limit=1)
