@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pyalign import distributed
 from pyalign.integrations.hf import causal_lm_sequence_logprobs
 from pyalign.io import atomic_directory
 
@@ -45,6 +46,10 @@ def load_tokenizer(path: str | Path):
 def load_model(path: str | Path, dtype: str, device: torch.device):
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
+    if not distributed.is_main():  # one "Loading weights" bar per run, not one per process
+        from transformers.utils import logging as transformers_logging  # noqa: PLC0415
+
+        transformers_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     return model.to(device)
 
