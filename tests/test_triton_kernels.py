@@ -397,11 +397,11 @@ except ImportError:
     import kernels.token_logprobs as tk
 CUOBJDUMP = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
 POINTERS = {"logits_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "part_max_ptr", "part_sum_ptr",
-            "grad_ptr", "grad_out_ptr"}
+            "grad_ptr", "grad_out_ptr", "entropy_ptr", "mean_ptr", "lss_ptr", "argmax_ptr"}
 # what the launcher's tensors give triton's specialization: aligned rows make every integer that
 # locates a row divisible by 16; unaligned rows (V = 50257) only the storage base and chunk_len
 ALIGNED_INTS = {"V", "stride_b", "stride_t", "out_stride_b", "out_stride_t", "chunk_len",
-                "base_offset", "in_base", "out_base"}
+                "base_offset", "in_base", "out_base", "stride_row"}
 
 def sass_counts(fn, sig, constexprs, num_warps, aligned):
     divisible = POINTERS | (ALIGNED_INTS if aligned else {"chunk_len"})
@@ -456,6 +456,10 @@ def counts(dt, aligned):
     if aligned:
         result["forward_split"] = sass_counts(tk._forward_kernel, fwd, {**common, "SPLIT": True}, 8, aligned)
         result["merge"] = sass_counts(tk._forward_merge_kernel, merge, {"BLOCK_SPLITS": 128}, 1, aligned)
+        from pyalign.kernels import token_stats
+        stats = dict(logits_ptr="*" + dt, stride_row="i32", lse_ptr="*fp32", entropy_ptr="*fp32",
+                     mean_ptr="*fp32", lss_ptr="*fp32", argmax_ptr="*i64", V="i32", BLOCK_V="constexpr")
+        result["stats"] = sass_counts(token_stats._stats_kernel, stats, {"BLOCK_V": 4096}, 8, aligned)
     return result
 
 print(json.dumps({f"{dt}_{'aligned' if a else 'unaligned'}": counts(dt, a)
@@ -483,7 +487,7 @@ def test_kernels_compile_for_hopper(tmp_path):
         for name, counts in kernels.items():
             assert counts.get("local_memory", 0) == 0, (variant, name, "spills", counts)
             assert counts.get("ex2_denormal_fixups", 0) == 0, (variant, name, counts)
-            if name == "merge" or "ldgsts_128" not in counts:
+            if name in ("merge", "stats") or "ldgsts_128" not in counts:
                 continue
             # NUM_STAGES - 1 stages issued before the loop, one more per iteration
             assert counts["ldgsts_128"] == tk.NUM_STAGES * per_stage, (variant, name, counts)
@@ -494,3 +498,25 @@ def test_kernels_compile_for_hopper(tmp_path):
             assert kernels["backward"]["stg_128"] == per_stage, (variant, kernels["backward"])
     print(json.dumps(by_variant, indent=1))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [1000, 4099])
+def test_token_stats_kernel(V, dtype):
+    """The fused lm_head's statistics kernel against the float64 reference on the same logits:
+    entropy, mean logit, log sum p^2 and the first argmax (a tie planted before the maximum's
+    other occurrence), -inf entries included."""
+    from pyalign.kernels.token_stats import triton_token_stats
+    from pyalign.reference import reference_token_stats
+
+    logits = (torch.randn(6, V, generator=_generator(V), device=DEVICE) * 3).to(dtype)
+    logits[1, 10:200] = float("-inf")
+    logits[2, 7] = logits[2, V - 5] = 30.0  # tie: the first index wins
+    labels = torch.randint(0, V, (6,), generator=_generator(1), device=DEVICE)
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    entropy, mean, lss, argmax = triton_token_stats(logits, lse)
+    ref = reference_token_stats(logits, labels)
+    torch.testing.assert_close(entropy.double(), ref["entropy"].double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean.double(), ref["mean_logits"].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lss.double(), ref["log_sum_sq_probs"].double(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(argmax, ref["argmax"]) and argmax[2] == 7

@@ -164,18 +164,36 @@ def empty_stats(shape: torch.Size, float_dtype: torch.dtype, device: torch.devic
     return stats
 
 
+@functools.cache
+def _triton_stats():
+    """The Triton statistics kernel, or None where Triton cannot be imported."""
+    try:
+        from pyalign.kernels.token_stats import triton_token_stats  # noqa: PLC0415
+    except ImportError:
+        return None
+    return triton_token_stats
+
+
 def chunk_stats_into(stats: dict[str, Tensor], rows: slice, logits: Tensor, lse: Tensor,
                      labels: Tensor) -> None:
     """Per-token statistics of one chunk of logits ``[n, V]`` (any float dtype) whose log-sum-exp
     per row is ``lse`` [n], written into ``stats[name][rows]``.
 
     entropy = -sum_v p_v log p_v; mean_logits = sum_v z_v / V; log_sum_sq_probs = log sum_v p_v^2;
-    argmax = the first index of the largest logit; is_top1 = (argmax == label). Computed in
-    ``lse``'s dtype from the chunk in slices of rows, so every temporary stays under 32 MiB; the
-    chunk itself is only read.
+    argmax = the first index of the largest logit; is_top1 = (argmax == label). On CUDA one Triton
+    kernel reads the chunk once; elsewhere torch ops in ``lse``'s dtype, in slices of rows so that
+    every temporary stays under 32 MiB. The chunk itself is only read.
     """
     n, vocab = logits.shape
     math_dtype = lse.dtype
+    if logits.is_cuda and math_dtype == torch.float32 and _triton_stats() is not None:
+        # One read of the chunk, one exp per element (kernels/token_stats.py).
+        out = slice(rows.start, rows.start + n)
+        values = _triton_stats()(logits, lse)
+        for name, value in zip(("entropy", "mean_logits", "log_sum_sq_probs", "argmax"), values):
+            stats[name][out] = value
+        stats["is_top1"][out] = values[3] == labels
+        return
     step = max(1, _STATS_TEMP_BYTES // max(1, vocab * torch.empty((), dtype=math_dtype).element_size()))
     for start in range(0, n, step):
         end = min(n, start + step)
