@@ -21,6 +21,7 @@ of the code path, not a measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -78,9 +79,10 @@ def sweep(cases, device, repeats, copy_gbs):
             settings = {"num_stages": stages, "block_v": block_v, "num_warps": warps}
             row = {"case": f"{seqs}x{time}x{vocab} {dtype_name}", **settings}
             try:
-                fwd = timed_ms(lambda: tk._launch_forward(logits, labels, IGNORE_INDEX, **settings), device, repeats)
-                bwd = timed_ms(lambda: tk._launch_backward(logits, labels, lse, grad, IGNORE_INDEX, out, **settings),
+                fwd = timed_ms(functools.partial(tk._launch_forward, logits, labels, IGNORE_INDEX, **settings),
                                device, repeats)
+                bwd = timed_ms(functools.partial(tk._launch_backward, logits, labels, lse, grad, IGNORE_INDEX, out,
+                                                 **settings), device, repeats)
             except Exception as err:  # noqa: BLE001 - e.g. too much shared memory for one setting
                 row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
                 rows.append(row)
@@ -93,7 +95,7 @@ def sweep(cases, device, repeats, copy_gbs):
             print(f"  {row['case']} stages={stages} block_v={block_v} warps={warps}: "
                   f"fwd {fwd:.3f} ms ({row['forward_gb_per_s']:.0f} GB/s), bwd {bwd:.3f} ms "
                   f"({row['backward_gb_per_s']:.0f} GB/s)", file=sys.stderr, flush=True)
-        del logits, labels, out
+        logits = labels = out = None  # free this case's tensors before the next one
         common.release_memory(device)
     return rows
 
@@ -113,9 +115,10 @@ def kinds(cases, device, repeats, dtype):
             backend = get_backend(name)
             logp, lse = backend.forward(logits, labels, IGNORE_INDEX)
             grad = torch.ones_like(lse)
-            row[f"{name}_ms"] = (timed_ms(lambda b=backend: b.forward(logits, labels, IGNORE_INDEX), device, repeats)
-                                 + timed_ms(lambda b=backend: b.backward(logits, labels, lse, grad, IGNORE_INDEX, out),
-                                            device, repeats))
+            row[f"{name}_ms"] = (
+                timed_ms(functools.partial(backend.forward, logits, labels, IGNORE_INDEX), device, repeats)
+                + timed_ms(functools.partial(backend.backward, logits, labels, lse, grad, IGNORE_INDEX, out),
+                           device, repeats))
         timed = {name: row[f"{name}_ms"] for name in names}
         row["faster"] = min(timed, key=timed.get) if timed else None
         rows.append(row)

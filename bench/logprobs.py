@@ -13,6 +13,7 @@ logits. Prints one table per case; writes JSON, markdown and a PNG chart under `
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -203,14 +204,14 @@ def time_kernels(case: LogitsCase, floor_ms: float, copy_bytes_per_s: float, arg
             logp, lse = backend.forward(x3, labels2, IGNORE_INDEX)
             grad2 = torch.ones_like(lse)
             out = torch.empty_like(x3)
-            forward = common.time_calls(lambda: backend.forward(x3, labels2, IGNORE_INDEX), lambda: None,
-                                        case.device, args.warmup + 1, args.repeats)
+            forward = common.time_calls(functools.partial(backend.forward, x3, labels2, IGNORE_INDEX),
+                                        lambda: None, case.device, args.warmup + 1, args.repeats)
             backward = common.time_calls(
-                lambda: backend.backward(x3, labels2, lse, grad2, IGNORE_INDEX, out), lambda: None,
+                functools.partial(backend.backward, x3, labels2, lse, grad2, IGNORE_INDEX, out), lambda: None,
                 case.device, args.warmup + 1, args.repeats)
-            del out
+            out = None  # free the buffer before the in-place timing
 
-            def in_place():
+            def in_place(backend=backend, lse=lse, grad2=grad2):
                 backend.backward(x3, labels2, lse, grad2, IGNORE_INDEX, x3)
                 case.dirty = True
 
