@@ -1,6 +1,6 @@
 """Command line: ``pyalign train``, ``pyalign eval``, ``pyalign config``.
 
-    pyalign train CONFIG.yaml [--recompute-stale-cache] [--device cpu]   # any task: preference, sft, ...
+    pyalign train CONFIG.yaml [--device cpu] [--output-dir DIR] [--num-threads N] [--recompute-stale-cache]
     pyalign eval CONFIG.yaml [--split eval|train] [--json OUT.json]
     pyalign eval MODEL_DIR --data pairs.jsonl [--ref REF_DIR] [--beta 0.1] [--json OUT.json]
     pyalign config [CONFIG.yaml] [--task NAME]   # the field reference, or check a config and print it resolved
@@ -28,6 +28,8 @@ def _add_train(commands) -> None:
     train.add_argument("--recompute-stale-cache", action="store_true",
                        help="recompute cached frozen log-probs whose key no longer matches, instead of refusing")
     train.add_argument("--device", help="override training.device (auto, cpu, cuda, cuda:N)")
+    train.add_argument("--output-dir", help="override output_dir")
+    train.add_argument("--num-threads", type=int, help="override training.num_threads (torch CPU threads per process)")
     train.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -53,7 +55,7 @@ def _add_config(commands) -> None:
 
 def _train(args) -> int:
     from pyalign import distributed  # noqa: PLC0415
-    from pyalign.train.config import ConfigError, device_name, load_config  # noqa: PLC0415
+    from pyalign.train.config import ConfigError, device_name, load_config, path_value, positive_int  # noqa: PLC0415
     from pyalign.train.tasks import task_of  # noqa: PLC0415
 
     config = load_config(args.config)
@@ -63,6 +65,14 @@ def _train(args) -> int:
         if training is None:
             raise ConfigError(f"--device: task {task.name} has no training section")
         training.device = device_name("--device", args.device)
+    if args.num_threads is not None:
+        if training is None:
+            raise ConfigError(f"--num-threads: task {task.name} has no training section")
+        training.num_threads = positive_int("--num-threads", args.num_threads)
+    if args.output_dir:
+        if not hasattr(config, "output_dir"):
+            raise ConfigError(f"--output-dir: task {task.name} has no output_dir")
+        config.output_dir = path_value("--output-dir", args.output_dir)
     if args.no_progress and training is not None:
         training.progress_bar = False
     if args.recompute_stale_cache:

@@ -273,7 +273,13 @@ def test_a_module_registers_a_task_that_pyalign_train_runs(assets, tmp_path, cap
 
 def test_cli_trains_sft(assets, tmp_path, capsys):
     file = tmp_path / "sft.yaml"
-    file.write_text(yaml.safe_dump(sft_config(assets, output_dir=tmp_path / "sft")))
-    assert main(["train", str(file), "--device", "cpu", "--no-progress"]) == 0
+    file.write_text(yaml.safe_dump(sft_config(assets, output_dir=tmp_path / "unused")))
+    assert main(["train", str(file), "--device", "cpu", "--no-progress", "--output-dir", str(tmp_path / "sft"),
+                 "--num-threads", "1"]) == 0
     assert f"model: {tmp_path / 'sft' / 'model'}" in capsys.readouterr().out
-    assert (tmp_path / "sft" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "sft" / "model" / "model.safetensors").is_file() and not (tmp_path / "unused").exists()
+    saved = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert saved["training"]["num_threads"] == 1 and saved["output_dir"] == str(tmp_path / "sft")
+    assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["history"][-1]["step_s"] > 0
+    assert main(["train", str(file), "--num-threads", "0"]) == 2
+    assert "--num-threads: expected a positive integer, got 0" in capsys.readouterr().err

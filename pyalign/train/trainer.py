@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -135,6 +136,7 @@ class Trainer:
         weighted by its share of the step's units on every process, gradients summed over
         processes, clipped, stepped, scheduled. Returns the step's metrics (unit-weighted means
         over every micro-batch and process)."""
+        started = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(step_seed(self.cfg.seed, self.round_number, step, self.rank))
@@ -166,6 +168,7 @@ class Trainer:
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
+        metrics["step_s"] = time.perf_counter() - started  # this process's wall time of the step
         return metrics
 
     # ------------------------------------------------------------------ evaluation
