@@ -283,6 +283,106 @@ def worker(args) -> None:
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
+# --------------------------------------------------------------------------- the lm_head alone (--head-profile)
+
+
+def head_methods(tokens: int, dtype: torch.dtype, seed: int) -> dict:
+    """The log-prob head of one DPO step of 2 pairs at SmolLM2's sizes (H 576, V 49152), frozen
+    weight (LoRA), forward + backward to the hidden states, statistics included, as each route runs it
+    on the CPU: TRL's chunked function (every position, autocast), pyalign's fused op (completion
+    tokens), and pyalign's fused op with a float32 head."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: PLC0415
+
+    from pyalign.ops.linear_token_logprobs import linear_token_logprobs  # noqa: PLC0415
+
+    hidden_size, vocab, rows = 576, 49152, 4 * tokens
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen) * 0.1
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels_masked = labels.clone().view(4, tokens)
+    labels_masked[:, : tokens // 4] = -100
+    labels_masked = labels_masked.view(-1)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+    def trl_head():
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logp = ChunkedLogProbFunction.apply(h, weight, None, labels, 1.0, 32768, None, 1.0, outputs)[0]
+        (logp * (labels_masked != -100)).sum().backward()
+        return h.grad
+
+    def pyalign_head(head_dtype):
+        def run():
+            h = hidden.to(head_dtype).requires_grad_()
+            logp, _ = linear_token_logprobs(h, weight.to(head_dtype), labels_masked, return_stats=True)
+            logp.sum().backward()
+            return h.grad
+        return run
+
+    methods = {"trl chunked (autocast)": trl_head, "pyalign fused": pyalign_head(dtype)}
+    if dtype != torch.float32:
+        methods["pyalign fused, fp32 head"] = pyalign_head(torch.float32)
+    return methods
+
+
+def head_matmul_rates(rows: int = 64) -> list[dict]:
+    """GFLOP/s of the lm_head's three products at SmolLM2's sizes, float32 vs bfloat16 (one call
+    each after one warm-up call: a CPU without native bf16 runs some of them at < 1 GFLOP/s)."""
+    hidden_size, vocab = 576, 49152
+    out = []
+    for dtype_name in ("fp32", "bf16"):
+        dtype = common.DTYPES[dtype_name]
+        h = torch.randn(rows, hidden_size).to(dtype)
+        w = torch.randn(vocab, hidden_size).to(dtype)
+        d = torch.randn(rows, vocab).to(dtype)
+        row = {"dtype": dtype_name}
+        for name, run in (("logits = hidden @ weight.T", lambda: h @ w.t()),
+                          ("grad_hidden = d_logits @ weight", lambda: d @ w),
+                          ("grad_weight = d_logits.T @ hidden", lambda: d.t() @ h)):
+            run()
+            start = time.perf_counter()
+            run()
+            row[name] = 2 * rows * hidden_size * vocab / (time.perf_counter() - start) / 1e9
+        out.append(row)
+    return out
+
+
+def head_profile(args) -> dict:
+    rows = []
+    for dtype_name in ("fp32", "bf16"):
+        dtype = common.DTYPES[dtype_name]
+        for name, run in head_methods(args.tokens_list[0], dtype, args.seed).items():
+            stats = common.time_calls(run, lambda: None, torch.device("cpu"), warmup=1, repeats=args.steps)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                run()
+            total = sum(e.self_cpu_time_total for e in prof.key_averages())
+            top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
+            rows.append({"dtype": dtype_name, "method": name, "median_s": stats["median_ms"] / 1e3,
+                         "top_ops": "; ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top)})
+            print(f"[bench.trl] head {dtype_name} {name}: {stats['median_ms'] / 1e3:.2f} s", file=sys.stderr, flush=True)
+    return {"rows": rows, "matmul_gflops": head_matmul_rates()}
+
+
+def render_head_markdown(payload: dict) -> str:
+    env, settings = payload["environment"], payload["settings"]
+    return "\n".join([
+        f"# The log-prob head alone, fp32 vs bf16 ({env['device']})", "",
+        report.versions_line(env, "trl"),
+        f"`{env['command']}`; ONEDNN_MAX_CPU_ISA={settings['onednn_max_cpu_isa']}, oneDNN bf16 matmul: "
+        f"{settings['mkldnn_bf16']}; load average at start {settings['load_average_start']}", "",
+        f"2 pairs x {settings['tokens']} tokens (4 x {settings['tokens']} positions, the first quarter "
+        "prompt), H=576, V=49152 (SmolLM2-135M), frozen lm_head (LoRA); forward + backward to the hidden "
+        f"states with the statistics TRL logs; median of {settings['steps']} calls; top operators by "
+        "self CPU time in one more call.", "",
+        report.markdown_table(payload["rows"], [("dtype", "dtype", ""), ("method", "method", ""),
+                                                ("s (median)", "median_s", ".3f"), ("top operators", "top_ops", "")]),
+        "", "The lm_head's products alone (64 rows, GFLOP/s):", "",
+        report.markdown_table(payload["matmul_gflops"], [("dtype", "dtype", "")] + [
+            (name, name, ".1f") for name in payload["matmul_gflops"][0] if name != "dtype"]),
+    ])
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -303,6 +403,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="HF folder (default: pyalign.models.smollm2_path())")
     parser.add_argument("--profile-ops", action="store_true", help="keep the profiled step's top operators")
+    parser.add_argument("--head-profile", action="store_true",
+                        help="time and profile the log-prob head alone (TRL's chunked function vs pyalign's "
+                             "fused op) in fp32 and bf16, in this process")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (method, length) subprocess")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -466,6 +569,19 @@ def main(argv=None) -> dict | None:
     env = report.environment(torch.device("cpu"), "bench.trl", argv)
     for name in ("trl", "transformers", "peft", "accelerate"):
         env[name] = report.package_version(name)
+    if args.head_profile:
+        settings = {"tokens": args.tokens_list[0], "steps": args.steps, "seed": args.seed,
+                    "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(unset)"),
+                    "mkldnn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+        payload = {"environment": env, "settings": settings, **head_profile(args)}
+        stem = report.result_stem("trl_head", torch.device("cpu"), env["timestamp_utc"])
+        if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            stem += "_onednn-" + os.environ["ONEDNN_MAX_CPU_ISA"].lower()
+        paths = report.write_outputs(Path(args.out), stem, payload, render_head_markdown(payload), None)
+        print(render_head_markdown(payload))
+        print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
+        return payload
     settings = {"pairs": args.pairs, "tokens": args.tokens_list, "methods": args.methods, "warmup": args.warmup,
                 "steps": args.steps, "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
                 "precompute_ref": args.precompute_ref, "seed": args.seed, "lora": LORA, "beta": BETA, "lr": LR,

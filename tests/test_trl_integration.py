@@ -370,3 +370,33 @@ def test_sharded_heads_are_handed_back():
     reason = fused_head.handback_reason(settings, model, temperature=1.0, outputs=("log_probs",),
                                         shift_labels=None, model_kwargs={})
     assert reason.startswith("FSDP shards the lm_head")
+
+
+def test_bf16_autocast_and_the_fp32_head(tmp_path, monkeypatch):
+    """DPOConfig(bf16=True) on the CPU: the lm_head computes in bf16 like TRL's, or in float32 where
+    this CPU has no native bf16 matmul (there bf16 products are 5-150x slower than float32)."""
+    theirs = build(trl.DPOTrainer, tmp_path / "trl", "full", config={"bf16": True})
+    ours = build(DPOTrainer, tmp_path / "ours", "full", config={"bf16": True})
+    batch = first_batch(theirs)
+    # What Trainer.train runs the forward under (accelerate wraps the prepared model's forward).
+    with theirs.accelerator.autocast():
+        expected = loss_grads_metrics(theirs, batch, ["sigmoid"])
+    with ours.accelerator.autocast():
+        assert torch.is_autocast_enabled("cpu")
+        got = loss_grads_metrics(ours, batch, ["sigmoid"])
+    torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
+    assert got[2]["logps/chosen"] == pytest.approx(expected[2]["logps/chosen"], rel=2e-2)
+
+    head, _ = hf.fused_head_or_reason(ours.model)
+    hidden = torch.randn(2, 5, head.weight.shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, w, _, reason = fused_head.head_operands(hidden, head, cast_lm_head_to_fp32=False)
+        assert (h.dtype, w.dtype) == ((torch.float32,) * 2 if reason else (torch.bfloat16,) * 2)
+        monkeypatch.setattr(fused_head, "cpu_half_matmul_is_slow", lambda dtype: True)
+        h, w, _, reason = fused_head.head_operands(hidden, head, cast_lm_head_to_fp32=False)
+    assert (h.dtype, w.dtype) == (torch.float32, torch.float32) and "no native" in reason
+    assert torch.equal(h, hidden), "the float32 head must see the decoder's own hidden states, not a bf16 copy"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(fused_head, "cpu_half_matmul_is_slow", lambda dtype: False)
+        h, w, _, reason = fused_head.head_operands(hidden, head, cast_lm_head_to_fp32=True)
+    assert (h.dtype, w.dtype, reason) == (torch.float32, torch.float32, "")

@@ -4,7 +4,7 @@ TRL 1.16's DPOTrainer calls ``add_fused_lm_head(model, outputs=...)`` on the pol
 reference model); that replaces ``model.forward`` so that ``model(..., labels=labels,
 fused_lm_head=True)`` returns a :class:`trl.trainer.utils.FusedCausalLMOutput`: per-token
 ``log_probs [B, T-1]`` of ``labels[:, 1:]`` (0 where the label is -100) plus, on request,
-``entropy``, ``mean_logits`` and ``is_top1`` for TRL's metrics. Every log-prob TRL's DPOTrainer
+``entropy``, ``mean_logits``, ``is_top1`` (TRL's metrics) and ``log_sum_sq_probs`` (WPO weights). Every log-prob TRL's DPOTrainer
 reads (policy, reference, precomputed reference) comes from that call.
 
 :func:`add_fused_lm_head` here installs TRL's forward first, then wraps it: a ``fused_lm_head=True``
@@ -13,7 +13,9 @@ call is answered by pyalign and returns the same ``FusedCausalLMOutput``:
 - **fused lm_head** (:func:`pyalign.linear_token_logprobs`) when
   :func:`pyalign.integrations.hf.fused_head_or_reason` says the model's logits are exactly
   ``lm_head(last hidden state)``: only completion tokens are projected; the statistics
-  (``return_stats=True``) come from the same chunks of logits, without gradient;
+  (``return_stats=True``) come from the same chunks of logits, without gradient. The head
+  computes in the model's dtype (autocast included), or in float32 on a CPU without native
+  bf16/fp16 matmul (:func:`cpu_half_matmul_is_slow`);
 - else the **fused op on the model's own logits** (:func:`pyalign.token_logprobs`): the model
   computes its logits (soft-capping and scaling included) and the statistics are computed from
   them without gradient;
@@ -45,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 # Per-token fields of FusedCausalLMOutput besides log_probs; pyalign computes all of them.
 STAT_FIELDS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-ROUTES = ("fused lm_head", "logits", "trl")
 
 
 @dataclass
@@ -64,8 +65,8 @@ class HeadSettings:
         del self.routes[:-64]
         if reason and (route, reason) not in self._logged:
             self._logged.add((route, reason))
-            what = "TRL's own fused lm_head" if route == "trl" else "the model's full logits"
-            logger.warning("pyalign.integrations.trl: using %s for %s: %s", what, type(model).__name__, reason)
+            what = {"trl": "TRL's own fused lm_head", "logits": "the model's full logits"}.get(route, route)
+            logger.warning("pyalign.integrations.trl: %s for %s: %s", what, type(model).__name__, reason)
 
 
 def _trainer_reason(settings: HeadSettings) -> str:
@@ -122,8 +123,35 @@ def logits_token_stats(logits: Tensor, labels: Tensor, ignore_index: int = IGNOR
     return {name: value.view(labels.shape) for name, value in out.items()}
 
 
+def cpu_half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """Whether CPU matrix products in ``dtype`` lack a native kernel here: without oneDNN's
+    bf16/fp16 support (e.g. AVX2-only CPUs) ATen falls back to a generic loop, measured 5x
+    (``hidden @ weight.T``) to 150x (``d_logits @ weight``) slower than float32
+    (``python -m bench.trl --head-profile`` with ``ONEDNN_MAX_CPU_ISA=AVX2``; docs/integrations.md)."""
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def head_operands(hidden: Tensor, head: hf.FusedHead, cast_lm_head_to_fp32: bool):
+    """``(hidden, weight, bias, reason)`` in the dtype the lm_head computes in: the model's (autocast
+    included, :mod:`pyalign.integrations.hf`), or float32 when asked (TRL's ``cast_lm_head_to_fp32``)
+    or when this CPU has no native half-precision matmul (``reason`` says so)."""
+    model_hidden = hidden
+    hidden, weight, bias = hf._compute_operands(hidden, head)
+    reason = ""
+    if hidden.device.type == "cpu" and cpu_half_matmul_is_slow(hidden.dtype):
+        reason = f"this CPU has no native {hidden.dtype} matmul (oneDNN), so the lm_head runs in float32"
+    if (cast_lm_head_to_fp32 or reason) and hidden.dtype != torch.float32:
+        bias = None if head.bias is None else head.bias.float()
+        hidden, weight = model_hidden.float(), head.weight.float()
+    return hidden, weight, bias, reason
+
+
 def _fused_lm_head_logprobs(head: hf.FusedHead, args, kwargs, labels: Tensor, want_stats: bool,
-                            cast_lm_head_to_fp32: bool):
+                            cast_lm_head_to_fp32: bool, settings: HeadSettings, model):
     """Per-token log-probs [B, T-1] (and statistics) from the decoder's hidden states and lm_head."""
     from pyalign.ops.linear_token_logprobs import linear_token_logprobs  # noqa: PLC0415
 
@@ -132,12 +160,8 @@ def _fused_lm_head_logprobs(head: hf.FusedHead, args, kwargs, labels: Tensor, wa
     hidden = hidden.to(head.weight.device)
     # Aligned with every hidden state (the last position is simply not scored): no shifted copy.
     targets = hf.shift_labels(labels.to(head.weight.device), IGNORE_INDEX)
-    if cast_lm_head_to_fp32:
-        weight = head.weight.float()
-        bias = None if head.bias is None else head.bias.float()
-        hidden = hidden.float()
-    else:
-        hidden, weight, bias = hf._compute_operands(hidden, head)
+    hidden, weight, bias, reason = head_operands(hidden, head, cast_lm_head_to_fp32)
+    settings.note(model, "fused lm_head", reason)
     if want_stats:
         logp, stats = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX,
                                             return_stats=True)
@@ -201,8 +225,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
                 raise ValueError(f"fused: the fused lm_head path cannot run this model: {head_reason}")
         kwargs["use_cache"] = False
         if head is not None:
-            settings.note(self, "fused lm_head")
-            log_probs, stats = _fused_lm_head_logprobs(head, args, kwargs, labels, want_stats, cast_lm_head_to_fp32)
+            log_probs, stats = _fused_lm_head_logprobs(head, args, kwargs, labels, want_stats, cast_lm_head_to_fp32,
+                                                       settings, self)
         else:
             settings.note(self, "logits", head_reason if settings.fused == "auto" else "")
             log_probs, stats = _logits_logprobs(trl_forward, args, kwargs, labels, want_stats)
