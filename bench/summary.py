@@ -33,9 +33,11 @@ def _logprobs_checks(case: dict, device_type: str) -> list[str]:
         if "x_floor" not in kernel:
             continue
         if device_type == "cpu":
-            ok = kernel["x_floor"] <= 2
+            ratio = kernel.get("x_copy", kernel["x_floor"])  # against the copy timed alongside
+            ok = ratio <= 2
             checks.append(f"{'MET ' if ok else 'MISS'} {kernel['backend']} kernel alone: forward + backward "
-                          f"{kernel['total_ms']:.1f} ms = {kernel['x_floor']:.2f}x floor (target <= 2)")
+                          f"{kernel['total_ms']:.1f} ms = {ratio:.2f}x the 3-pass copy floor timed alongside "
+                          f"({kernel['x_floor']:.2f}x the run's floor) (target <= 2)")
         else:
             checks.append(f"info {kernel['backend']} kernel alone: {kernel['x_floor']:.2f}x floor; forward "
                           f"{kernel['forward_gb_per_s']:.0f} GB/s, backward {kernel['backward_gb_per_s']:.0f} GB/s "
