@@ -121,8 +121,10 @@ step_bench() {  # $1: logprobs | linear, $2: time limit, then extra arguments
     ensure_setup || return 1
     log "bench.$kind $*"
     run_logged "$limit" $PY -m "bench.$kind" --device "$DEVICE" --out "$OUT" "$@"
-    mv -f "$OUT"/"$kind"_*.png bench/results/ 2>/dev/null   # keep $OUT within 8 files
-    cp -f "$OUT"/"$kind"_*.json "$OUT"/"$kind"_*.md bench/results/ 2>/dev/null
+    if [ "$DEVICE" = cuda ]; then  # keep $OUT within 8 files; the rehearsal leaves bench/results/ alone
+        mv -f "$OUT"/"$kind"_*.png bench/results/ 2>/dev/null
+        cp -f "$OUT"/"$kind"_*.json "$OUT"/"$kind"_*.md bench/results/ 2>/dev/null
+    fi
 }
 
 logprobs_args() { echo ${LOGPROBS_ARGS:---shapes 8x1024x32000,8x1024x50257,8x1024x128256,8x4096x152064 --dtypes bf16,fp32 --repeats 10 --warmup 2}; }
