@@ -228,6 +228,12 @@ def test_kto_pair_and_spo_are_pyalign_losses_on_trls_log_probs(tmp_path):
                   config={"loss_type": ["spo"]}, spo_alphas=[0.3])
     torch.testing.assert_close(first_batch(again)["spo_chain_rejected_logps"], batch["spo_chain_rejected_logps"])
 
+    # Round 1 (no earlier dimension): SPO is sigmoid DPO against the reference.
+    round_one = build(DPOTrainer, tmp_path / "round1", "full", config={"loss_type": ["spo"]}, spo_alphas=[])
+    batch = first_batch(round_one)
+    spo_loss = loss_grads_metrics(round_one, batch, ["spo"])[0]
+    torch.testing.assert_close(spo_loss, loss_grads_metrics(round_one, batch, ["sigmoid"])[0])
+
 
 def train(trainer):
     trainer.train()

@@ -160,8 +160,6 @@ class DPOTrainer(trl.DPOTrainer):
             raise RuntimeError(
                 f"trl {trl.__version__}: DPOTrainer did not install its fused lm_head through "
                 "add_fused_lm_head, the point pyalign replaces; this TRL version is not supported")
-        self._pyalign_losses = [(name, weight) for name, weight in zip(self.loss_types, self.loss_weights, strict=True)
-                                if name in PYALIGN_LOSS_TYPES]
         if "spo" in self.loss_types:
             self._prepare_spo_chain(spo_chain_models)
 
@@ -172,37 +170,40 @@ class DPOTrainer(trl.DPOTrainer):
     # ------------------------------------------------------------------ SPO's frozen chain
 
     def _prepare_spo_chain(self, chain_models) -> None:
-        datasets = {"train_dataset": self.train_dataset}
+        """Check (or compute) the frozen chain's columns in every dataset and batch them."""
+        if not self.spo_alphas:  # round 1: the chain is the reference alone
+            return
+        if chain_models is not None:
+            from trl.trainer.utils import create_model_from_path  # noqa: PLC0415
+
+            if len(chain_models) != len(self.spo_alphas):
+                raise ValueError(f"spo_chain_models: expected {len(self.spo_alphas)} frozen models (one per "
+                                 f"alpha), got {len(chain_models)}")
+            chain_models = [create_model_from_path(m, dtype=self.model.dtype) if isinstance(m, str) else m
+                            for m in chain_models]
+        self.train_dataset = self._with_spo_chain(self.train_dataset, chain_models, "train_dataset")
         if isinstance(self.eval_dataset, dict):
-            datasets.update({f"eval_dataset[{name!r}]": ds for name, ds in self.eval_dataset.items()})
+            self.eval_dataset = {name: self._with_spo_chain(ds, chain_models, f"eval_dataset[{name!r}]")
+                                 for name, ds in self.eval_dataset.items()}
         elif self.eval_dataset is not None:
-            datasets["eval_dataset"] = self.eval_dataset
-        n_frozen = len(self.spo_alphas)
-        for label, dataset in datasets.items():
-            columns = getattr(dataset, "column_names", None) or []
-            if not all(column in columns for column in SPO_CHAIN_COLUMNS):
-                if chain_models is None:
-                    raise ValueError(
-                        f"{label}: the spo loss needs the columns {list(SPO_CHAIN_COLUMNS)} (sequence log-probs "
-                        "of the frozen models pi_0..pi_{n-2}, one list per pair), or spo_chain_models= to "
-                        "compute them")
-                dataset = self.add_spo_chain_columns(dataset, chain_models, desc=label)
-                self._set_dataset(label, dataset)
-            first = dataset[0]
-            for column in SPO_CHAIN_COLUMNS:
-                if len(first[column]) != n_frozen:
-                    raise ValueError(
-                        f"{label}: column {column} holds {len(first[column])} log-probs per pair, but "
-                        f"spo_alphas has {n_frozen} weights (one per frozen model before the reference)")
+            self.eval_dataset = self._with_spo_chain(self.eval_dataset, chain_models, "eval_dataset")
         self.data_collator = _SpoChainCollator(self.data_collator)
 
-    def _set_dataset(self, label: str, dataset) -> None:
-        if label == "train_dataset":
-            self.train_dataset = dataset
-        elif label == "eval_dataset":
-            self.eval_dataset = dataset
-        else:
-            self.eval_dataset[label[len("eval_dataset['"):-2]] = dataset
+    def _with_spo_chain(self, dataset, chain_models, label: str):
+        if not all(column in (getattr(dataset, "column_names", None) or []) for column in SPO_CHAIN_COLUMNS):
+            if chain_models is None:
+                raise ValueError(
+                    f"{label}: the spo loss needs the columns {list(SPO_CHAIN_COLUMNS)} (sequence log-probs "
+                    "of the frozen models pi_0..pi_{n-2}, one list per pair), or spo_chain_models= to "
+                    "compute them")
+            dataset = self.add_spo_chain_columns(dataset, chain_models, desc=label)
+        first = dataset[0]
+        for column in SPO_CHAIN_COLUMNS:
+            if len(first[column]) != len(self.spo_alphas):
+                raise ValueError(
+                    f"{label}: column {column} holds {len(first[column])} log-probs per pair, but "
+                    f"spo_alphas has {len(self.spo_alphas)} weights (one per frozen model before the reference)")
+        return dataset
 
     @torch.no_grad()
     def sequence_log_probs(self, model, dataset, *, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,21 +226,12 @@ class DPOTrainer(trl.DPOTrainer):
         return torch.cat(chosen), torch.cat(rejected)
 
     def add_spo_chain_columns(self, dataset, chain_models, *, desc: str = ""):
-        """``dataset`` with :data:`SPO_CHAIN_COLUMNS` computed from ``chain_models`` (pi_0..pi_{n-2},
-        models or local paths); save it (``dataset.save_to_disk``) to reuse them."""
-        from trl.trainer.utils import create_model_from_path  # noqa: PLC0415
-
-        if len(chain_models) != len(self.spo_alphas):
-            raise ValueError(f"spo_chain_models: expected {len(self.spo_alphas)} frozen models (one per alpha), "
-                             f"got {len(chain_models)}")
-        per_model = []
-        for k, frozen in enumerate(chain_models):
-            if isinstance(frozen, str):
-                frozen = create_model_from_path(frozen, dtype=self.model.dtype)
-            per_model.append(self.sequence_log_probs(frozen, dataset, desc=f"{desc} pi_{k}"))
-        chosen = torch.stack([c for c, _ in per_model], dim=1) if per_model else torch.zeros(len(dataset), 0)
-        rejected = torch.stack([r for _, r in per_model], dim=1) if per_model else torch.zeros(len(dataset), 0)
-        for column, values in zip(SPO_CHAIN_COLUMNS, (chosen, rejected)):
+        """``dataset`` (prepared by this trainer) with :data:`SPO_CHAIN_COLUMNS` computed from
+        ``chain_models`` (pi_0..pi_{n-2}); save it (``dataset.save_to_disk``) to reuse them."""
+        per_model = [self.sequence_log_probs(frozen, dataset, desc=f"{desc} pi_{k}")
+                     for k, frozen in enumerate(chain_models)]
+        for column, side in zip(SPO_CHAIN_COLUMNS, (0, 1)):
+            values = torch.stack([logps[side] for logps in per_model], dim=1)
             if column in dataset.column_names:
                 dataset = dataset.remove_columns(column)
             dataset = dataset.add_column(column, values.tolist())
@@ -257,7 +249,7 @@ class DPOTrainer(trl.DPOTrainer):
         return super().compute_ref_log_probs(model, _without_chain(inputs))
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if not self._pyalign_losses:
+        if not any(name in PYALIGN_LOSS_TYPES for name in self.loss_types):
             return super()._compute_loss(model, inputs, return_outputs)
         return self._compute_loss_with_pyalign_losses(model, inputs, return_outputs)
 
@@ -265,8 +257,11 @@ class DPOTrainer(trl.DPOTrainer):
         """TRL's ``_compute_loss`` for TRL's loss types (0 when there are none) and its metrics,
         plus pyalign's losses on the log-probs of the same forwards."""
         mode = "train" if self.model.training else "eval"
-        trl_losses = [(n, w) for n, w in zip(self.loss_types, self.loss_weights, strict=True)
-                      if n not in PYALIGN_LOSS_TYPES]
+        weighted = list(zip(self.loss_types, self.loss_weights, strict=True))
+        if "spo" in self.loss_types and self.spo_alphas is None:
+            raise ValueError("spo_alphas: the spo loss needs them; pass spo_alphas= to the trainer")
+        trl_losses = [(n, w) for n, w in weighted if n not in PYALIGN_LOSS_TYPES]
+        pyalign_losses = [(n, w) for n, w in weighted if n in PYALIGN_LOSS_TYPES]
         saved = self.loss_types, self.loss_weights
         self.loss_types, self.loss_weights = [n for n, _ in trl_losses], [w for _, w in trl_losses]
         self._pyalign_head.recording = forwards = []
@@ -290,15 +285,18 @@ class DPOTrainer(trl.DPOTrainer):
             ref = forwards[1].log_probs[:, -seq_len:].sum(1).to(policy)
         policy_chosen, policy_rejected = policy.chunk(2)
         ref_chosen, ref_rejected = ref.chunk(2)
-        for name, weight in self._pyalign_losses:
+        for name, weight in pyalign_losses:
             if name == "kto_pair":
                 out = losses.kto_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                       beta=self.beta, kl=self.kto_kl)
                 kl = self.accelerator.gather(out.extra["kl"].reshape(1))
                 self._metrics[mode]["kto_pair/kl"].append(kl.mean().item())
             else:
-                chain_chosen = torch.cat([inputs[SPO_CHAIN_COLUMNS[0]].to(policy).t(), ref_chosen.unsqueeze(0)])
-                chain_rejected = torch.cat([inputs[SPO_CHAIN_COLUMNS[1]].to(policy).t(), ref_rejected.unsqueeze(0)])
+                # [n, B]: the frozen pi_0..pi_{n-2} from the columns, then the reference pi_{n-1}.
+                chain_chosen, chain_rejected = (
+                    torch.cat([inputs[column].to(policy).t(), ref_side.unsqueeze(0)]) if self.spo_alphas
+                    else ref_side.unsqueeze(0)
+                    for column, ref_side in zip(SPO_CHAIN_COLUMNS, (ref_chosen, ref_rejected)))
                 out = losses.spo(policy_chosen, policy_rejected, chain_chosen, chain_rejected,
                                  alphas=self.spo_alphas, beta=self.beta)
                 self._log_spo_rewards(mode, out)
