@@ -261,6 +261,32 @@ def examples(dpa_dir: Path, iteration: int, count: int = 2) -> list[dict]:
              "true": r["samples"][0].get("true")} for r in picked]
 
 
+def selection_diagnostics(dpa_dir: Path, iteration: int, tasks: dict[str, Task], tokenizer, max_tokens: int) -> dict:
+    """What the fine-tune of one iteration learns from: the true objectives (0-100) of every
+    sample and of the kept ones, and how the kept responses' verbosity follows the direction
+    (Spearman of v[1] with the kept sample's true verbosity over the (prompt, v) rows). If the
+    kept set carries no such dependence, no amount of fine-tuning can teach control."""
+    from pyalign.train.dpa_eval import spearman  # noqa: PLC0415
+
+    rows = read_jsonl_rows(dpa_dir / f"iteration_{iteration}" / "scored.jsonl")
+    if not rows:
+        return {}
+
+    def true(row, sample):
+        r = capped_true_ratings(tasks[row["prompt"]], sample["text"], tokenizer, max_tokens)
+        return [100.0 * r["helpfulness"], 100.0 * r["verbosity"] / max_tokens]
+
+    every = [true(row, s) for row in rows for s in row["samples"]]
+    kept = [true(row, max(row["samples"], key=lambda s: s["weighted"])) for row in rows]
+    mean = lambda values, k: sum(v[k] for v in values) / len(values)  # noqa: E731
+    weights = [row["v"][1] for row in rows]
+    rho = spearman(weights, [k[1] for k in kept]) if len(set(weights)) > 1 else float("nan")
+    return {"rows": len(rows), "samples": len(every),
+            "all_samples_true": {"helpfulness": mean(every, 0), "verbosity": mean(every, 1)},
+            "kept_true": {"helpfulness": mean(kept, 0), "verbosity": mean(kept, 1)},
+            "spearman_v1_kept_verbosity": None if math.isnan(rho) else rho}
+
+
 def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     """The whole demo; returns the path of the results JSON."""
     from pyalign.train.dpa import run_dpa  # noqa: PLC0415
@@ -287,12 +313,19 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     iterations = [{"iteration": it["iteration"], "model": it["model"], "front": it["front"],
                    "control": it["control"]} for it in fronts["iterations"]]
     heldout_metrics = _without_nan(reward.heldout)
+    from pyalign.train.modeling import load_tokenizer  # noqa: PLC0415
+
+    by_prompt = {t.prompt: t for group in tasks.values() for t in group}
+    tokenizer = load_tokenizer(model_dir)
+    selection = {f"iteration_{t}": selection_diagnostics(out / "dpa", t, by_prompt, tokenizer, settings["max_new_tokens"])
+                 for t in range(1, len(fronts["iterations"]))}
     timings = {**clock.wall, "total": clock.total()}
     payload = {
         "reward_model": {"heldout": heldout_metrics, "path": str(reward.model_dir)},
         "iterations": iterations,
         "control": {k: fronts["control"][k] for k in ("objective", "spearman", "source", "weights", "means")},
         "dominance": fronts["dominance"],
+        "selection": selection,
         "examples": {f"iteration_{it['iteration']}": examples(out / "dpa", it["iteration"]) for it in iterations},
         "wall_time_s": timings["total"],
         "timings_s": timings,
@@ -318,6 +351,13 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
         parts = [f"{src}: {d[src]['improved']}/{d[src]['directions']} directions improved"
                  f"{' (dominates)' if d[src]['dominates'] else ''}" for src in ("reward_model", "true") if src in d]
         print(f"\niteration {d['iteration']} vs {d['previous']}: " + "; ".join(parts))
+    print("\nWhat each fine-tune learned from (true objectives, 0-100; Spearman of v[1] with the kept "
+          "answer's verbosity):\n")
+    print("| iteration | all samples: helpfulness / verbosity | kept: helpfulness / verbosity | Spearman |\n|---|---|---|---|")
+    for name, d in selection.items():
+        print(f"| {name.split('_')[1]} | {d['all_samples_true']['helpfulness']:.1f} / {d['all_samples_true']['verbosity']:.1f} "
+              f"| {d['kept_true']['helpfulness']:.1f} / {d['kept_true']['verbosity']:.1f} "
+              f"| {_num(d['spearman_v1_kept_verbosity'])} |")
     control = fronts["control"]
     print(f"\ncontrol (last iteration): Spearman(v[{control['objective']}], mean true {control['objective']}) = "
           f"{_num(control['spearman'])}; per iteration: "
