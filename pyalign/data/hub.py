@@ -4,7 +4,8 @@
 after the request fails, which on a machine whose network silently drops packets can take
 minutes (etag and API timeouts of 10-100 s, retried). So before asking ``datasets``, pyalign
 checks whether the hub answers at all, with one HTTP request bounded by
-``$PYALIGN_HUB_TIMEOUT`` seconds (default 5):
+``$PYALIGN_HUB_TIMEOUT`` seconds (default 5; the answer is reused for 5 minutes, so a config with
+several hub sources waits once):
 
 - it answers: ``datasets`` loads the data set as usual (downloading it, or reusing its cache);
 - it does not (or ``HF_HUB_OFFLINE=1``): ``datasets`` runs in offline mode, which serves the copy
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 DEFAULT_PROBE_TIMEOUT = 5.0
 PROBE_TIMEOUT_ENV = "PYALIGN_HUB_TIMEOUT"
@@ -38,9 +40,22 @@ def probe_timeout() -> float:
     return timeout
 
 
+_PROBES: dict[tuple[str, float], tuple[float, tuple[bool, str]]] = {}
+PROBE_REUSE_SECONDS = 300.0  # a config with many hub sources pays for one probe, not one each
+
+
 def hub_reachable(endpoint: str, timeout: float) -> tuple[bool, str]:
     """Whether ``endpoint`` answers an HTTP request within ``timeout`` seconds (any status
-    counts: the server is there), and why not."""
+    counts: the server is there), and why not; the answer is reused for a few minutes."""
+    key = (endpoint, timeout)
+    if key in _PROBES and time.monotonic() - _PROBES[key][0] < PROBE_REUSE_SECONDS:
+        return _PROBES[key][1]
+    result = _probe(endpoint, timeout)
+    _PROBES[key] = (time.monotonic(), result)
+    return result
+
+
+def _probe(endpoint: str, timeout: float) -> tuple[bool, str]:
     import socket  # noqa: PLC0415
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
