@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers_tiny_lm import one_thread, write_jsonl
 
+from helpers_tiny_lm import one_thread, write_jsonl
 from pyalign.data import clair
 from pyalign.data.chat_client import ChatCompletionsClient, ChatCompletionsError
 from pyalign.demo.markers import prompt_bank

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_tiny_lm import make_tokenizer, write_jsonl
 
+from helpers_tiny_lm import make_tokenizer, write_jsonl
 from pyalign.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -9,27 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_tiny_lm import make_tokenizer, write_jsonl
 
+from helpers_tiny_lm import make_tokenizer, write_jsonl
 from pyalign.data import (
-    TOKENIZATION_VERSION,
-    BadRowError,
-    DataSource,
-    PreferencePair,
-    check_data_source,
-    encode_prompt,
-    file_fingerprint,
-    fingerprint,
-    load_pairs,
-    load_ratings,
-    load_source,
-    tokenize_pair,
+    TOKENIZATION_VERSION, BadRowError, DataSource, PreferencePair, check_data_source, encode_prompt,
+    file_fingerprint, fingerprint, load_pairs, load_ratings, load_source, tokenize_pair,
 )
-from pyalign.data.adapters import (
-    guess_schema,
-    parse_helpsteer_prompt,
-    parse_hh_dialogue,
-)
+from pyalign.data.adapters import guess_schema, parse_helpsteer_prompt, parse_hh_dialogue
 from pyalign.data.pairs import RowError
 from pyalign.data.relabel import reward_augmented, target_system_prompt
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_tiny_lm import make_tokenizer, one_thread, save_tiny_model
 
+from helpers_tiny_lm import make_tokenizer, one_thread, save_tiny_model
 from pyalign.data import DataSource, PreferenceDataset, load_pairs
 from pyalign.train.config import ConfigError, config_to_dict, load_config
 from pyalign.train.logprob_cache import StaleLogprobCacheError

@@ -14,37 +14,14 @@
 docs/data.md describes every schema mapping with examples.
 """
 
-from pyalign.data.pairs import (
-    PreferencePair,
-    RatingRecord,
-    RowError,
-    load_preference_pairs,
-    write_preference_pairs,
-)
+from pyalign.data.pairs import PreferencePair, RatingRecord, RowError, load_preference_pairs, write_preference_pairs
 from pyalign.data.sources import (
-    BadRowError,
-    DataSource,
-    LoadReport,
-    check_data_source,
-    fingerprint,
-    load_pairs,
-    load_ratings,
-    load_source,
+    BadRowError, DataSource, LoadReport, check_data_source, fingerprint, load_pairs, load_ratings, load_source,
     parse_source,
 )
 from pyalign.data.tokenize import (
-    IGNORE_INDEX,
-    TOKENIZATION_VERSION,
-    PreferenceDataset,
-    TokenizedPair,
-    collate_pairs,
-    encode_prompt,
-    encode_response,
-    file_fingerprint,
-    pad_token_id,
-    prompt_messages,
-    tokenization_fingerprint,
-    tokenize_pair,
+    IGNORE_INDEX, TOKENIZATION_VERSION, PreferenceDataset, TokenizedPair, collate_pairs, encode_prompt,
+    encode_response, file_fingerprint, pad_token_id, prompt_messages, tokenization_fingerprint, tokenize_pair,
     truncate_pair,
 )
 

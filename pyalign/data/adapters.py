@@ -25,18 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 from pyalign.data.pairs import (
-    PAIR_FIELDS,
-    PreferencePair,
-    RatingRecord,
-    RowError,
-    check_messages,
-    normalize_prompt,
-    pair_from_record,
-    prompt_field,
-    reply_field,
-    score_field,
-    split_conversations,
-    text_field,
+    PAIR_FIELDS, PreferencePair, RatingRecord, RowError, check_messages, normalize_prompt, pair_from_record,
+    prompt_field, reply_field, score_field, split_conversations, text_field,
 )
 
 Rows = Iterable[tuple[int, Any]]  # (row index, row)

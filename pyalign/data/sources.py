@@ -35,18 +35,8 @@ from typing import Any
 
 from pyalign.data.adapters import ADAPTERS, SCHEMAS, Adapter, get_adapter, guess_schema
 from pyalign.data.pairs import PreferencePair, RatingRecord, RowError, prompt_json
-from pyalign.data.reading import (
-    COMPRESSION_SUFFIXES,
-    DATASETS_SUFFIXES,
-    RowTable,
-    read_rows,
-)
-from pyalign.data.relabel import (
-    DEFAULT_TEMPLATE,
-    METHODS,
-    RelabelSpec,
-    reward_augmented,
-)
+from pyalign.data.reading import COMPRESSION_SUFFIXES, DATASETS_SUFFIXES, RowTable, read_rows
+from pyalign.data.relabel import DEFAULT_TEMPLATE, METHODS, RelabelSpec, reward_augmented
 
 logger = logging.getLogger("pyalign.data")
 ON_BAD_ROW = ("fail", "skip")
