@@ -267,6 +267,9 @@ class MethodConfig:
     loss: str = _field("dpo", choice(*LOSSES), "preference loss of every round (spo: round 1 is DPO)")
     beta: float = _field(0.1, positive_float, "KL strength beta")
     alpha: Any = _field(0.1, alpha_value, "spo importance of earlier dimensions: one value or one per earlier round")
+    adaptive_alpha: Any = _field(None, lambda path, value: _adaptive_alpha_setting(path, value),
+                                 "spo: adapt the alphas during each round by dual ascent "
+                                 "{keep, every, step_size, max_pairs} (pyalign.train.adaptive_alpha); null: fixed")
     nll_weight: float = _field(0.0, non_negative_float, "weight of the NLL (SFT) term on chosen responses")
     label_smoothing: float = _field(0.0, fraction, "label smoothing / noise rate (dpo, robust)")
 
@@ -275,6 +278,12 @@ class MethodConfig:
         if isinstance(self.alpha, list):
             return list(self.alpha[: round_number - 1])
         return [self.alpha] * (round_number - 1)
+
+
+def _adaptive_alpha_setting(path, value):
+    from pyalign.train.adaptive_alpha import adaptive_alpha_setting  # noqa: PLC0415
+
+    return adaptive_alpha_setting(path, value)
 
 
 def data_source(path, value):
@@ -308,6 +317,8 @@ class SequentialConfig:
     training: TrainingConfig = section(TrainingConfig, "optimisation")
     cache_dir: Any = _field(None, optional(path_value), "frozen log-prob cache (default output_dir/logprob_cache)")
     recompute_stale_cache: bool = _field(False, boolean, "recompute stale cached log-probs instead of refusing")
+    reuse_rounds_from: Any = _field(None, optional(path_value), "output_dir of another run: its finished rounds "
+                                    "whose fingerprint equals this run's are hard-linked in, not retrained")
 
     @property
     def logprob_cache_dir(self) -> Path:
@@ -433,6 +444,10 @@ def check_sequential(config: SequentialConfig) -> None:
             interval = f"[0, {upper}]" if inclusive else f"[0, {upper})"
             raise ConfigError(f"method.label_smoothing: {method.loss} needs a value in {interval}, "
                               f"got {method.label_smoothing}")
+    if method.adaptive_alpha is not None:
+        from pyalign.train.adaptive_alpha import check_adaptive_alpha  # noqa: PLC0415
+
+        check_adaptive_alpha(config)
     check_model_folder(config.model)
     # rounds[].train/eval were checked by data_source when parsed (a local path must exist)
 

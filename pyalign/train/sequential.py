@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +47,8 @@ import torch
 
 from pyalign import distributed
 from pyalign.data import PreferenceDataset, data_fingerprint, tokenization_fingerprint
-from pyalign.io import write_json_atomic
+from pyalign.io import atomic_directory, write_json_atomic
+from pyalign.train import adaptive_alpha
 from pyalign.train.config import SequentialConfig, check_sequential, load_config, training_fingerprint
 from pyalign.train.logprob_cache import (
     CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, dataset_logprobs,
@@ -55,7 +57,7 @@ from pyalign.train.modeling import (
     load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast,
 )
 from pyalign.train.objectives import PreferenceObjective
-from pyalign.train.stage import stage_finished, train_lora_stage
+from pyalign.train.stage import STATE_FILE, stage_finished, train_lora_stage
 from pyalign.train.tasks import Task, register_task
 
 logger = logging.getLogger("pyalign.train")
@@ -203,22 +205,47 @@ class SequentialRun:
         """What a round's result depends on; a checkpoint or finished round with another one is
         refused rather than silently mixed with the new settings."""
         config = self.config
-        return {
+        fingerprint = {
             "round": round_number,
             "base_model": self.model_fingerprint(round_number - 1),
             "train_data": data_fingerprint(self.data_file(round_number, "train")),
             "tokenization": self.tokenization,
             "lora": asdict(config.lora),
             # this round's alphas only: changing a later round's alpha leaves this round valid
-            "method": {k: v for k, v in asdict(config.method).items() if k != "alpha"},
+            "method": {k: v for k, v in asdict(config.method).items() if k not in ("alpha", "adaptive_alpha")},
             "alphas": round_alphas(config, round_number),
             "training": training_fingerprint(config.training),
             "model_dtype": config.model.dtype,
         }
+        if config.method.adaptive_alpha is not None and round_alphas(config, round_number):
+            fingerprint["adaptive_alpha"] = asdict(config.method.adaptive_alpha)  # rounds that adapt only
+        return fingerprint
 
     def finished(self, round_number: int) -> bool:
         return stage_finished(round_dir(self.config, round_number), self.round_fingerprint(round_number),
                               what=f"round {round_number}")
+
+    def reuse_finished_round(self, round_number: int) -> bool:
+        """Hard-link round n from ``config.reuse_rounds_from`` (another run's output_dir) when it is
+        finished there under this run's fingerprint (e.g. round 1 shared by runs that differ only
+        in later rounds' alphas). Returns whether it did."""
+        if self.config.reuse_rounds_from is None:
+            return False
+        target = round_dir(self.config, round_number)
+        source = Path(self.config.reuse_rounds_from) / target.name
+        state_file = source / STATE_FILE
+        if not state_file.is_file():
+            return False
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state.get("fingerprint") != json.loads(json.dumps(self.round_fingerprint(round_number))):
+            return False
+        if distributed.is_main():
+            with atomic_directory(target) as partial:  # finished files are never rewritten in place
+                shutil.copytree(source, partial, copy_function=_link_or_copy, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("checkpoints"))
+            logger.info("round %d (%s): reused from %s", round_number, self.config.rounds[round_number - 1].name, source)
+        distributed.barrier()
+        return True
 
     def round_data(self, round_number: int, split: str) -> PairsWithFrozenLogprobs | None:
         pairs = self.dataset(round_number, split)
@@ -231,6 +258,7 @@ class SequentialRun:
             logger.info("round %d (%s): loss %s, alphas %s, chain pi_%s", round_number,
                         config.rounds[round_number - 1].name, config.method.loss, alphas,
                         chain_models(config, round_number))
+        controller = adaptive_alpha.for_round(self, round_number)
         metrics = train_lora_stage(
             base_dir=self.model_dirs[round_number - 1],
             stage_dir=round_dir(config, round_number),
@@ -246,7 +274,7 @@ class SequentialRun:
             seed=self.training.seed + round_number,
             name=f"round {round_number}/{len(config.rounds)} {config.rounds[round_number - 1].name}",
             round_number=round_number,
-            callback=self.callback,
+            callback=self.callback if controller is None else _both(controller, self.callback),
         )
         self.callback("round_done", {"round": round_number, "dir": round_dir(config, round_number)})
         return metrics
@@ -277,7 +305,7 @@ def run_sequential(
     metrics = []
     for n in run.round_numbers:
         run.cache_frozen_logprobs(n - 1)  # pi_{n-1} is final now: cache it for rounds n..K
-        if run.finished(n):
+        if run.finished(n) or run.reuse_finished_round(n):
             if distributed.is_main():
                 logger.info("round %d (%s): already finished, skipped", n, config.rounds[n - 1].name)
                 shutil.rmtree(round_dir(config, n) / "checkpoints", ignore_errors=True)  # if killed before cleanup
@@ -286,6 +314,20 @@ def run_sequential(
         metrics.append(run.train_round(n))
     round_dirs = [round_dir(config, n) for n in run.round_numbers]
     return SequentialResult(round_dirs=round_dirs, final_model_dir=round_dirs[-1] / "model", metrics=metrics)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+
+
+def _both(first: Callable[[str, dict], None], second: Callable[[str, dict], None]) -> Callable[[str, dict], None]:
+    def callback(event: str, info: dict) -> None:
+        first(event, info)
+        second(event, info)
+    return callback
 
 
 def _summary(result: SequentialResult) -> list[str]:

@@ -270,10 +270,11 @@ class Trainer:
                     window = []
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
                     self._log("eval", self.evaluate(), writer)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
-                    self.save()
+                # before the checkpoint: what the callback changes (e.g. spo alphas) is saved with this step
                 self.callback("step", {"round": self.round_number, "step": self.step,
                                        "total_steps": self.total_steps, "metrics": metrics, "trainer": self})
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save()
             progress.close()
             if self.is_main and latest_step(self.checkpoint_dir) != self.step:
                 self.save()  # the finished run's state: a crash while saving its outputs resumes here
