@@ -38,6 +38,7 @@ import torch
 from pyalign import distributed
 from pyalign.io import write_json_atomic
 from pyalign.train.config import ConfigError, _build, _field, positive_float, positive_int
+from pyalign.train.evaluate import preference_metrics
 from pyalign.train.logprob_cache import dataset_logprobs
 from pyalign.train.modeling import load_model
 
@@ -85,10 +86,9 @@ def check_adaptive_alpha(config) -> None:
 
 def mean_margin(policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
                 beta: float) -> float:
-    """beta * mean[(log pi(y_w) - log pi_0(y_w)) - (log pi(y_l) - log pi_0(y_l))]."""
-    chosen = policy[0].double() - reference[0].double()
-    rejected = policy[1].double() - reference[1].double()
-    return float(beta * (chosen - rejected).mean())
+    """beta * mean[(log pi(y_w) - log pi_0(y_w)) - (log pi(y_l) - log pi_0(y_l))] (the implicit-reward
+    margin of :func:`pyalign.train.evaluate.preference_metrics`)."""
+    return preference_metrics(*policy, *reference, beta=beta)["reward_margin"]
 
 
 def dual_ascent_step(alphas, margins, thresholds, step_size: float) -> list[float]:
