@@ -268,3 +268,46 @@ def test_true_ratings_missing_an_objective_is_an_error(quick_demo, tmp_path, mon
     monkeypatch.setattr(tasks, "rate_record", lambda row, response, tokenizer: {"helpfulness": 1.0})
     with pytest.raises(ValueError, match="evaluation.true_ratings: returned no rating for the objective 'verbosity'"):
         run_dpa(config)
+
+
+def test_torchrun_two_processes_compute_what_one_process_computes(quick_demo, tmp_path):
+    """``torchrun --nproc_per_node 2 -m pyalign train`` on the quick loop: each process samples and
+    scores its shard of every chunk and trains on its share of every step; process 0 writes.
+    The samples are the single process's to the byte (each has its own seed), scores and weights
+    to float rounding (reward-model batches and gradient sums are split differently)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out, _ = quick_demo
+    config = base_config(quick_demo, tmp_path / "run", loop={"iterations": 1})
+    file = tmp_path / "dpa.yaml"
+    file.write_text(json.dumps(config))  # JSON is YAML
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "pyalign", "train", str(file), "--no-progress"]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("final model:") == 1  # one summary, from process 0
+
+    expected, run = out / "dpa", tmp_path / "run"
+    assert (run / "iteration_1" / "samples.jsonl").read_bytes() == (expected / "iteration_1" / "samples.jsonl").read_bytes()
+    for mine, theirs in zip(read_jsonl_rows(run / "iteration_1" / "scored.jsonl"),
+                            read_jsonl_rows(expected / "iteration_1" / "scored.jsonl"), strict=True):
+        for a, b in zip(mine["samples"], theirs["samples"], strict=True):
+            assert a["text"] == b["text"] and a["scores"] == pytest.approx(b["scores"], abs=1e-3)
+    assert [c["response"] for c in read_jsonl_rows(run / "iteration_1" / "chosen.jsonl")] == \
+        [c["response"] for c in read_jsonl_rows(expected / "iteration_1" / "chosen.jsonl")]
+    theirs = model_weights(expected / "iteration_1" / "fine_tune" / "model")
+    for name, tensor in model_weights(run / "iteration_1" / "fine_tune" / "model").items():
+        assert torch.allclose(tensor, theirs[name], atol=1e-5, rtol=1e-4), name
+    fronts = json.loads((run / "fronts.json").read_text())
+    single = json.loads((expected / "fronts.json").read_text())
+    for mine, theirs in zip(fronts["iterations"], single["iterations"][:2], strict=True):
+        for a, b in zip(mine["front"], theirs["front"], strict=True):
+            assert a["true"] == b["true"]
+            assert a["reward_model"] == pytest.approx(b["reward_model"], abs=1e-3)
