@@ -10,6 +10,8 @@ Batch invariance, two ways:
 
 - logits: the first step's raw logits of each prompt alone (no padding) against the same prompt
   inside one left-padded batch of all prompts: max |difference| and whether the argmax agrees;
+- sampler cost: one sampling step on those logits (all prompts at once) against a full sort of
+  the vocabulary, in milliseconds;
 - samples: every prompt's sample with ``batch_size=1`` against the larger batch sizes: how
   many of the samples have identical token ids, and for the others the first position that
   differs (a flip caused by rounding, after which the two continuations are unrelated).
@@ -68,8 +70,26 @@ def main(argv: list[str] | None = None) -> int:
     # how often top_p=0.95 needs more than the top-k candidates (a full sort) on this model
     from pyalign.generation import TOP_P_CANDIDATES
 
-    mass = alone.softmax(-1).topk(TOP_P_CANDIDATES, dim=-1).values.sum(-1)
+    candidates = min(TOP_P_CANDIDATES, alone.shape[-1])
+    mass = alone.softmax(-1).topk(candidates, dim=-1).values.sum(-1)
     result["first_step_rows_with_0.95_nucleus_beyond_candidates"] = int((mass < 0.95).sum())
+    # the sampler's cost on these logits ([prompts, V]) against a full sort of the vocabulary
+    from pyalign.generation import sample_tokens
+
+    uniforms = torch.rand(len(alone), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    timings = {
+        "full_sort": lambda: alone.sort(dim=-1, descending=True, stable=True),
+        f"top{candidates}": lambda: alone.topk(candidates, dim=-1),
+        "sample_top_p_0.95": lambda: sample_tokens(alone, uniforms, top_p=0.95),
+        "sample_no_filter": lambda: sample_tokens(alone, uniforms),
+    }
+    result["sampler_ms"] = {}
+    for name, run in timings.items():
+        run()
+        start = time.perf_counter()
+        for _ in range(5):
+            run()
+        result["sampler_ms"][name] = round((time.perf_counter() - start) / 5 * 1e3, 2)
 
     # samples and throughput per batch size
     runs = {}
