@@ -15,10 +15,11 @@ DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetenso
 NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-quick test test-gpu test-gpu-all gpu-build bench build venv clean help
+.PHONY: demo demo-quick demo-sweep test test-gpu test-gpu-all gpu-build bench build venv clean help
 
 help:
-	@echo "make demo        SPO vs S-DPO marker experiment on SmolLM2-135M (CPU, ~15 min)"
+	@echo "make demo        SPO vs S-DPO, four conflicting slot dimensions on SmolLM2-135M (Table 4; CPU, <15 min)"
+	@echo "make demo-sweep  SPO round 2 for alpha 0..0.7 and adaptive alpha (Table 2; CPU, <30 min)"
 	@echo "make test        build and run the test suite (CPU; Triton under its interpreter)"
 	@echo "make test-gpu    the kernel and op tests on CUDA, large shapes included (on a GPU machine)"
 	@echo "make bench       fused op and fused lm_head vs eager / torch.compile; tables + JSON + PNG in bench/results"
@@ -70,6 +71,9 @@ demo: build
 
 demo-quick: build
 	$(PY) -m pyalign.demo.spo_markers --quick --out outputs/spo_demo_quick
+
+demo-sweep: build
+	$(PY) -m pyalign.demo.spo_alpha_sweep --out outputs/spo_alpha_sweep
 
 bench: build
 	$(PY) -m bench.logprobs

@@ -1,155 +1,215 @@
-"""The SPO demonstrative experiment: data recipe, marker presence, settings, and the --quick run
-end to end on a tiny random model (structure only; the scientific result needs the real model)."""
+"""The SPO demos: the pair builder (slots that coexist, the stated conflict rate), the
+teacher-forced metric (checked against pyalign eval's independent path), the generation counts,
+settings, and both commands end to end on a tiny random model with --quick (structure only: the
+scientific result needs the real model)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from pyalign.demo import markers as demo_markers
-from pyalign.demo import spo_markers
-from pyalign.demo.evaluate import marker_presence, table_markdown
-from pyalign.demo.markers import MARKERS, dimension_pairs, prompt_bank, split_prompts, with_markers
+from pyalign.demo import spo_alpha_sweep, spo_markers
+from pyalign.demo.evaluate import TeacherForced, marker_presence, presence_table, slot_format_rate
+from pyalign.demo.markers import prompt_bank, split_prompts
+from pyalign.demo.spo_data import (
+    conflicts_with_earlier, dimension_pairs, marker_tokens, response_properties, slot_response,
+)
+from pyalign.demo.spo_experiment import merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is fastest on one thread, and a busy machine stays usable
+    yield
+    torch.set_num_threads(previous)
 
 
 def test_prompt_bank_is_large_distinct_and_deterministic():
     prompts = prompt_bank()
     assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
-    assert prompt_bank() == prompts
     train, held_out = split_prompts(100, 50, seed=3)
     assert (train, held_out) == split_prompts(100, 50, seed=3)
     assert len(train) == 100 and len(held_out) == 50 and not set(train) & set(held_out)
-    assert split_prompts(100, 50, seed=4)[0] != train
     with pytest.raises(ValueError, match="num_train"):
         split_prompts(len(prompts), 1)
 
 
-def _pairs(n=4000, dimension=2, seed=0, per_prompt=1, other_markers="both"):
+def test_slots_coexist_and_parse_back():
+    markers, skips = marker_tokens(4)
+    assert markers == ["[Token_1]", "[Token_2]", "[Token_3]", "[Token_4]"] and skips[0] == "[Skip_1]"
+    every = slot_response("The sea.", [True] * 4)
+    assert every == "[Token_1][Token_2][Token_3][Token_4]The sea."  # one response can have all four
+    for properties in ([True, False, True, False], [False] * 4, [True] * 4):
+        assert response_properties(slot_response("x", properties), 4) == properties
+    # each property has its own position: adding one never moves another
+    assert slot_response("x", [False, True, False, False]).index("[Token_2]") == len("[Skip_1]")
+    with pytest.raises(ValueError, match="slot 2"):
+        response_properties("[Token_1][Token_3]x", 3)
+    with pytest.raises(ValueError, match="num_dimensions"):
+        marker_tokens(0)
+
+
+def _pairs(dimension, n=1000, conflict_rate=0.3, other_prob=0.5, seed=0, k=4):
     prompts = [f"prompt {i}" for i in range(n)]
-    responses = [[f"first {i}", f"second {i}"][:per_prompt] for i in range(n)]
-    pairs = dimension_pairs(prompts, responses, dimension, seed=seed, system="sys", other_markers=other_markers)
-    return pairs, responses
+    texts = [f"text {i}" for i in range(n)]
+    return dimension_pairs(prompts, texts, dimension, num_dimensions=k, conflict_rate=conflict_rate,
+                           other_prob=other_prob, seed=seed, system="sys")
 
 
-def _text_and_markers(response):
-    present = [m for m in MARKERS if m in response]
-    text = response.split("]")[-1]
-    assert response == with_markers(text, present)  # markers at the start, in ascending order
-    return text, present
+@pytest.mark.parametrize("dimension", [1, 2, 4])
+def test_pairs_have_the_stated_conflict_rate_and_the_paper_recipe_elsewhere(dimension):
+    pairs = _pairs(dimension)
+    conflicting = [p for p in pairs if conflicts_with_earlier(p, dimension, 4)]
+    assert len(conflicting) == (0 if dimension == 1 else 300)  # exactly round(0.3 * 1000)
+    other_marker_counts, same_side_pairs = [0] * 4, [0] * 4
+    for k, pair in enumerate(pairs):
+        assert pair["system"] == "sys" and pair["prompt"] == f"prompt {k}"
+        assert pair["chosen"].endswith(f"text {k}") and pair["rejected"].endswith(f"text {k}")  # same text
+        chosen, rejected = response_properties(pair["chosen"], 4), response_properties(pair["rejected"], 4)
+        assert chosen[dimension - 1] and not rejected[dimension - 1]  # the dimension decides the ranking
+        for j in range(4):
+            if j == dimension - 1:
+                continue
+            if pair in conflicting and j < dimension - 1:
+                assert rejected[j] and not chosen[j]  # dispreferred has every earlier marker, preferred none
+            else:
+                assert chosen[j] == rejected[j]  # otherwise the same on both sides
+                other_marker_counts[j] += chosen[j]
+                same_side_pairs[j] += 1
+    for j in range(4):
+        if j != dimension - 1:
+            assert 0.44 < other_marker_counts[j] / same_side_pairs[j] < 0.56  # other_prob 0.5
+    assert _pairs(dimension) == pairs and _pairs(dimension, seed=1) != pairs
 
 
-@pytest.mark.parametrize("per_prompt", [1, 2])
-def test_dimension_pairs_follow_the_paper_recipe(per_prompt):
-    pairs, responses = _pairs(per_prompt=per_prompt)
-    own, others = MARKERS[2], [m for m in MARKERS if m != MARKERS[2]]
-    first_chosen = 0
-    other_counts = dict.fromkeys(others, 0)
-    for pair, texts in zip(pairs, responses):
-        assert pair["system"] == "sys"
-        chosen_text, chosen_markers = _text_and_markers(pair["chosen"])
-        rejected_text, rejected_markers = _text_and_markers(pair["rejected"])
-        assert own in chosen_markers and own not in rejected_markers
-        assert sorted({chosen_text, rejected_text}) == sorted(set(texts))  # one text: the same on both sides
-        first_chosen += chosen_text == texts[0]
-        assert set(chosen_markers) - {own} == set(rejected_markers)  # others: in both or in neither
-        for marker in rejected_markers:
-            other_counts[marker] += 1
-    if per_prompt == 2:  # a fair coin decides which sample is preferred
-        assert 0.45 < first_chosen / len(pairs) < 0.55
-    for marker, count in other_counts.items():
-        assert 0.08 < count / len(pairs) < 0.12, marker
-    assert _pairs(per_prompt=per_prompt)[0] == pairs and _pairs(seed=1, per_prompt=per_prompt)[0] != pairs
-
-
-def test_dimension_pairs_independent_other_markers():
-    pairs, _ = _pairs(other_markers="independent")
-    marker = MARKERS[0]
-    in_chosen = sum(marker in p["chosen"] for p in pairs) / len(pairs)
-    in_rejected = sum(marker in p["rejected"] for p in pairs) / len(pairs)
-    only_one = sum((marker in p["chosen"]) != (marker in p["rejected"]) for p in pairs) / len(pairs)
-    assert 0.08 < in_chosen < 0.12 and 0.08 < in_rejected < 0.12
-    assert 0.14 < only_one < 0.22  # 2 * 0.1 * 0.9 = 0.18: the sides differ
-
-
-def test_dimension_pairs_reject_bad_arguments():
+def test_held_out_pairs_without_conflict_and_bad_arguments():
+    assert not any(conflicts_with_earlier(p, 3, 4) for p in _pairs(3, conflict_rate=0.0))
+    assert sum(conflicts_with_earlier(p, 2, 4) for p in _pairs(2, n=10, conflict_rate=0.25)) == 2  # round(2.5)
     with pytest.raises(ValueError, match="dimension"):
-        dimension_pairs(["p"], [["a", "b"]], 4)
+        _pairs(5)
+    with pytest.raises(ValueError, match="conflict_rate"):
+        _pairs(2, conflict_rate=1.5)
     with pytest.raises(ValueError, match="other_prob"):
-        dimension_pairs(["p"], [["a", "b"]], 0, other_prob=1.5)
-    with pytest.raises(ValueError, match="responses"):
-        dimension_pairs(["p", "q"], [["a", "b"]], 0)
-    with pytest.raises(ValueError, match="responses"):
-        dimension_pairs(["p"], [["a", "b", "c"]], 0)
-    with pytest.raises(ValueError, match="other_markers"):
-        dimension_pairs(["p"], [["a"]], 0, other_markers="some")
+        _pairs(2, other_prob=-0.1)
+    with pytest.raises(ValueError, match="texts"):
+        dimension_pairs(["p", "q"], ["a"], 1, num_dimensions=2)
 
 
-def test_marker_presence_and_table():
-    generations = [[5, 10, 11, 12, 13], [10, 1, 2], [3, 4], [13, 12, 11, 10]]
+def test_marker_presence_format_and_table():
+    generations = [[10, 11, 12, 13, 5], [20, 11, 2], [3, 4], [10, 21, 12, 23]]
     result = marker_presence(generations, [10, 11, 12, 13])
-    assert result["presence"] == [0.75, 0.5, 0.5, 0.5]
-    assert result["pareto"] == 0.5 and result["num_generations"] == 4
-    table = table_markdown({"SPO": result}, ["a", "b", "c", "d"])
-    assert "| SPO | 75.0% | 50.0% | 50.0% | 50.0% | 50.0% |" in table
+    assert result["presence"] == [0.5, 0.5, 0.5, 0.25] and result["pareto"] == 0.25
+    # slots in order: row 0 (all markers) and row 3 (markers and skips) are well formed
+    assert slot_format_rate(generations, [10, 11, 12, 13], [20, 21, 22, 23]) == 0.5
+    table = presence_table({"SPO": {**result, "format": 0.5}}, 4)
+    assert "| SPO | 50% | 50% | 50% | 25% | 25% | 50% |" in table
     with pytest.raises(ValueError, match="generations"):
         marker_presence([], [1])
 
 
-def test_sampled_responses_are_cached(tmp_path, monkeypatch):
-    from pyalign.demo.tiny_model import save_tiny_chat_model
-    from pyalign.models import load_model_and_tokenizer
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert spo_markers.main(["--quick", "--out", str(out)]) == 0
+    return out
 
-    folder = save_tiny_chat_model(tmp_path / "tiny")
-    model, tokenizer = load_model_and_tokenizer(folder)
-    settings = demo_markers.SamplingSettings(num_per_prompt=2, max_new_tokens=4, batch_size=3)
-    prompts = prompt_bank()[:5]
-    model_id = demo_markers.model_fingerprint(folder)
-    first = demo_markers.sample_responses(model, tokenizer, prompts, settings, model_id=model_id, cache_dir=tmp_path / "c")
-    assert len(first) == 5 and all(len(r) == 2 and all(isinstance(t, str) for t in r) for r in first)
-    assert len(list((tmp_path / "c").glob("responses-*.json"))) == 1
 
-    monkeypatch.setattr(demo_markers, "generate", lambda *a, **k: pytest.fail("cache miss"))
-    again = demo_markers.sample_responses(model, tokenizer, prompts, settings, model_id=model_id, cache_dir=tmp_path / "c")
-    assert again == first
+def test_teacher_forced_metric_matches_pyalign_eval_and_flips_with_the_pairs(quick_demo, tmp_path):
+    from pyalign.train.evaluate import evaluate_model
+
+    base = quick_demo / "base_model"
+    policy = quick_demo / "runs" / "spo" / "round_2_dim2" / "model"
+    files = [quick_demo / "data" / f"dim{d}.eval.jsonl" for d in (1, 2)]
+    metric = TeacherForced(base, files, beta=0.1, max_length=40, max_prompt_length=30)
+    rows = metric(policy)
+    assert [r["dimension"] for r in rows] == [1, 2] and rows[0]["pairs"] == 8
+    independent = evaluate_model(policy, files, ref_dir=base, beta=0.1, max_length=40, max_prompt_length=30,
+                                 device="cpu")
+    for row, file in zip(rows, files):
+        assert row["margin"] == pytest.approx(independent[str(file)]["reward_margin"], abs=1e-5)
+        assert row["accuracy"] == pytest.approx(independent[str(file)]["reward_accuracy"])
+    assert all(r["margin"] == 0 and r["accuracy"] == 0 for r in metric(base))  # pi_0 against itself
+
+    swapped = tmp_path / "swapped.jsonl"  # preferred and dispreferred exchanged: the margin flips
+    records = [json.loads(line) for line in files[1].read_text().splitlines()]
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in records))
+    flipped = TeacherForced(base, [swapped], beta=0.1, max_length=40, max_prompt_length=30)(policy)[0]
+    assert flipped["margin"] == pytest.approx(-rows[1]["margin"], abs=1e-5)
+    assert flipped["accuracy"] == pytest.approx(1 - rows[1]["accuracy"])  # no ties off pi_0
+
+
+def test_quick_demo_end_to_end(quick_demo):
+    result = json.loads((quick_demo / "table4.json").read_text())
+    assert result["wall_time_s"] > 0 and set(result["pareto"]) == {"SPO", "S-DPO"}
+    assert [(r["method"], r["round"]) for r in result["rounds"]] == [
+        (m, i) for m in ("SPO", "S-DPO") for i in range(1, 5)]
+    for entry in result["rounds"]:
+        assert entry["alpha"] == {"SPO": 0.1, "S-DPO": 0.0}[entry["method"]]
+        assert [d["dimension"] for d in entry["dimensions"]] == [1, 2, 3, 4]
+        for d in entry["dimensions"]:
+            assert 0 <= d["accuracy"] <= 1 and 0 <= d["presence"] <= 1 and isinstance(d["margin"], float)
+    assert result["pareto"]["SPO"] == result["rounds"][3]["pareto"]
+    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [o["round"] for o in result["offsets"]["SPO"]] == [2, 3, 4] and "S-DPO" not in result["offsets"]
+    # round 1 (DPO from pi_0) trained once: S-DPO's is the same file, hard-linked
+    spo, sdpo = (quick_demo / "runs" / m / "round_1_dim1" / "model" / "model.safetensors" for m in ("spo", "s_dpo"))
+    assert os.path.samefile(spo, sdpo)
+    for method in ("spo", "s_dpo"):
+        for i in range(2, 5):
+            assert (quick_demo / "runs" / method / f"round_{i}_dim{i}" / "model" / "config.json").is_file()
+
+
+def test_quick_demo_prints_the_tables_and_the_json_path_last(quick_demo, capsys):
+    assert spo_markers.main(["--quick", "--out", str(quick_demo)]) == 0  # finished: everything reused
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert Path(lines[-1]) == quick_demo / "table4.json"
+    assert any(line.startswith("| SPO after round 4 |") for line in lines)
+    assert any("dim 4 margin (acc.)" in line for line in lines)
+
+
+def test_quick_alpha_sweep_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert spo_alpha_sweep.main(["--quick", "--out", str(out)]) == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == out / "alpha_sweep.json"
+    result = json.loads((out / "alpha_sweep.json").read_text())
+    methods = {r["method"] for r in result["rounds"]}
+    assert {"S-DPO (alpha=0)", "SPO alpha=0.1", "SPO alpha=0.3", "SPO alpha=0.5", "SPO alpha=0.7"} < methods
+    adaptive = [r for r in result["rounds"] if r.get("adaptive")]
+    assert len(adaptive) == 2 and len(adaptive[1]["alpha_trajectory"]) == 4  # 16 pairs / 4, 2 epochs, every 2
+    assert result["wall_time_s"] > 0 and (out / "alpha_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for entry in result["rounds"]:
+        assert [d["dimension"] for d in entry["dimensions"]] == [1, 2] and entry["round"] in (1, 2)
+    # round 1 trained once: every run links the shared one; its fingerprint holds no later alpha
+    shared = out / "round1" / "round_1_dim1"
+    fingerprint = json.loads((shared / "round_state.json").read_text())["fingerprint"]
+    assert fingerprint["alphas"] == [] and "alpha" not in fingerprint["method"] and "adaptive_alpha" not in fingerprint
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 6
+    for run in runs:
+        assert os.path.samefile(run / "round_1_dim1" / "model" / "model.safetensors",
+                                shared / "model" / "model.safetensors")
 
 
 def test_settings_merge_and_errors():
-    merged = spo_markers.merge_settings(spo_markers.FULL, {"data": {"num_train_prompts": 10}, "training": {"lr": 0.1}})
-    assert merged["data"]["num_train_prompts"] == 10 and merged["training"]["lr"] == 0.1
-    assert merged["data"]["num_eval_prompts"] == spo_markers.FULL["data"]["num_eval_prompts"]
+    merged = merge_settings(spo_markers.DEFAULTS, {"data": {"conflict_rate": 0.5}, "training": {"lr": 0.1}})
+    assert merged["data"]["conflict_rate"] == 0.5 and merged["training"]["lr"] == 0.1
     with pytest.raises(ValueError, match="data.unknown"):
-        spo_markers.merge_settings(spo_markers.FULL, {"data": {"unknown": 1}})
+        merge_settings(spo_markers.DEFAULTS, {"data": {"unknown": 1}})
     with pytest.raises(ValueError, match="model"):
-        spo_markers.merge_settings(spo_markers.FULL, {"model": "gpt"})
+        merge_settings(spo_markers.DEFAULTS, {"model": "gpt"})
 
 
-@pytest.mark.parametrize("name, defaults", [("spo_demo.yaml", spo_markers.FULL), ("spo_demo_quick.yaml", spo_markers.QUICK)])
+@pytest.mark.parametrize("name, defaults", [
+    ("spo_demo.yaml", spo_markers.DEFAULTS), ("spo_demo_quick.yaml", spo_markers.QUICK),
+    ("spo_demo_alpha_sweep.yaml", spo_alpha_sweep.DEFAULTS),
+])
 def test_config_files_mirror_the_built_in_settings(name, defaults):
     with open(REPO / "configs" / name, encoding="utf-8") as handle:
         assert yaml.safe_load(handle) == defaults
-
-
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    assert spo_markers.main(["--quick", "--out", str(tmp_path / "demo")]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    json_path = Path(lines[-1])
-    assert json_path == tmp_path / "demo" / "table4.json" and json_path.is_file()
-    result = json.loads(json_path.read_text())
-
-    assert set(result["table"]) == {"SPO", "S-DPO"}
-    for row in result["table"].values():
-        assert list(row["presence"]) == list(MARKERS)
-        assert all(0.0 <= p <= 1.0 for p in row["presence"].values())
-        assert 0.0 <= row["pareto"] <= min(row["presence"].values())
-    for rounds in result["per_round"].values():
-        assert len(rounds) == len(MARKERS)
-    assert result["per_round"]["SPO"][-1]["presence"] == result["table"]["SPO"]["presence"]
-    assert result["timings_s"]["total"] > 0
-    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any(line.startswith("| SPO |") for line in lines)
-    for method in ("spo", "s_dpo"):  # every round produced an HF model folder
-        for i in range(1, 5):
-            assert (tmp_path / "demo" / "runs" / method / f"round_{i}_token_{i}" / "model" / "config.json").is_file()

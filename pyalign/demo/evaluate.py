@@ -1,7 +1,20 @@
-"""Evaluation of the demonstrative experiment: which markers the trained models write.
+"""Evaluation of the SPO demos: a teacher-forced metric and the markers models generate.
 
-A marker is *present* in a generation when its token id occurs among the generated tokens; a
-generation is *Pareto-optimal* when every marker is present (the paper's Table 4, "Opt.").
+**Teacher-forced** (forward passes only; smooth, so small differences are measurable): for a
+model pi and the held-out pairs of dimension d,
+
+    margin_d(pi)   = mean over pairs of beta * [log pi(y_w)/pi_0(y_w) - log pi(y_l)/pi_0(y_l)]
+    accuracy_d(pi) = share of pairs where that implicit-reward difference is > 0
+
+(pi_0 itself has margin 0 and accuracy 0 by definition). Log-probs come from the trainer's own
+function (:func:`pyalign.train.logprob_cache.dataset_logprobs`) and the metrics from
+:func:`pyalign.train.evaluate.preference_metrics`; a model's log-probs are computed once per
+process, keyed by its weights' fingerprint (runs that share a round share them).
+
+**Generation** (the paper's Table 4): a marker is *present* in a generation when its token id
+occurs among the generated tokens; a generation is *Pareto-optimal* when every marker is present;
+*format* is the share of generations whose first K tokens are the K slots in order
+(``[Token_i]`` or ``[Skip_i]`` in slot i), i.e. how well the model writes the response layout.
 """
 
 from __future__ import annotations
@@ -13,16 +26,63 @@ from pathlib import Path
 
 import torch
 
+from pyalign.data import PreferenceDataset
 from pyalign.generation import generate
 from pyalign.io import write_json_atomic
 from pyalign.models import load_model_and_tokenizer
+from pyalign.train.evaluate import preference_metrics
+from pyalign.train.logprob_cache import dataset_logprobs
+from pyalign.train.modeling import load_model, load_tokenizer, model_fingerprint
 
+
+# ----------------------------------------------------------------------------- teacher-forced
+
+class TeacherForced:
+    """Per-dimension preference accuracy and mean implicit-reward margin vs ``base_dir`` (pi_0)
+    on the held-out pairs ``eval_files`` (one JSONL file per dimension, in order)."""
+
+    def __init__(self, base_dir: str | os.PathLike, eval_files: Sequence[str | os.PathLike], *, beta: float,
+                 max_length: int, max_prompt_length: int, batch_size: int = 32, device: str = "cpu",
+                 dtype: str = "float32"):
+        if not eval_files:
+            raise ValueError("eval_files: expected one held-out pair file per dimension, got none")
+        tokenizer = load_tokenizer(base_dir)
+        self.datasets = [PreferenceDataset.from_jsonl(f, tokenizer, max_length, max_prompt_length) for f in eval_files]
+        self.beta, self.batch_size, self.device, self.dtype = beta, batch_size, torch.device(device), dtype
+        self._memo: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.base = self.logprobs(base_dir)
+
+    def logprobs(self, model_dir: str | os.PathLike) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(chosen, rejected) sequence log-probs of the model on every dimension's pairs."""
+        key = model_fingerprint(model_dir)
+        if key not in self._memo:
+            model = load_model(model_dir, self.dtype, self.device)
+            self._memo[key] = [
+                dataset_logprobs(model, data, batch_size=self.batch_size, device=self.device,
+                                 mixed_precision="no", average=False)
+                for data in self.datasets
+            ]
+            del model
+        return self._memo[key]
+
+    def __call__(self, model_dir: str | os.PathLike) -> list[dict]:
+        """``[{"dimension": d (1-based), "accuracy", "margin", "chosen_reward", "rejected_reward",
+        "pairs"}, ...]`` for the model in ``model_dir``."""
+        rows = []
+        for d, (policy, reference) in enumerate(zip(self.logprobs(model_dir), self.base), start=1):
+            metrics = preference_metrics(*policy, *reference, beta=self.beta)
+            rows.append({"dimension": d, "accuracy": metrics["reward_accuracy"], "margin": metrics["reward_margin"],
+                         "chosen_reward": metrics["chosen_reward"], "rejected_reward": metrics["rejected_reward"],
+                         "pairs": metrics["pairs"]})
+        return rows
+
+
+# ----------------------------------------------------------------------------- generation
 
 @dataclass(frozen=True)
 class EvalSettings:
     """How held-out generations are made. Sampling at temperature 1 reads the policy's own
-    distribution (what DPO/SPO optimise); markers sit at the start of responses, so a few new
-    tokens show them all."""
+    distribution (what DPO/SPO optimise); the slots come first, so a few new tokens show them."""
 
     max_new_tokens: int = 8
     do_sample: bool = True
@@ -45,112 +105,68 @@ def marker_presence(generations: Sequence[Sequence[int]], marker_ids: Sequence[i
     }
 
 
-def evaluate_model(model_dir: str | os.PathLike, prompts: Sequence[str], marker_ids: Sequence[int], *,
-                   system: str | None, settings: EvalSettings, dtype: str = "float32",
-                   label: str | None = None, examples: int = 3) -> dict:
-    """Generate on ``prompts`` with the model in ``model_dir`` and measure marker presence.
-    Returns the presence dict plus a few decoded example generations."""
+def slot_format_rate(generations: Sequence[Sequence[int]], marker_ids: Sequence[int], skip_ids: Sequence[int]) -> float:
+    """Share of generations whose first K tokens are the K slots in order (``marker_ids[i]`` or
+    ``skip_ids[i]`` at position i)."""
+    if not generations:
+        raise ValueError("generations must not be empty")
+    if len(marker_ids) != len(skip_ids):
+        raise ValueError(f"skip_ids: expected one per marker ({len(marker_ids)}), got {len(skip_ids)}")
+    slots = list(zip(marker_ids, skip_ids))
+    ok = sum(len(ids) >= len(slots) and all(ids[i] in slot for i, slot in enumerate(slots)) for ids in generations)
+    return ok / len(generations)
+
+
+def generation_metrics(model_dir: str | os.PathLike, prompts: Sequence[str], marker_ids: Sequence[int],
+                       skip_ids: Sequence[int], *, system: str | None, settings: EvalSettings,
+                       dtype: str = "float32", label: str | None = None, examples: int = 3) -> dict:
+    """Generate on ``prompts`` with the model in ``model_dir``: marker presence, Pareto rate,
+    slot-format rate and a few decoded examples."""
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype)
     generated = generate(
         model, tokenizer, prompts, system=system, n=settings.samples_per_prompt,
         max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, temperature=settings.temperature,
         seed=settings.seed, batch_size=settings.batch_size, progress=f"generating ({label})" if label else None,
-        first_token_ids=marker_ids,
     )
-    samples = [sample for row in generated for sample in row]
+    del model
     repeated = [prompt for prompt, row in zip(prompts, generated) for _ in row]
-    generations = [sample.token_ids for sample in samples]
-    first_probs = torch.tensor([sample.first_token_probs for sample in samples])
+    generations = [sample.token_ids for row in generated for sample in row]
     result = marker_presence(generations, marker_ids)
-    # Mean probability of each marker as the response's first token: a continuous view of the
-    # same thing (markers are trained at the start of responses).
-    result["first_token_prob"] = first_probs.mean(0).tolist()
+    result["format"] = slot_format_rate(generations, marker_ids, skip_ids)
     result["examples"] = [
         {"prompt": prompt, "generation": tokenizer.decode(ids, skip_special_tokens=False)}
         for prompt, ids in list(zip(repeated, generations))[:examples]
     ]
-    del model
     return result
 
 
+# ----------------------------------------------------------------------------- tables
+
 def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
+    return f"{100 * value:.0f}%"
 
 
-def table_markdown(final: Mapping[str, Mapping], markers: Sequence[str]) -> str:
-    """Table 4 of the paper: one row per method, presence of each marker and the Pareto rate."""
-    header = "| method | " + " | ".join(markers) + " | Opt. (all four) |"
-    rule = "|---|" + "---|" * (len(markers) + 1)
-    rows = [
-        f"| {name} | " + " | ".join(_percent(p) for p in result["presence"]) + f" | {_percent(result['pareto'])} |"
-        for name, result in final.items()
-    ]
-    return "\n".join([header, rule, *rows])
+def presence_table(rows: Mapping[str, Mapping], num_dimensions: int) -> str:
+    """Markdown: one row per model label, presence of each marker, Pareto rate and format rate."""
+    header = ("| model | " + " | ".join(f"[Token_{d}]" for d in range(1, num_dimensions + 1))
+              + " | Opt. (all) | slot format |")
+    rule = "|---|" + "---|" * (num_dimensions + 2)
+    lines = [header, rule]
+    for label, result in rows.items():
+        cells = " | ".join(_percent(p) for p in result["presence"])
+        lines.append(f"| {label} | {cells} | {_percent(result['pareto'])} | {_percent(result['format'])} |")
+    return "\n".join(lines)
 
 
-def rounds_markdown(per_round: Mapping[str, Sequence[Mapping]], markers: Sequence[str]) -> str:
-    """Presence after every round, per method (how earlier markers survive later rounds); in
-    parentheses the mean probability of the marker being the response's first token."""
-    header = "| method | after round | " + " | ".join(markers) + " | Opt. |"
-    rule = "|---|---|" + "---|" * (len(markers) + 1)
-    rows = []
-    for name, results in per_round.items():
-        for round_number, result in enumerate(results, start=1):
-            cells = " | ".join(f"{_percent(p)} ({q:.2f})"
-                               for p, q in zip(result["presence"], result["first_token_prob"]))
-            rows.append(f"| {name} | {round_number} | {cells} | {_percent(result['pareto'])} |")
-    return "\n".join([header, rule, *rows])
-
-
-def plot_table(path: str | os.PathLike, final: Mapping[str, Mapping], markers: Sequence[str], *,
-               title: str, per_round: Mapping[str, Sequence[Mapping]] | None = None,
-               reference: Mapping[str, Mapping] | None = None) -> Path:
-    """Grouped bars of marker presence and Pareto rate per method (``reference``: extra rows
-    drawn hatched, e.g. the paper's numbers); with ``per_round``, a second panel with each
-    marker's presence after every round, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(markers) + ["Opt."]
-    panels = 2 if per_round else 1
-    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
-    bars = axes[0][0]
-    rows = [(name, result, False) for name, result in final.items()]
-    rows += [(name, result, True) for name, result in (reference or {}).items()]
-    width = 0.8 / max(len(rows), 1)
-    for m, (name, result, hatched) in enumerate(rows):
-        values = [100 * p for p in result["presence"]] + [100 * result["pareto"]]
-        xs = [i + (m - (len(rows) - 1) / 2) * width for i in range(len(labels))]
-        style = {"hatch": "//", "alpha": 0.45, "color": f"C{m - len(final)}"} if hatched else {"color": f"C{m}"}
-        drawn = bars.bar(xs, values, width, label=name, **style)
-        bars.bar_label(drawn, fmt="%.0f", fontsize=6)
-    bars.set_xticks(range(len(labels)), labels)
-    bars.set_ylabel("% of held-out generations")
-    bars.set_ylim(0, 105)
-    bars.set_title("after the last round")
-    bars.legend(fontsize=7)
-    if per_round:
-        lines = axes[0][1]
-        styles = ["-", "--", ":", "-."]
-        for m, (name, results) in enumerate(per_round.items()):
-            rounds = range(1, len(results) + 1)
-            for k, marker in enumerate(markers):
-                lines.plot(rounds, [100 * r["presence"][k] for r in results], styles[m % len(styles)],
-                           color=f"C{k}", marker="o", label=f"{name} {marker}")
-        lines.set_xticks(list(range(1, max(len(r) for r in per_round.values()) + 1)))
-        lines.set_xlabel("after round")
-        lines.set_ylabel("% of held-out generations")
-        lines.set_ylim(-3, 103)
-        lines.set_title("presence of each marker, round by round")
-        lines.legend(fontsize=6, ncol=2)
-    figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+def metric_table(rows: Mapping[str, Sequence[Mapping]], num_dimensions: int) -> str:
+    """Markdown: one row per model label, ``margin (accuracy)`` on each dimension."""
+    header = "| model | " + " | ".join(f"dim {d} margin (acc.)" for d in range(1, num_dimensions + 1)) + " |"
+    rule = "|---|" + "---|" * num_dimensions
+    lines = [header, rule]
+    for label, dims in rows.items():
+        cells = " | ".join(f"{row['margin']:+.2f} ({_percent(row['accuracy'])})" for row in dims)
+        lines.append(f"| {label} | {cells} |")
+    return "\n".join(lines)
 
 
 def write_json(path: str | os.PathLike, payload: Mapping) -> Path:

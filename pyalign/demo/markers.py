@@ -1,20 +1,12 @@
-"""Data of the SPO demonstrative experiment (SPO paper, "Experiments with More Preference
-Dimensions", Table 4), built as the paper builds it.
+"""Prompts and self-sampled responses of the SPO demos (the pair recipe is in
+:mod:`pyalign.demo.spo_data`).
 
-- Prompts: a deterministic bank of short, diverse instructions (templates x topics).
-- Responses: sampled from the model itself, cached on disk. By default ONE response per prompt,
-  used on both sides of the pair, so that the markers are the only difference between preferred
-  and dispreferred (with two independent samples, their random text differences dominate the DPO
-  margin; see docs/demo.md).
-- Dimension i (i = 1..K): the preferred response carries marker i, the dispreferred one does not;
-  every other marker j != i is added to BOTH responses with probability ``other_prob`` (10%), so
-  on dimension i only marker i decides the ranking.
-- Where a marker goes: at the START of the response, before its first word, several markers in
-  ascending order (``[Token_1][Token_3]The sea is...``). The paper does not say where it puts the
-  tokens; the start keeps the marker inside the truncation budget of short training sequences
-  and lets evaluation read presence from a few generated tokens.
-- With two responses per prompt, which one is preferred is a fresh seeded coin flip for every
-  pair and dimension, so the text itself carries no preference.
+- Prompts: a deterministic bank of short, diverse instructions (templates x topics), split into
+  training and held-out prompts by a seeded shuffle.
+- Responses: ONE response per prompt sampled from pi_0 itself, cached on disk under a key of the
+  model, the prompts and the sampling settings. The demos put the same text on both sides of a
+  pair, so that the marker slots are the only difference between preferred and dispreferred
+  (with two independent samples, their random text differences dominate the DPO margin).
 """
 
 from __future__ import annotations
@@ -28,9 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pyalign.generation import GENERATION_VERSION, generate
-from pyalign.io import write_json_atomic, write_jsonl_atomic
+from pyalign.io import write_json_atomic
 
-MARKERS = ("[Token_1]", "[Token_2]", "[Token_3]", "[Token_4]")
 # A short system prompt: the model's default one is ~20 tokens, which would dominate the length
 # of every training sequence on a CPU budget.
 SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
@@ -136,57 +127,3 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], settings: Samplin
         write_json_atomic(cache_file, {"key": key, "settings": asdict(settings), "prompts": list(prompts),
                                        "responses": responses}, indent=None)
     return responses
-
-
-def with_markers(response: str, markers: Sequence[str]) -> str:
-    """The response with ``markers`` in front of its first word (order as given)."""
-    return "".join(markers) + response
-
-
-OTHER_MARKER_MODES = ("both", "independent")
-
-
-def dimension_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], dimension: int, *,
-                    markers: Sequence[str] = MARKERS, other_prob: float = 0.1, seed: int = 0,
-                    system: str | None = SYSTEM_PROMPT, other_markers: str = "both") -> list[dict[str, str]]:
-    """Preference pairs of dimension ``dimension`` (0-based index into ``markers``) as JSONL
-    records: the preferred response carries ``markers[dimension]``, the dispreferred one does not.
-
-    ``responses[k]``: one sampled text (both sides of the pair get it, so the markers are the only
-    difference) or two (a seeded coin flip picks which one is preferred).
-    ``other_markers``: ``"both"`` (the paper's recipe: each other marker, with probability
-    ``other_prob``, is added to both responses) or ``"independent"`` (an ablation: drawn separately
-    for each response). Markers go in ascending order before the first word.
-    """
-    if not 0 <= dimension < len(markers):
-        raise ValueError(f"dimension must be in [0, {len(markers)}), got {dimension}")
-    if not 0.0 <= other_prob <= 1.0:
-        raise ValueError(f"other_prob must be in [0, 1], got {other_prob}")
-    if other_markers not in OTHER_MARKER_MODES:
-        raise ValueError(f"other_markers must be one of {OTHER_MARKER_MODES}, got {other_markers!r}")
-    if len(prompts) != len(responses):
-        raise ValueError(f"responses: expected one list per prompt ({len(prompts)}), got {len(responses)}")
-    rng = random.Random(f"{seed}:dimension{dimension}")
-    others = [j for j in range(len(markers)) if j != dimension]
-    records = []
-    for prompt, texts in zip(prompts, responses):
-        if len(texts) not in (1, 2):
-            raise ValueError(f"responses: expected 1 or 2 texts per prompt, got {len(texts)} for {prompt!r}")
-        chosen, rejected = texts[0], texts[-1]
-        if len(texts) == 2 and rng.random() < 0.5:
-            chosen, rejected = rejected, chosen
-        chosen_extra = [j for j in others if rng.random() < other_prob]
-        rejected_extra = chosen_extra if other_markers == "both" else [j for j in others if rng.random() < other_prob]
-        record = {
-            "prompt": prompt,
-            "chosen": with_markers(chosen, [markers[j] for j in sorted(chosen_extra + [dimension])]),
-            "rejected": with_markers(rejected, [markers[j] for j in rejected_extra]),
-        }
-        if system is not None:
-            record["system"] = system
-        records.append(record)
-    return records
-
-
-def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> Path:
-    return write_jsonl_atomic(path, records)
