@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyalign.kernels.token_logprobs import LOG2E, _exp2
+from pyalign.kernels.token_logprobs_jit import LOG2E, _exp2
 
 _INT32_MAX = tl.constexpr(2147483647)
 
