@@ -68,19 +68,11 @@ class DataSource:
 
     @property
     def label(self) -> str:
-        if self.path is not None:
+        """How messages name the source: the file, or the folder / hub set with its split."""
+        if self.path is not None and Path(self.path).is_file():
             return self.path
         extra = "".join(f", {k} {getattr(self, k)}" for k in ("config", "data_dir") if getattr(self, k))
-        return f"{self.name} [{self.split}{extra}]"
-
-    def to_dict(self) -> dict:
-        """The mapping form (fields at their defaults left out), e.g. for config.json."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
-        if self.relabel is not None:
-            spec = self.relabel
-            out["relabel"] = {"method": spec.method, **{f.name: getattr(spec, f.name) for f in fields(spec)
-                                                        if getattr(spec, f.name) != f.default}}
-        return out
+        return f"{self.path or self.name} [{self.split}{extra}]"
 
 
 @dataclass
