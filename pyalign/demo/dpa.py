@@ -42,16 +42,16 @@ FULL: dict = {
     "tasks": {"rating_prompts": 96, "train_prompts": 64, "eval_prompts": 24, "kinds": list(KINDS), "seed": 0},
     "max_new_tokens": 40,  # every sample's budget; verbosity's scale is [0, max_new_tokens]
     "system_prefix": "",
-    "rating": {"samples_per_prompt": 4, "heldout_prompts": 24, "temperature": 1.0, "top_p": 1.0, "batch_size": 32},
+    "rating": {"samples_per_prompt": 4, "heldout_prompts": 24, "temperature": 1.0, "top_p": 0.9, "batch_size": 64},
     "reward_model": {
         "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"lr": 1.0e-3, "epochs": 3, "batch_size": 16, "max_length": 96, "max_prompt_length": 48,
+        "training": {"lr": 1.0e-3, "epochs": 2, "batch_size": 16, "max_length": 96, "max_prompt_length": 48,
                      "warmup_ratio": 0.1, "lr_scheduler": "linear", "seed": 0, "device": "cpu", "save_every": 20,
                      "log_every": 5, "tensorboard": False, "progress_bar": True},
     },
     "dpa": {
         "directions": {"per_prompt": 2, "sampler": "angle"},
-        "sampling": {"n": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 32, "chunk_size": 32, "seed": 0},
+        "sampling": {"n": 4, "temperature": 1.0, "top_p": 0.9, "batch_size": 64, "chunk_size": 48, "seed": 0},
         "loop": {"iterations": 2, "restart_from_base": True, "fine_tune": "sft", "replay_fraction": 0.15,
                  "score_batch_size": 32},
         "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},

@@ -46,9 +46,7 @@ from pyalign.train.dpa_data import (
     best_worst_pairs, chosen_examples, iteration_prompts, load_prompt_rows, plan_rows, replay_examples,
     replay_pool, scored_samples, sft_rows,
 )
-from pyalign.train.dpa_eval import (
-    control_check, dominance, eval_directions, front_point, front_table, plot_fronts,
-)
+from pyalign.train.dpa_eval import evaluate_policy, front_table, write_fronts
 from pyalign.train.modeling import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
 from pyalign.train.stage import stage_finished, train_lora_stage
 from pyalign.train.tasks import Task, register_task
@@ -142,7 +140,7 @@ class DPARun:
                                                    device=self.device)
         return self._reward_model
 
-    def _check_plan(self, file: Path, key: dict, what: str) -> None:
+    def check_plan(self, file: Path, key: dict, what: str) -> None:
         """Write ``key`` to ``file``, or check that the one there is the same."""
         key = json.loads(json.dumps(key))
         if file.is_file():
@@ -158,7 +156,7 @@ class DPARun:
         distributed.barrier()
 
     # ------------------------------------------------------------------ generation and scoring
-    def _generation_settings(self, evaluation: bool) -> dict:
+    def generation_settings(self, evaluation: bool) -> dict:
         s, e = self.config.sampling, self.config.evaluation
         if evaluation:
             return {"n": e.samples_per_prompt, "max_new_tokens": e.max_new_tokens or s.max_new_tokens,
@@ -252,7 +250,7 @@ class DPARun:
     def plan(self, t: int) -> list[dict]:
         config = self.config
         rows = plan_rows(config, iteration_prompts(self.train_rows, t, config.prompts.per_iteration), t)
-        self._check_plan(self.iteration_dir(t) / "plan.json", {
+        self.check_plan(self.iteration_dir(t) / "plan.json", {
             "iteration": t, "policy": self.model_fingerprint(t - 1),
             "reward_model": self.reward_model_fingerprint(), "prompts": file_fingerprint(config.prompts.train),
             "objectives": config.objectives, "directions": asdict(config.directions),
@@ -368,7 +366,7 @@ class DPARun:
         logger.info("dpa iteration %d: %d (prompt, direction) rows x %d samples from %s", t, len(rows),
                     self.config.sampling.n, self.model_dirs[t - 1])
         generated = self.generate(self.iteration_dir(t) / "samples.jsonl", t - 1, rows,
-                                  self._generation_settings(evaluation=False), info)
+                                  self.generation_settings(evaluation=False), info)
         scored = self.score(self.iteration_dir(t) / "scored.jsonl", rows, generated, info)
         selection = self.fine_tune_data(t, scored)
         metrics = self.fine_tune(t)
@@ -376,61 +374,6 @@ class DPARun:
             write_json_atomic(self.iteration_dir(t) / "summary.json", {"iteration": t, **selection,
                                                                        "fine_tune": metrics.get("train", {})})
         return metrics
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, t: int) -> dict:
-        """The front of pi_t on the held-out prompts (cached in its front.json)."""
-        config, directory = self.config, self.eval_dir(t)
-        directions = eval_directions(config)
-        settings = self._generation_settings(evaluation=True)
-        key = {"policy": self.model_fingerprint(t), "reward_model": self.reward_model_fingerprint(),
-               "prompts": file_fingerprint(config.prompts.eval), "objectives": config.objectives,
-               "directions": [list(v) for v in directions], "system_prefix": config.directions.system_prefix,
-               "settings": settings, "true_ratings": config.evaluation.true_ratings}
-        front_file = directory / "front.json"
-        if front_file.is_file() and read_json(front_file)["key"] == json.loads(json.dumps(key)):
-            return read_json(front_file)
-        self._check_plan(directory / "plan.json", key, f"the evaluation of iteration {t}")
-        from pyalign.directions import direction_system_prompt  # noqa: PLC0415
-
-        rows = [{"prompt": record["prompt"], "v": list(v), "prompt_index": i, "direction_index": d,
-                 "system": direction_system_prompt(v, config.objectives, prefix=config.directions.system_prefix)}
-                for i, record in enumerate(self.eval_rows) for d, v in enumerate(directions)]
-        info = {"stage": "evaluation", "iteration": t}
-        generated = self.generate(directory / "samples.jsonl", t, rows, settings, info)
-        scored = self.score(directory / "scored.jsonl", rows, generated, info, prompt_records=self.eval_rows)
-        front = []
-        for d, v in enumerate(directions):
-            samples = [s for row, plan in zip(scored, rows) if plan["direction_index"] == d for s in row["samples"]]
-            true = [s["true"] for s in samples] if self.true_ratings is not None else None
-            front.append(front_point(v, config.objectives, [s["scores"] for s in samples], true))
-        result = {"key": key, "iteration": t, "model": str(self.model_dirs[t]), "front": front}
-        if distributed.is_main():
-            write_json_atomic(front_file, result)
-        distributed.barrier()
-        self.callback("evaluated", {"iteration": t})
-        return result
-
-    def write_fronts(self, evaluations: list[dict]) -> tuple[dict, Path, Path]:
-        """fronts.json (every iteration's front, the control check, dominance) and fronts.png."""
-        objectives = self.config.objectives
-        control_objective = self.config.evaluation.control_objective or objectives[-1]
-        iterations = [{"iteration": e["iteration"], "model": e["model"], "front": e["front"],
-                       "control": control_check(e["front"], objectives, control_objective)} for e in evaluations]
-        sources = ["reward_model"] + (["true"] if self.true_ratings is not None else [])
-        dominances = [{"iteration": b["iteration"], "previous": a["iteration"],
-                       **{s: dominance(a["front"], b["front"], s) for s in sources}}
-                      for a, b in zip(iterations, iterations[1:])]
-        fronts = {"objectives": objectives, "iterations": iterations, "control": iterations[-1]["control"],
-                  "dominance": dominances}
-        json_file = self.output_dir / "fronts.json"
-        png = self.output_dir / "fronts.png"
-        if distributed.is_main():
-            write_json_atomic(json_file, fronts)
-            plot_fronts(png, iterations, objectives,
-                        title=f"DPA empirical fronts ({len(self.eval_rows)} held-out prompts)")
-        distributed.barrier()
-        return fronts, json_file, png
 
 
 def run_dpa(config, *, callback: Callable[[str, dict], None] | None = None) -> DPAResult:
@@ -448,15 +391,15 @@ def run_dpa(config, *, callback: Callable[[str, dict], None] | None = None) -> D
         write_json_atomic(output_dir / "config.json", config_to_dict(config))
     run = DPARun(config, callback)
     evaluate = run.eval_rows is not None
-    evaluations = [run.evaluate(0)] if evaluate else []
+    evaluations = [evaluate_policy(run, 0)] if evaluate else []
     metrics = []
     for t in range(1, config.loop.iterations + 1):
         metrics.append(run.run_iteration(t))
         if evaluate:
-            evaluations.append(run.evaluate(t))
+            evaluations.append(evaluate_policy(run, t))
     result = DPAResult(output_dir, run.model_dirs, iteration_metrics=metrics)
     if evaluate:
-        result.fronts, result.fronts_file, result.plot = run.write_fronts(evaluations)
+        result.fronts, result.fronts_file, result.plot = write_fronts(run, evaluations)
     return result
 
 

@@ -15,14 +15,19 @@ reward model, and by the task's true objectives when it has them, both on the re
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from pyalign.io import atomic_write_bytes
-from pyalign.directions import angle_of, evaluation_directions, unit_direction, weighted_reward
+from pyalign import distributed
+from pyalign.data import file_fingerprint
+from pyalign.directions import (
+    angle_of, direction_system_prompt, evaluation_directions, unit_direction, weighted_reward,
+)
+from pyalign.io import atomic_write_bytes, read_json, write_json_atomic
 
 
 def eval_directions(config) -> list[tuple[float, ...]]:
@@ -141,3 +146,60 @@ def plot_fronts(path: str | Path, iterations: Sequence[dict], objectives: Sequen
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- the evaluation stage
+
+def evaluate_policy(run, t: int) -> dict:
+    """The front of pi_t on the held-out prompts of a :class:`pyalign.train.dpa.DPARun` (cached
+    in its ``evaluation/iteration_<t>/front.json``, resumable like the loop's stages)."""
+    config, directory = run.config, run.eval_dir(t)
+    directions = eval_directions(config)
+    settings = run.generation_settings(evaluation=True)
+    key = {"policy": run.model_fingerprint(t), "reward_model": run.reward_model_fingerprint(),
+           "prompts": file_fingerprint(config.prompts.eval), "objectives": config.objectives,
+           "directions": [list(v) for v in directions], "system_prefix": config.directions.system_prefix,
+           "settings": settings, "true_ratings": config.evaluation.true_ratings}
+    front_file = directory / "front.json"
+    if front_file.is_file() and read_json(front_file)["key"] == json.loads(json.dumps(key)):
+        return read_json(front_file)
+    run.check_plan(directory / "plan.json", key, f"the evaluation of iteration {t}")
+    rows = [{"prompt": record["prompt"], "v": list(v), "prompt_index": i, "direction_index": d,
+             "system": direction_system_prompt(v, config.objectives, prefix=config.directions.system_prefix)}
+            for i, record in enumerate(run.eval_rows) for d, v in enumerate(directions)]
+    info = {"stage": "evaluation", "iteration": t}
+    generated = run.generate(directory / "samples.jsonl", t, rows, settings, info)
+    scored = run.score(directory / "scored.jsonl", rows, generated, info, prompt_records=run.eval_rows)
+    front = []
+    for d, v in enumerate(directions):
+        samples = [s for row, plan in zip(scored, rows) if plan["direction_index"] == d for s in row["samples"]]
+        true = [s["true"] for s in samples] if run.true_ratings is not None else None
+        front.append(front_point(v, config.objectives, [s["scores"] for s in samples], true))
+    result = {"key": key, "iteration": t, "model": str(run.model_dirs[t]), "front": front}
+    if distributed.is_main():
+        write_json_atomic(front_file, result)
+    distributed.barrier()
+    run.callback("evaluated", {"iteration": t})
+    return result
+
+
+def write_fronts(run, evaluations: list[dict]) -> tuple[dict, Path, Path]:
+    """fronts.json (every iteration's front, the control check, dominance) and fronts.png."""
+    objectives = run.config.objectives
+    control_objective = run.config.evaluation.control_objective or objectives[-1]
+    iterations = [{"iteration": e["iteration"], "model": e["model"], "front": e["front"],
+                   "control": control_check(e["front"], objectives, control_objective)} for e in evaluations]
+    sources = ["reward_model"] + (["true"] if run.true_ratings is not None else [])
+    dominances = [{"iteration": b["iteration"], "previous": a["iteration"],
+                   **{s: dominance(a["front"], b["front"], s) for s in sources}}
+                  for a, b in zip(iterations, iterations[1:])]
+    fronts = {"objectives": objectives, "iterations": iterations, "control": iterations[-1]["control"],
+              "dominance": dominances}
+    json_file = run.output_dir / "fronts.json"
+    png = run.output_dir / "fronts.png"
+    if distributed.is_main():
+        write_json_atomic(json_file, fronts)
+        plot_fronts(png, iterations, objectives,
+                    title=f"DPA empirical fronts ({len(run.eval_rows)} held-out prompts)")
+    distributed.barrier()
+    return fronts, json_file, png
