@@ -67,17 +67,11 @@ def load_backbone(path: str | os.PathLike, dtype: str | torch.dtype = "float32")
 
 
 def apply_backbone_lora(backbone, lora, *, seed: int):
-    """A peft LoRA on the backbone (``lora``: the config's ``lora`` section). ``seed`` fixes the
-    adapter's random init. Task type FEATURE_EXTRACTION: a base model, not a causal LM."""
-    import peft  # noqa: PLC0415
+    """:func:`pyalign.train.modeling.apply_lora` on the backbone (``lora``: the config's ``lora``
+    section; peft task type FEATURE_EXTRACTION: a base model, not a causal LM)."""
+    from pyalign.train.modeling import apply_lora  # noqa: PLC0415
 
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules,
-                             trainable_token_indices=getattr(lora, "trainable_token_indices", None) or None,
-                             task_type="FEATURE_EXTRACTION")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return peft.get_peft_model(backbone, config)
+    return apply_lora(backbone, lora, seed=seed, task_type="FEATURE_EXTRACTION")
 
 
 class RewardModel(torch.nn.Module):

@@ -54,9 +54,10 @@ def load_model(path: str | Path, dtype: str, device: torch.device):
     return model.to(device)
 
 
-def apply_lora(model, lora, *, seed: int):
+def apply_lora(model, lora, *, seed: int, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` in a peft LoRA adapter (``lora``: a :class:`LoraConfig` section).
-    ``seed`` fixes the adapter's random init."""
+    ``seed`` fixes the adapter's random init. ``task_type``: peft's, ``FEATURE_EXTRACTION`` for a
+    base model without lm_head (the reward model's backbone)."""
     import peft  # noqa: PLC0415
 
     vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -69,7 +70,7 @@ def apply_lora(model, lora, *, seed: int):
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         trainable_token_indices=lora.trainable_token_indices or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
