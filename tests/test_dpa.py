@@ -140,7 +140,14 @@ def test_selection_and_replay_helpers():
     assert spearman([0, -0.3, -0.5, -0.7], [90, 80, 60, 20]) == pytest.approx(1.0)
     assert spearman([0, -0.3, -0.5, -0.7], [20, 60, 80, 90]) == pytest.approx(-1.0)
     front = [{"v": [1.0, -w], "true": {"helpfulness": 50, "verbosity": 100 - 50 * w}} for w in (0, 0.2, 0.6)]
-    assert control_check(front, ["helpfulness", "verbosity"], "verbosity")["spearman"] == pytest.approx(1.0)
+    control = control_check(front, ["helpfulness", "verbosity"], "verbosity")
+    assert control["spearman"] == pytest.approx(1.0) and 0 < control["p_value"] < 0.4  # 2/3! of 3 points
+    from pyalign.train.dpa_eval import permutation_p_value
+
+    ten = [-i / 10 for i in range(10)]
+    assert permutation_p_value(ten, list(range(10)), -1.0) < 0.001
+    shuffled = [5, 3, 8, 1, 9, 2, 7, 4, 0, 6]
+    assert permutation_p_value(ten, shuffled, spearman(ten, shuffled)) > 0.2  # rho = 0.13: no evidence
 
 
 def test_directions_per_prompt_do_not_depend_on_the_number_of_prompts(quick_demo, tmp_path):

@@ -42,6 +42,7 @@ FULL: dict = {
     "tasks": {"rating_prompts": 96, "train_prompts": 64, "eval_prompts": 24, "kinds": list(KINDS), "seed": 0},
     "max_new_tokens": 40,  # every sample's budget; verbosity's scale is [0, max_new_tokens]
     "system_prefix": "",
+    "prompts_per_iteration": None,  # of the half of train_prompts an iteration uses (None: all)
     "rating": {"samples_per_prompt": 4, "heldout_prompts": 24, "temperature": 1.0, "top_p": 0.9, "batch_size": 64},
     "reward_model": {
         "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
@@ -66,6 +67,7 @@ QUICK: dict = {
     "tasks": {"rating_prompts": 12, "train_prompts": 8, "eval_prompts": 3, "kinds": list(KINDS), "seed": 0},
     "max_new_tokens": 8,
     "system_prefix": "",
+    "prompts_per_iteration": None,
     "rating": {"samples_per_prompt": 3, "heldout_prompts": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 32},
     "reward_model": {
         "lora": {"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
@@ -223,7 +225,8 @@ def dpa_config(settings: dict, model_dir: Path, reward_model_dir: Path, files: d
         "model": {"path": str(model_dir)},
         "reward_model": str(reward_model_dir),
         "objectives": OBJECTIVES,
-        "prompts": {"train": str(files["train"]), "eval": str(files["eval"]), "replay": str(replay)},
+        "prompts": {"train": str(files["train"]), "eval": str(files["eval"]), "replay": str(replay),
+                    "per_iteration": settings["prompts_per_iteration"]},
         "output_dir": str(out / "dpa"),
         **dpa,
     }
@@ -323,7 +326,7 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     payload = {
         "reward_model": {"heldout": heldout_metrics, "path": str(reward.model_dir)},
         "iterations": iterations,
-        "control": {k: fronts["control"][k] for k in ("objective", "spearman", "source", "weights", "means")},
+        "control": {k: fronts["control"][k] for k in ("objective", "spearman", "p_value", "source", "weights", "means")},
         "dominance": fronts["dominance"],
         "selection": selection,
         "examples": {f"iteration_{it['iteration']}": examples(out / "dpa", it["iteration"]) for it in iterations},
@@ -359,9 +362,10 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
               f"| {d['kept_true']['helpfulness']:.1f} / {d['kept_true']['verbosity']:.1f} "
               f"| {_num(d['spearman_v1_kept_verbosity'])} |")
     control = fronts["control"]
-    print(f"\ncontrol (last iteration): Spearman(v[{control['objective']}], mean true {control['objective']}) = "
-          f"{_num(control['spearman'])}; per iteration: "
-          + ", ".join(f"{it['iteration']}: {_num(it['control']['spearman'])}" for it in iterations))
+    print(f"\ncontrol (last iteration): Spearman(v[{control['objective']}], mean {control['source']} "
+          f"{control['objective']}) = {_num(control['spearman'])} (permutation p = {_num(control['p_value'])}); "
+          "per iteration: " + ", ".join(f"{it['iteration']}: {_num(it['control']['spearman'])} "
+                                       f"(p {_num(it['control']['p_value'])})" for it in iterations))
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in clock.wall.items())
     print(f"wall time {timings['total']:.0f} s ({phases})")
     print(f"plot: {result.plot}")

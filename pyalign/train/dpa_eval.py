@@ -77,16 +77,34 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson(torch.tensor(ranks(x)), torch.tensor(ranks(y)))
 
 
+def permutation_p_value(x: Sequence[float], y: Sequence[float], rho: float, *, permutations: int = 10_000,
+                        seed: int = 0) -> float:
+    """Two-sided p-value of Spearman's ``rho`` under independence: the share of seeded random
+    pairings of ``x`` with ``y`` whose |rho| reaches ``|rho|`` (with 10 directions, |rho| >= 0.65
+    is needed for p < 0.05)."""
+    import random  # noqa: PLC0415
+
+    rank_x, rank_y = torch.tensor(ranks(x), dtype=torch.float64), ranks(y)
+    rank_x = rank_x - rank_x.mean()
+    rng = random.Random(seed)
+    shuffled = torch.tensor([rng.sample(rank_y, len(rank_y)) for _ in range(permutations)], dtype=torch.float64)
+    shuffled = shuffled - shuffled.mean(1, keepdim=True)
+    r = (shuffled @ rank_x) / (shuffled.norm(dim=1) * rank_x.norm()).clamp(min=1e-300)
+    return float(((r.abs() >= abs(rho) - 1e-12).sum() + 1) / (permutations + 1))
+
+
 def control_check(front: Sequence[dict], objectives: Sequence[str], objective: str) -> dict:
-    """``{"objective", "spearman", "source", "weights", "means"}`` for one iteration's front:
-    the rank correlation of ``v[objective]`` with the objective's mean (true values when the
-    front has them, else the reward model's)."""
+    """``{"objective", "spearman", "p_value", "source", "weights", "means"}`` for one iteration's
+    front: the rank correlation of ``v[objective]`` with the objective's mean (true values when
+    the front has them, else the reward model's) and its permutation p-value."""
     k = list(objectives).index(objective)
     source = "true" if all("true" in p for p in front) else "reward_model"
     weights = [p["v"][k] for p in front]
     means = [p[source][objective] for p in front]
     rho = spearman(weights, means)
-    return {"objective": objective, "spearman": None if math.isnan(rho) else rho, "source": source,
+    defined = not math.isnan(rho)
+    return {"objective": objective, "spearman": rho if defined else None,
+            "p_value": permutation_p_value(weights, means, rho) if defined else None, "source": source,
             "weights": weights, "means": means}
 
 
