@@ -320,3 +320,11 @@ def test_torchrun_two_processes_compute_what_one_process_computes(quick_demo, tm
         for a, b in zip(mine["front"], theirs["front"], strict=True):
             assert a["true"] == b["true"]
             assert a["reward_model"] == pytest.approx(b["reward_model"], abs=1e-3)
+
+
+def test_demo_config_files_list_the_built_in_settings():
+    root = Path(__file__).resolve().parents[1]
+    assert demo.load_settings(False, str(root / "configs" / "dpa_demo.yaml")) == demo.FULL
+    assert demo.load_settings(True, str(root / "configs" / "dpa_demo_quick.yaml")) == demo.QUICK
+    with pytest.raises(ValueError, match="tasks.prompts: unknown setting"):
+        demo.merge_settings(demo.FULL, {"tasks": {"prompts": 3}})
