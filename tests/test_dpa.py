@@ -328,3 +328,21 @@ def test_demo_config_files_list_the_built_in_settings():
     assert demo.load_settings(True, str(root / "configs" / "dpa_demo_quick.yaml")) == demo.QUICK
     with pytest.raises(ValueError, match="tasks.prompts: unknown setting"):
         demo.merge_settings(demo.FULL, {"tasks": {"prompts": 3}})
+
+
+@pytest.mark.gpu
+def test_gpu_run_resumes_close_to_uninterrupted(quick_demo, tmp_path):
+    """On CUDA (policy, reward model and fine-tunes on the GPU, bf16 autocast in training): a run
+    killed mid fine-tune resumes to what an uninterrupted run computes, up to bf16 rounding."""
+    straight = run_dpa(base_config(quick_demo, tmp_path / "a", training={"device": "cuda"}))
+    config = base_config(quick_demo, tmp_path / "b", training={"device": "cuda"})
+    with pytest.raises(Crash):
+        run_dpa(config, callback=crash_at("step", lambda i: i["round"] == 2 and i["step"] == 2))
+    resumed = run_dpa(config)
+    assert (tmp_path / "a" / "iteration_1" / "samples.jsonl").read_bytes() == \
+        (tmp_path / "b" / "iteration_1" / "samples.jsonl").read_bytes()
+    for t in (1, 2):
+        expected = model_weights(straight.model_dirs[t])
+        for name, tensor in model_weights(resumed.model_dirs[t]).items():
+            assert torch.allclose(tensor, expected[name], atol=1e-3, rtol=1e-3), (t, name)
+    assert len(resumed.fronts["iterations"]) == 3
