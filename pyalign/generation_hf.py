@@ -36,8 +36,8 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: 
     Only what a row needs is sorted: without top-p/top-k the CDF runs in token-id order (no
     sort); with them, over the ``top_k`` (or ``TOP_P_CANDIDATES``) largest probabilities, and a
     row whose nucleus is not within those is redone with all of them. A full sort of a
-    49152-token vocabulary costs ~10x a top-256 (docs/generation.md). Every decision is per row,
-    so a row's token does not depend on the other rows."""
+    49152-token vocabulary costs ~20x a top-256 (measured in docs/generation.md). Every decision
+    is per row, so a row's token does not depend on the other rows."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     vocab = probs.shape[-1]
     limit = vocab if top_k == 0 else min(top_k, vocab)
