@@ -1,8 +1,11 @@
 """Batched sampling from a chat model: ``generate(model, tokenizer, prompts) -> [prompt][sample]``.
 
 One function serves every caller that needs a policy's responses (the SPO demo, DPA rejection
-sampling, CLAIR revisions, evaluation): prompts go through the tokenizer's chat template
-(:func:`pyalign.data.encode_prompt`, optional system prompt per call or per prompt), rows are
+sampling, CLAIR revisions, evaluation): a prompt is a text (one user turn) or a conversation
+(a list of ``{"role", "content"}`` chat messages ending with the user's turn, as the data layer
+reads multi-turn prompts); prompts go through the tokenizer's chat template
+(:func:`pyalign.data.encode_prompt`, exactly as training encodes them; optional system prompt
+per call or per prompt), rows are
 left-padded into batches and decoded with the model's KV cache (``transformers``' ``generate``),
 each row stops at its first stop token (EOS), and every sample comes back as a :class:`Sample`
 with its text and token ids. docs/generation.md has the examples and the settings.
@@ -11,8 +14,10 @@ Reproducibility (what is guaranteed, and tested in tests/test_generation.py):
 
 - Sample ``j`` of a prompt draws its randomness from its own stream, seeded by
   ``(seed, system, prompt, occurrence, j)`` where ``occurrence`` counts earlier identical
-  ``(system, prompt)`` entries in the list. No other row, batch or process touches that stream,
-  and the global torch RNG is neither used nor changed.
+  ``(system, prompt)`` entries in the list (a conversation is keyed by its messages' roles and
+  contents, so it never shares a stream with a text prompt, not even a one-message conversation
+  whose text is the same). No other row, batch or process touches that stream, and the global
+  torch RNG is neither used nor changed.
 - Hence, for a fixed model and settings, a sample's token ids do not depend on the batch size,
   the order of the batches, the order of the prompt list, the other prompts in it, the number of
   samples ``n`` asked for (sample ``j`` is the same for any ``n > j``), or the number of
@@ -51,6 +56,7 @@ import torch
 
 from pyalign import distributed, generation_hf
 from pyalign.data import encode_prompt
+from pyalign.data.pairs import RowError, check_messages, normalize_prompt, prompt_json
 from pyalign.generation_hf import TOP_P_CANDIDATES, sample_tokens  # noqa: F401  (part of this module's API)
 from pyalign.io import JsonlAppender, read_jsonl_rows
 
@@ -119,9 +125,12 @@ class GenerationSettings:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def row_seed(seed: int, system: str | None, prompt: str, occurrence: int, sample: int) -> int:
-    """The 64-bit seed of one sample's random stream (see the module docstring)."""
-    key = json.dumps([GENERATION_VERSION, seed, system, prompt, occurrence, sample], ensure_ascii=False)
+def row_seed(seed: int, system: str | None, prompt, occurrence: int, sample: int) -> int:
+    """The 64-bit seed of one sample's random stream (see the module docstring). ``prompt``: a
+    text, or chat messages (keyed as a JSON list of ``{"role", "content"}``, which no JSON string
+    equals, so a conversation and a text never share a seed; text keys are unchanged)."""
+    key_prompt = prompt if isinstance(prompt, str) else [{"role": m["role"], "content": m["content"]} for m in prompt]
+    key = json.dumps([GENERATION_VERSION, seed, system, key_prompt, occurrence, sample], ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
@@ -162,6 +171,41 @@ def check_texts(values, name: str = "prompts") -> list[str]:
         if not isinstance(value, str):
             raise ValueError(f"{name}[{i}]: expected a string, got {type(value).__name__}")
     return values
+
+
+def check_prompt(value, system: str | None, where: str):
+    """One prompt: a text, or chat messages (``{"role", "content"}``; roles system/user/assistant,
+    a system message only first and not together with a separate system prompt, ending with the
+    user's turn: the rules of :mod:`pyalign.data.pairs`). Returns the text, or the messages as a
+    tuple of ``{"role", "content"}`` dicts; a ValueError starting with ``where`` otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        raise ValueError(f"{where}: expected a string or a list of chat messages, got one message (a dict); "
+                         "a conversation is a list of messages, so several prompts are a list of such lists")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: expected a string or a list of chat messages, got {type(value).__name__}")
+    try:
+        messages = check_messages(value, "prompt")
+        normalize_prompt(messages, "prompt", system)  # the structural rules; the form given is kept
+    except RowError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return tuple(messages)
+
+
+def check_prompts(prompts, system=None, name: str = "prompts") -> tuple[list, list[str | None]]:
+    """``(prompts, systems)``: every prompt checked by :func:`check_prompt` (errors name
+    ``name[i]``), and one system prompt per prompt from ``system`` (:func:`per_prompt`)."""
+    if isinstance(prompts, str):
+        raise ValueError(f"{name}: expected a list of prompts, got a single string")
+    prompts = list(prompts)
+    systems = per_prompt(system, len(prompts))
+    return [check_prompt(p, s, f"{name}[{i}]") for i, (p, s) in enumerate(zip(prompts, systems))], systems
+
+
+def hashable_prompt(prompt):
+    """A prompt as a dictionary key: the text, or a tuple of ``(role, content)`` pairs."""
+    return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
 
 
 def _is_vllm_engine(model) -> bool:
@@ -206,23 +250,25 @@ def cut_at_stop(token_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[int]
     return list(token_ids), "length"
 
 
-def occurrence_numbers(prompts: Sequence[str], systems: Sequence[str | None]) -> list[int]:
+def occurrence_numbers(prompts: Sequence, systems: Sequence[str | None]) -> list[int]:
     """For each position, how many identical ``(system, prompt)`` entries come before it."""
     seen: dict[tuple, int] = {}
     numbers = []
-    for key in zip(systems, prompts):
+    for key in zip(systems, map(hashable_prompt, prompts)):
         numbers.append(seen.get(key, 0))
         seen[key] = numbers[-1] + 1
     return numbers
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, system: str | None | Sequence[str | None] = None,
+def generate(model, tokenizer, prompts: Sequence, *, system: str | None | Sequence[str | None] = None,
              n: int = 1, max_new_tokens: int = 128, do_sample: bool = True, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 16,
              stop_token_ids: Sequence[int] | None = None, first_token_ids: Sequence[int] | None = None,
              progress: str | None = "generating", backend: str = "auto") -> list[list[Sample]]:
     """``n`` samples for every prompt: ``result[i][j]`` is sample ``j`` of ``prompts[i]``.
 
+    A prompt is a text or a conversation: a list of ``{"role", "content"}`` messages ending with
+    the user's turn (a leading system message allowed when ``system`` gives none for it).
     ``system``: one system prompt for all (None: none), or one per prompt. ``batch_size``: rows
     (prompt x sample) per forward batch. ``first_token_ids``: also report each sample's
     probability of starting with each of these tokens (transformers backend only).
@@ -232,8 +278,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, system: str | None | S
     settings = GenerationSettings(n=n, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed,
                                   stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids))
-    prompts = check_texts(prompts)
-    systems = per_prompt(system, len(prompts))
+    prompts, systems = check_prompts(prompts, system)
     return _generate(model, tokenizer, prompts, systems, occurrence_numbers(prompts, systems), settings,
                      batch_size=batch_size, first_token_ids=first_token_ids, progress=progress, backend=backend)
 
@@ -280,14 +325,15 @@ def _generate(model, tokenizer, prompts, systems, occurrences, settings: Generat
     return distributed.gather_in_order(local)
 
 
-def generate_jsonl(path: str | os.PathLike, model, tokenizer, prompts: Sequence[str], *,
+def generate_jsonl(path: str | os.PathLike, model, tokenizer, prompts: Sequence, *,
                    system: str | None | Sequence[str | None] = None, n: int = 1, max_new_tokens: int = 128,
                    do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                    seed: int = 0, batch_size: int = 16, stop_token_ids: Sequence[int] | None = None,
                    first_token_ids: Sequence[int] | None = None, progress: str | None = "generating",
                    backend: str = "auto", chunk_size: int = 64) -> list[list[Sample]]:
     """:func:`generate` written row by row to ``path`` (JSONL, one row per prompt:
-    ``{"index", "prompt", "system", "settings", "samples": [Sample fields]}``), resumable: a
+    ``{"index", "prompt", "system", "settings", "samples": [Sample fields]}``; ``prompt`` is the
+    text or the list of messages), resumable: a
     rerun after a kill keeps the complete rows already there and generates the rest, chunk of
     ``chunk_size`` prompts by chunk. Rows are checked against the call (same prompt, system and
     settings fingerprint) so a file made with other settings is refused, not reused. Since every
@@ -298,8 +344,7 @@ def generate_jsonl(path: str | os.PathLike, model, tokenizer, prompts: Sequence[
                                   stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
-    prompts = check_texts(prompts)
-    systems = per_prompt(system, len(prompts))
+    prompts, systems = check_prompts(prompts, system)
     occurrences = occurrence_numbers(prompts, systems)
     fingerprint = settings.fingerprint()
     if first_token_ids is not None:
@@ -311,7 +356,7 @@ def generate_jsonl(path: str | os.PathLike, model, tokenizer, prompts: Sequence[
         raise ValueError(f"{path}: has {len(done)} rows but {len(prompts)} prompts were given; "
                          "it belongs to another call (delete it or write elsewhere)")
     for position, row in enumerate(done):
-        if (row.get("index") != position or row.get("prompt") != prompts[position]
+        if (row.get("index") != position or row.get("prompt") != prompt_json(prompts[position])
                 or row.get("system") != systems[position] or row.get("settings") != fingerprint):
             raise ValueError(f"{path}: row {position} was generated for another prompt, system prompt or "
                              "settings (a stale file: delete it or write elsewhere)")
@@ -327,7 +372,7 @@ def generate_jsonl(path: str | os.PathLike, model, tokenizer, prompts: Sequence[
                               backend=backend)
             if out is not None:
                 for offset, samples in enumerate(chunk):
-                    out.write({"index": start + offset, "prompt": prompts[start + offset],
+                    out.write({"index": start + offset, "prompt": prompt_json(prompts[start + offset]),
                                "system": systems[start + offset], "settings": fingerprint,
                                "samples": [asdict(s) for s in samples]})
             results += chunk

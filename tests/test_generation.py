@@ -1,6 +1,6 @@
 """pyalign.generation on the tiny chat model: per-row seeding (batch size, order, n, processes),
 greedy vs transformers, top-p/top-k, EOS stop, first-token probabilities, resumable JSONL,
-errors; the vLLM backend where vllm is installed."""
+errors, conversation (chat-message) prompts; the vLLM backend where vllm is installed."""
 
 import json
 import os
@@ -227,6 +227,97 @@ def test_bad_prompts_and_models(tiny):
         generate(model, tokenizer, ["ok", 3], progress=None)
     with pytest.raises(ValueError, match="^model: .*load_for_generation"):
         generate("some/folder", tokenizer, ["ok"], progress=None)
+
+
+# ----------------------------------------------------------------------------- conversations
+
+CONVERSATION = [{"role": "user", "content": "Give me a tip about coffee."},
+                {"role": "assistant", "content": "Why do people like chess?"},
+                {"role": "user", "content": "Tell me a fact about the moon."}]
+ONE_TURN = [{"role": "user", "content": PROMPTS[0]}]  # same tokens as the text PROMPTS[0]
+
+
+def test_conversation_prompts_are_encoded_as_training_encodes_them(tiny):
+    model, tokenizer = tiny
+    prompt_ids = encode_prompt(tokenizer, CONVERSATION, "Answer briefly.")
+    assert prompt_ids != encode_prompt(tokenizer, CONVERSATION[-1]["content"], "Answer briefly.")
+    [[greedy]] = generate(model, tokenizer, [CONVERSATION], system="Answer briefly.", do_sample=False,
+                          max_new_tokens=10, progress=None)
+    ids_in = torch.tensor([prompt_ids])
+    expected = model.generate(ids_in, attention_mask=torch.ones_like(ids_in), do_sample=False, max_new_tokens=10,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    expected = expected[0, len(prompt_ids):].tolist()
+    if tokenizer.eos_token_id in expected:
+        expected = expected[:expected.index(tokenizer.eos_token_id)]
+    assert greedy.token_ids == expected
+    # a leading system message is the system prompt, as in the data layer
+    with_system = [{"role": "system", "content": "Answer briefly."}] + CONVERSATION
+    again = generate(model, tokenizer, [with_system], do_sample=False, max_new_tokens=10, progress=None)
+    assert ids(again) == [[expected]]
+
+
+def test_conversation_seeds_are_stable_and_apart_from_text(tiny):
+    model, tokenizer = tiny
+    mixed = PROMPTS[:3] + [CONVERSATION, ONE_TURN, tuple(CONVERSATION)]  # a list and a tuple: the same prompt
+    kwargs = dict(n=2, max_new_tokens=10, seed=5, progress=None)
+    reference = generate(model, tokenizer, mixed, batch_size=12, **kwargs)
+    assert ids(generate(model, tokenizer, mixed, batch_size=1, **kwargs)) == ids(reference)
+    reversed_ = generate(model, tokenizer, mixed[::-1], batch_size=5, **kwargs)
+    assert ids(reversed_[::-1])[:3] == ids(reference)[:3]  # text prompts: untouched by the conversations
+    assert ids(reversed_)[0] == ids(reference)[3] and ids(reversed_)[2] == ids(reference)[5]  # occurrences swap
+    assert ids(reference)[3] != ids(reference)[5], "a repeated conversation gets fresh samples"
+    assert ids(generate(model, tokenizer, [tuple(CONVERSATION)], **kwargs)) == ids(reference)[3:4]
+    # the one-turn conversation has the text prompt's tokens but not its seeds
+    assert encode_prompt(tokenizer, ONE_TURN) == encode_prompt(tokenizer, PROMPTS[0])
+    assert ids(reference)[4] != ids(reference)[0]
+    # stable: a pure function of the key (no hash() of Python objects), pinned here
+    assert generation.row_seed(0, None, CONVERSATION, 0, 0) == 11949773714166989489
+    assert generation.row_seed(0, None, ONE_TURN, 0, 0) != generation.row_seed(0, None, PROMPTS[0], 0, 0)
+    assert generation.row_seed(0, None, PROMPTS[0], 0, 0) == 6923263502238232494  # as before conversations existed
+
+
+def test_generate_jsonl_with_conversations_resumes_and_detects_changes(tiny, tmp_path):
+    model, tokenizer = tiny
+    prompts = [CONVERSATION, PROMPTS[1], ONE_TURN]
+    kwargs = dict(n=2, max_new_tokens=6, seed=3, progress=None)
+    path = tmp_path / "samples.jsonl"
+    first = generate_jsonl(path, model, tokenizer, prompts[:2], chunk_size=1, **kwargs)
+    resumed = generate_jsonl(path, model, tokenizer, prompts, chunk_size=1, **kwargs)
+    assert resumed[:2] == first and resumed == generate(model, tokenizer, prompts, **kwargs)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0]["prompt"] == CONVERSATION and rows[2]["prompt"] == ONE_TURN
+    assert generate_jsonl(path, None, tokenizer, [tuple(m) for m in [CONVERSATION]] + prompts[1:], **kwargs) == resumed
+    changed = [CONVERSATION[:2] + [{"role": "user", "content": "What is the future of trains?"}]] + prompts[1:]
+    with pytest.raises(ValueError, match="row 0 was generated for another prompt"):
+        generate_jsonl(path, model, tokenizer, changed, **kwargs)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([{"role": "user"}], r"\[0\]\.content must be a string, got NoneType"),
+    ([{"content": "Hi"}], r"\[0\]\.role must be one of system, user, assistant, got None"),
+    ([{"role": "bot", "content": "Hi"}], r"\[0\]\.role must be one of system, user, assistant, got 'bot'"),
+    (CONVERSATION[:2], r"must end with the user's turn, ends with 'assistant'"),
+    ([{"role": "system", "content": "s"}], "has no user message"),
+    (CONVERSATION[:1] + [{"role": "system", "content": "s"}] + CONVERSATION[2:],
+     "a system message is only allowed first"),
+    ([], "non-empty list of chat messages"),
+    (CONVERSATION[0], r"one message \(a dict\); a conversation is a list of messages"),
+    (("Hi",), r"\[0\] must be a message object, got str"),
+])
+def test_bad_conversations_name_the_prompt_and_the_problem(tiny, tmp_path, prompt, message):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: .*" + message):
+        generate(model, tokenizer, [PROMPTS[0], prompt], progress=None)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: .*" + message):
+        generate_jsonl(tmp_path / "samples.jsonl", model, tokenizer, [PROMPTS[0], prompt], progress=None)
+
+
+def test_a_system_message_and_a_system_prompt_together_are_refused(tiny):
+    model, tokenizer = tiny
+    with_system = [{"role": "system", "content": "Be brief."}] + CONVERSATION
+    with pytest.raises(ValueError, match=r"^prompts\[0\]: .*starts with a system message and a separate system "
+                                         r"prompt is given too"):
+        generate(model, tokenizer, [with_system], system=["Answer briefly."], progress=None)
 
 
 def _free_port() -> int:
