@@ -1,10 +1,12 @@
 """pyalign.reward_model: metrics against hand-computed values, the 0-100 rescaling, bad ratings,
-pooling, scoring, save/load, and a tiny model that learns synthetic ratings through
-``pyalign train`` (task: reward_model) to a measured held-out accuracy."""
+pooling, scoring, save/load, a tiny model that learns synthetic ratings through
+``pyalign train`` (task: reward_model) to a measured held-out accuracy, and HelpSteer2 rating
+records with a multi-turn prompt exported, trained on and scored."""
 
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +82,11 @@ def test_rescaling_to_100_and_scales():
     ({"prompt": "p", "response": "r", "ratings": {}, "score": 1}, r":2: unknown field 'score'"),
     ({"prompt": "p", "ratings": {"helpfulness": 1, "verbosity": 1}}, r":2: missing field 'response'"),
     ({"prompt": "p", "response": "r", "system": 3, "ratings": {}}, r":2: field 'system' must be a string"),
+    ({"prompt": 3, "response": "r", "ratings": {}}, r":2: field 'prompt' must be a string or a list of chat messages"),
+    ({"prompt": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}], "response": "r",
+      "ratings": {}}, r":2: field 'prompt' must end with the user's turn, ends with 'assistant'"),
+    ({"prompt": [{"role": "human", "content": "p"}], "response": "r", "ratings": {}},
+     r":2: field 'prompt'\[0\]\.role must be one of system, user, assistant, got 'human'"),
 ])
 def test_bad_ratings_name_line_and_field(tmp_path, row, message):
     good = {"prompt": "p", "response": "r", "ratings": {"helpfulness": 1, "verbosity": 2, "extra": 5}}
@@ -286,3 +293,67 @@ def test_ratings_dataset_targets_and_groups(tiny_backbone):
     assert batch["targets"].tolist() == [[0.0], [100.0], [50.0]]
     assert batch["group"].tolist() == [0, 0, 1]  # another system prompt: another group
     assert batch["attention_mask"].sum(-1).tolist() == [len(item.input_ids) for item in data.items]
+
+
+# ----------------------------------------------------------------------------- multi-turn prompts (HelpSteer2)
+
+HELPSTEER2 = Path(__file__).parent / "fixtures" / "data" / "helpsteer2"
+HELPSTEER_OBJECTIVES = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+
+
+def test_helpsteer2_export_with_multi_turn_prompts_trains_and_scores(tmp_path):
+    """Rating records exported by ``pyalign data export --ratings`` from the HelpSteer2 layout
+    (one prompt multi-turn) load, train the reward model on a tiny backbone, and score: a
+    conversation is read through the chat template as messages, as the policy's data is."""
+    from pyalign.data import encode_prompt, encode_response
+    from pyalign.data.cli import main as data_cli
+    from pyalign.reward_model.data import prompt_groups
+    from pyalign.reward_model.task import run_reward_model
+
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    assert data_cli(["export", str(HELPSTEER2), "--ratings", "--out", str(train)]) == 0
+    assert data_cli(["export", str(HELPSTEER2), "--ratings", "--split", "validation", "--out", str(held_out)]) == 0
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    multi = [i for i, row in enumerate(rows) if isinstance(row["prompt"], list)]
+    assert multi == [4, 5] and [m["role"] for m in rows[4]["prompt"]] == ["user", "assistant", "user"]
+
+    examples = load_rated_examples(train, HELPSTEER_OBJECTIVES)
+    assert examples[4].prompt == tuple(rows[4]["prompt"]) and isinstance(examples[0].prompt, str)
+    assert prompt_groups([(e.system, e.prompt) for e in examples]) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+    texts = [row["response"] for row in rows]
+    for row in rows:
+        texts += [row["prompt"]] if isinstance(row["prompt"], str) else [m["content"] for m in row["prompt"]]
+    words = sorted({word for text in texts for word in text.split()} - set(WORDS))  # the tiny model's vocabulary
+    folder = save_tiny_model(tmp_path / "tiny", seed=0, extra_tokens=words)
+    config = {
+        "task": "reward_model", "model": {"path": str(folder)},
+        "objectives": {name: [0, 4] for name in HELPSTEER_OBJECTIVES},
+        "data": {"train": str(train), "eval": str(held_out)}, "output_dir": str(tmp_path / "out"),
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"lr": 1e-2, "epochs": 20, "batch_size": 4, "max_length": 96, "max_prompt_length": 64,
+                     "warmup_ratio": 0.0, "lr_scheduler": "constant", "device": "cpu", "save_every": 100,
+                     "log_every": 4, "progress_bar": False, "tensorboard": False},
+    }
+    result = run_reward_model(config)
+    assert result.heldout["helpfulness"]["pairs"] == 1  # the validation split: one prompt, two answers
+
+    model = load_reward_model(result.model_dir)
+    scores = model.score([row["prompt"] for row in rows], [row["response"] for row in rows])
+    # the conversation's tokens are the policy's, in training (the dataset) and in scoring
+    ids = encode_prompt(model.tokenizer, rows[4]["prompt"]) + encode_response(model.tokenizer, rows[4]["response"])
+    dataset = RatingsDataset(examples, model.scales, model.tokenizer, 96, 64)
+    assert dataset.items[4].input_ids == ids
+    with torch.no_grad():
+        direct = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+    assert torch.allclose(direct, scores[4], atol=1e-4)
+    last_turn_only = model.score([rows[4]["prompt"][-1]["content"]], [rows[4]["response"]])[0]
+    assert not torch.allclose(last_turn_only, scores[4], atol=1e-3), "the earlier turns must be read"
+    # trained (40 steps): on its training rows it beats the untrained model (the training mean,
+    # MSE = the targets' variance) by far; measured 0.07-0.29 x the variance per objective
+    assert scores[4, 0] > scores[5, 0]  # the better answer to the conversation (helpfulness 4 vs 1)
+    metrics = evaluate_reward_model(model, str(train))
+    targets = torch.tensor([[100 * row["ratings"][name] / 4 for name in HELPSTEER_OBJECTIVES] for row in rows])
+    for k, name in enumerate(HELPSTEER_OBJECTIVES):
+        assert metrics[name]["mse"] < 0.5 * targets[:, k].var(unbiased=False).item(), name
+    assert metrics["helpfulness"]["pairs"] == 3  # groups 0, 2, 3 differ in helpfulness, group 1 ties

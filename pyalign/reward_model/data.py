@@ -1,5 +1,8 @@
 """Ratings data for the reward model: JSONL ``{prompt, response, ratings: {name: value}}`` (and an
-optional ``system``) in, padded ``[B, T]`` batches with 0-100 targets out.
+optional ``system``) in, padded ``[B, T]`` batches with 0-100 targets out. ``prompt`` is a text or
+a conversation (chat messages ending with the user's turn), read by the data layer's rules
+(:func:`pyalign.data.pairs.prompt_field`), so the rating records ``pyalign data export --ratings``
+writes (HelpSteer2's multi-turn prompts included) load as they are.
 
 Rescaling (the DPA paper rescales every rating to 0-100 before training): objective i has an
 input scale ``[low_i, high_i]`` (e.g. HelpSteer's 0-4) and a rating ``r`` becomes
@@ -12,11 +15,12 @@ objective's ratings in the training file. Either way it is stored with the rewar
 scores are on the 0-100 scale. With a given scale, a rating outside it is an error (a typo or a
 wrong scale); with an inferred one, held-out ratings may fall outside and map below 0 or above 100.
 
-Tokenisation is the policy's (:mod:`pyalign.data`): the prompt through the chat template with the
-optional system prompt, the response tokenised on its own with EOS appended, the same truncation
-policy (prompt keeps its last ``max_prompt_length`` tokens, the response is cut to fit
-``max_length``). The reward is read at the last non-padding token: the EOS that ends the response
-(or the last kept token of a cut one). Batches are right-padded.
+Tokenisation is the policy's (:mod:`pyalign.data`): the prompt (text, or the conversation's
+messages) through the chat template with the optional system prompt, the response tokenised on
+its own with EOS appended, the same truncation policy (prompt keeps its last
+``max_prompt_length`` tokens, the response is cut to fit ``max_length``). The reward is read at
+the last non-padding token: the EOS that ends the response (or the last kept token of a cut
+one). Batches are right-padded.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pyalign.data import encode_prompt, encode_response, pad_token_id, truncate_pair
+from pyalign.data.pairs import RowError, prompt_field
 
 RATING_FIELDS = ("prompt", "response", "ratings", "system")
 
@@ -62,10 +68,14 @@ class ObjectiveScale:
 
 @dataclass(frozen=True)
 class RatedExample:
-    prompt: str
+    prompt: Any  # str, or a tuple of {"role", "content"} messages ending with the user's turn
     response: str
     ratings: dict[str, float]  # on the input scale, exactly as in the file
     system: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.prompt, list):
+            object.__setattr__(self, "prompt", tuple(dict(m) for m in self.prompt))
 
 
 def _rating(value, where: str, name: str) -> float:
@@ -88,11 +98,18 @@ def rated_example_from_record(record: object, where: str, objectives: Sequence[s
     for name in ("prompt", "response"):
         if name not in record:
             raise ValueError(f"{where}: missing field {name!r}")
-        if not isinstance(record[name], str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+    if not isinstance(record["response"], str):
+        raise ValueError(f"{where}: field 'response' must be a string, got {type(record['response']).__name__}")
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    if not isinstance(record["prompt"], (str, list)):
+        raise ValueError(f"{where}: field 'prompt' must be a string or a list of chat messages, "
+                         f"got {type(record['prompt']).__name__}")
+    try:  # a one-message conversation becomes its text, a leading system message the system prompt
+        prompt, system = prompt_field(record, "prompt", system)
+    except RowError as error:
+        raise ValueError(f"{where}: {error}") from None
     ratings = record.get("ratings")
     if not isinstance(ratings, dict):
         raise ValueError(f"{where}: field 'ratings' must be an object {{objective: number}}, "
@@ -101,7 +118,7 @@ def rated_example_from_record(record: object, where: str, objectives: Sequence[s
         if name not in ratings:
             raise ValueError(f"{where}: ratings is missing objective {name!r} "
                              f"(expected every one of {', '.join(objectives)})")
-    return RatedExample(record["prompt"], record["response"],
+    return RatedExample(prompt, record["response"],
                         {name: _rating(ratings[name], where, name) for name in objectives}, system)
 
 
@@ -166,7 +183,7 @@ class TokenizedRated:
     group: int  # examples with the same (system, prompt) share a group (pairwise accuracy)
 
 
-def encode_prompt_response(tokenizer, prompt: str, response: str, system: str | None,
+def encode_prompt_response(tokenizer, prompt, response: str, system: str | None,
                            max_length: int, max_prompt_length: int) -> list[int]:
     """The token ids a reward model reads: the policy's tokenisation and truncation policy."""
     cut = truncate_pair(encode_prompt(tokenizer, prompt, system), encode_response(tokenizer, response), [],
@@ -175,9 +192,12 @@ def encode_prompt_response(tokenizer, prompt: str, response: str, system: str | 
 
 
 def prompt_groups(keys: Sequence[tuple]) -> list[int]:
-    """Group index of each key (first appearance order)."""
+    """Group index of each ``(system, prompt)`` key (first appearance order); a prompt is a text
+    or chat messages."""
+    from pyalign.generation import hashable_prompt  # noqa: PLC0415
+
     index: dict[tuple, int] = {}
-    return [index.setdefault(key, len(index)) for key in keys]
+    return [index.setdefault((system, hashable_prompt(prompt)), len(index)) for system, prompt in keys]
 
 
 def collate_rated(items: Sequence[TokenizedRated], pad_id: int) -> dict[str, Tensor]:

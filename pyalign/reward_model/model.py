@@ -138,24 +138,25 @@ class RewardModel(torch.nn.Module):
                              f"({source}), got {list(expected)}")
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], *,
+    def score(self, prompts: Sequence, responses: Sequence[str], *,
               system: str | None | Sequence[str | None] = None, batch_size: int = 16,
               progress: str | None = None) -> Tensor:
         """Ratings ``[n, k]`` (float32, CPU, 0-100 scale) of each (prompt, response) pair, read
-        like the training data (chat template, optional system prompt, the same truncation).
+        like the training data (chat template, optional system prompt, the same truncation). A
+        prompt is a text or a conversation (chat messages ending with the user's turn, checked
+        as :func:`pyalign.generation.generate` checks them).
         Batches hold similar lengths; under ``torchrun`` each process scores a strided shard
         and every process gets all rows (a collective call)."""
-        from pyalign.generation import check_texts, per_prompt  # noqa: PLC0415
+        from pyalign.generation import check_prompts, check_texts  # noqa: PLC0415
 
         if self.tokenizer is None:
             raise ValueError("tokenizer: this reward model has none; pass tokenizer= when building it")
-        prompts = check_texts(prompts, "prompts")
+        prompts, systems = check_prompts(prompts, system)
         responses = check_texts(responses, "responses")
         if len(responses) != len(prompts):
             raise ValueError(f"responses: expected one per prompt ({len(prompts)}), got {len(responses)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        systems = per_prompt(system, len(prompts))
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         mine = distributed.shard_indices(len(prompts))
