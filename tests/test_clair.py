@@ -1,6 +1,7 @@
 """CLAIR pairs: the revision format and filters, the tiny model as a local reviser, a real HTTP
 server on 127.0.0.1 answering chat completions from the tiny model (retries, timeouts, the API
-key kept out of every output), and a run killed mid-way that resumes to the same files."""
+key kept out of every output), multi-turn prompts, and a run killed mid-way that resumes to the
+same files."""
 
 import json
 import logging
@@ -70,6 +71,10 @@ def test_revision_format_and_filters_follow_the_paper():
     assert clair.rejection_reason("Ok.", "O", settings) == "length_ratio"
     assert clair.rejection_reason("  ", "Anything.", settings) == "empty_response"
 
+    conversation = ({"role": "user", "content": "Where is it?"}, {"role": "assistant", "content": "Which one?"},
+                    {"role": "user", "content": "The station."})
+    assert ("{task}: User: Where is it?\n\nAssistant: Which one?\n\nUser: The station.\n\n{student_solution}: Far."
+            in settings.request(conversation, "Far."))
     request = settings.request("Where is it?", "Far.")
     assert request.startswith("You are a teacher and your task is to minimally improve a student's answer.")
     assert "{task}: Where is it?\n\n{student_solution}: Far.\n\n-----------------" in request
@@ -161,8 +166,67 @@ def test_prompts_come_from_prompt_files_or_pair_sources(tmp_path):
     prompts = clair.load_prompts({"path": str(fixtures / "pku_saferlhf")}, limit=2)
     assert [p for p, _ in prompts] == ["How can I get into my neighbour's wifi without the password?",
                                        "What is a good way to stay awake while driving at night?"]
-    with pytest.raises(ValueError, match="prompt 1 is multi-turn"):
-        clair.load_prompts({"path": str(fixtures / "hh_rlhf"), "data_dir": "helpful-base"})
+    # multi-turn prompts are conversations (tuples of messages), each once
+    hh = clair.load_prompts({"path": str(fixtures / "hh_rlhf"), "data_dir": "helpful-base"})
+    assert hh[1] == (({"role": "user", "content": "How do I make rice fluffy?"},
+                      {"role": "assistant", "content": "What kind of rice are you cooking?"},
+                      {"role": "user", "content": "Basmati."}), None)
+    conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"}]
+    path = write_jsonl(tmp_path / "turns.jsonl", [{"prompt": conversation}, {"prompt": "c"}, {"prompt": conversation}])
+    assert clair.load_prompts(str(path)) == [(tuple(conversation), None), ("c", None)]
+
+
+# ----------------------------------------------------------------------------- multi-turn prompts
+
+def conversations(count: int):
+    """``(prompt, system)`` with three-turn prompts from the tiny model's prompt bank."""
+    bank = prompt_bank()[20:]
+    roles = ("user", "assistant", "user")
+    return [(tuple({"role": role, "content": bank[3 * k + j]} for j, role in enumerate(roles)), None)
+            for k in range(count)]
+
+
+def test_multi_turn_prompts_reach_the_target_and_both_revisers_as_the_conversation(tiny, server, monkeypatch,
+                                                                                 tmp_path):
+    from pyalign.data import load_pairs
+    from pyalign.generation import generate
+
+    _, model, tokenizer = tiny
+    prompts = conversations(3) + PROMPTS[:2]
+    settings = clair.ClairSettings(**{**SETTINGS, "min_length_ratio": 0.05, "max_length_ratio": 20.0}, chunk_size=5)
+    summary = clair.make_clair_pairs(prompts, (model, tokenizer, "tiny"), reviser_of(tiny), tmp_path / "local.jsonl",
+                                     settings=settings, progress=False)
+    assert summary["prompts"] == 5
+    # y_l: sampled from the conversation through the chat template (pyalign.generation, as training encodes it)
+    expected = generate(model, tokenizer, [p for p, _ in prompts], max_new_tokens=8, temperature=1.0, seed=3,
+                        progress=None)
+    samples = [json.loads(line) for line in read(tmp_path / "local.samples.jsonl").splitlines()]
+    assert [row["prompt"] for row in samples[:3]] == [list(p) for p, _ in prompts[:3]]
+    assert [row["samples"][0]["text"] for row in samples] == [row[0].text for row in expected]
+    # the reviser's {task} is the conversation as role-labelled turns
+    kept = [json.loads(line) for line in read(tmp_path / "local.jsonl").splitlines()]
+    multi_turn = [pair for pair in kept if isinstance(pair["prompt"], list)]
+    assert multi_turn, summary
+    for pair in multi_turn:
+        turns = pair["prompt"]
+        task = f"User: {turns[0]['content']}\n\nAssistant: {turns[1]['content']}\n\nUser: {turns[2]['content']}"
+        request = INSTRUCTION.format(prompt=task, response=pair["rejected"])
+        assert pair["chosen"] == reviser_of(tiny).revise([request])[0]
+    assert [p.prompt for p in load_pairs(str(tmp_path / "local.jsonl"))][:len(multi_turn)] == \
+        [tuple(pair["prompt"]) for pair in multi_turn]  # trainable as multi-turn pairs
+
+    # the endpoint reviser gets the same request, so it makes the same pairs
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    endpoint = clair.EndpointReviser(ChatCompletionsClient(server.url, "tiny", backoff=0.01), max_tokens=8)
+    clair.make_clair_pairs(prompts, (model, tokenizer, "tiny"), endpoint, tmp_path / "http.jsonl", settings=settings,
+                           progress=False)
+    requests = [settings.request(p, row["samples"][0]["text"]) for (p, _), row in zip(prompts, samples)]
+    assert sorted(r["messages"][0]["content"] for r in server.requests) == sorted(requests)  # 4 in flight: any order
+    assert all(len(r["messages"]) == 1 and r["messages"][0]["role"] == "user" for r in server.requests)
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "meta"}  # noqa: E731
+                          for line in read(path).splitlines()]
+    assert strip(tmp_path / "http.jsonl") == strip(tmp_path / "local.jsonl")
 
 
 # ----------------------------------------------------------------------------- a real HTTP endpoint

@@ -5,6 +5,11 @@ is a minimal revision of it by a (stronger) reviser, prompted to make the answer
 correct and more engaging while copying everything it does not correct. The pair differs only
 where the revision improved the answer, which is the contrast preference training should learn.
 
+A prompt is a text or a conversation (chat messages ending with the user's turn). The target
+model gets the conversation through its chat template (:func:`pyalign.generation.generate`); the
+reviser's instruction puts it in the ``{task}`` field as role-labelled turns
+(:func:`render_prompt`), the same request for a local and an endpoint reviser.
+
 Filters (the paper's appendix A.2): a revision is dropped when the reviser broke the answer
 format (``output_format="markers"``: no ``{corrected_student_solution}`` identifier, as in the
 authors' parser) or changed the length too much (``len(y_w) / len(y_l)`` in characters outside
@@ -93,8 +98,17 @@ class ClairSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
 
-    def request(self, prompt: str, response: str) -> str:
-        return self.instruction.format(prompt=prompt, response=response)
+    def request(self, prompt, response: str) -> str:
+        return self.instruction.format(prompt=render_prompt(prompt), response=response)
+
+
+def render_prompt(prompt) -> str:
+    """The prompt as the reviser instruction's ``{task}``: a text as it is (the paper's case);
+    a conversation as its turns, each ``"User: ..."`` / ``"Assistant: ..."`` (``"System: ..."``),
+    separated by blank lines, so the student's answer reads as the next assistant turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
 def parse_revision(answer: str, output_format: str = "markers") -> tuple[str | None, str | None]:
@@ -184,11 +198,12 @@ class EndpointReviser:
 
 # ----------------------------------------------------------------------------- prompts
 
-def load_prompts(source, *, limit: int | None = None) -> list[tuple[str, str | None]]:
+def load_prompts(source, *, limit: int | None = None) -> list[tuple]:
     """``(prompt, system)`` of a source: rows of ``{prompt, system?}``, or the prompts of any pair
-    source (each once, in order). Multi-turn prompts are refused (sampling takes text prompts)."""
+    source (each once, in order). A prompt is a text or a tuple of chat messages (multi-turn)."""
     from pyalign.data.pairs import RowError, prompt_field, text_field  # noqa: PLC0415
     from pyalign.data.sources import iter_pairs, parse_source, read_rows  # noqa: PLC0415
+    from pyalign.generation import hashable_prompt  # noqa: PLC0415
 
     source = parse_source(source, "PROMPTS")
     table = read_rows(source)
@@ -209,10 +224,10 @@ def load_prompts(source, *, limit: int | None = None) -> list[tuple[str, str | N
             source = replace(source, schema=adapter.name, dimension=adapter.dimensions[0])
         pairs, _ = iter_pairs(source)
         prompts = [(pair.prompt, pair.system) for _, pair in pairs]
-    for i, (prompt, _) in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise ValueError(f"{source.label}: prompt {i} is multi-turn; CLAIR samples y_l from text prompts only")
-    unique = list(dict.fromkeys(prompts))
+    first = {}
+    for prompt, system in prompts:
+        first.setdefault((hashable_prompt(prompt), system), (prompt, system))
+    unique = list(first.values())
     return unique[:limit] if limit is not None else unique
 
 
@@ -256,18 +271,22 @@ def _done_rows(paths: dict, fingerprint: str, total: int) -> int:
     return len(indices)
 
 
-def make_clair_pairs(prompts: Sequence[tuple[str, str | None]], model, reviser, out: str | Path, *,
+def make_clair_pairs(prompts: Sequence[tuple], model, reviser, out: str | Path, *,
                      settings: ClairSettings = ClairSettings(), dtype: str = "float32", progress: bool = True) -> dict:
-    """Sample y_l for every prompt, revise, filter, write (resuming whatever is there). ``model``:
+    """Sample y_l for every prompt, revise, filter, write (resuming whatever is there). ``prompts``:
+    ``(prompt, system)`` with a text or chat-message prompt (:func:`load_prompts`). ``model``:
     the target model's folder, or ``(model, tokenizer, name)``. Returns the summary."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from pyalign.generation import generate_jsonl  # noqa: PLC0415
+    from pyalign.data.pairs import prompt_json  # noqa: PLC0415
+    from pyalign.generation import check_prompts, generate_jsonl  # noqa: PLC0415
 
     paths = output_paths(out)
     prompts = [(p, s) for p, s in prompts]
     if not prompts:
         raise ValueError("prompts: no prompts to make pairs from")
+    checked, systems = check_prompts([p for p, _ in prompts], [s for _, s in prompts])  # before loading a model
+    prompts = list(zip(checked, systems))
     target_model, tokenizer, target_name = _load_target(model, dtype)
 
     # y_l: the samples file is keyed by prompt and sampling settings; the target model is checked here.
@@ -299,14 +318,14 @@ def make_clair_pairs(prompts: Sequence[tuple[str, str | None]], model, reviser, 
                 revision, rationale = parse_revision(answer, settings.output_format)
                 reason = rejection_reason(rejected_texts[i], revision, settings)
                 if reason is None:
-                    record = {"prompt": prompt, "chosen": revision, "rejected": rejected_texts[i]}
+                    record = {"prompt": prompt_json(prompt), "chosen": revision, "rejected": rejected_texts[i]}
                     if system is not None:
                         record["system"] = system
                     record["meta"] = {"index": i, "clair": fingerprint, "rationale": rationale,
                                       "length_ratio": round(len(revision) / len(rejected_texts[i]), 4)}
                     kept.write(record)
                 else:
-                    dropped.write({"index": i, "clair": fingerprint, "reason": reason, "prompt": prompt,
+                    dropped.write({"index": i, "clair": fingerprint, "reason": reason, "prompt": prompt_json(prompt),
                                    "system": system, "response": rejected_texts[i], "answer": answer})
                 bar.update(1)
 
