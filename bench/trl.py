@@ -104,8 +104,10 @@ class StepProbe:
     def result(self) -> dict:
         durations = [b - a for a, b in zip(self.ends, self.ends[1:])]
         timed = durations[self.warmup:self.warmup + self.steps]
+        summary = common.summarize([t * 1e3 for t in timed]) if timed else {}
         return {
-            "step_s": common.summarize([t * 1e3 for t in timed])["median_ms"] / 1e3 if timed else None,
+            "step_s": summary["median_ms"] / 1e3 if timed else None,
+            "step_min_s": summary["min_ms"] / 1e3 if timed else None,
             "step_times_s": durations,
             "rss_before_steps_bytes": self.rss_start,
             "rss_peak_bytes": self.rss_peak,
@@ -468,16 +470,18 @@ def derived(rows: list[dict]) -> list[dict]:
             if row.get(key) is not None:
                 row[key.replace("_bytes", "_gib")] = row[key] / common.GIB
         row["label"] = LABELS.get(row["method"], row["method"])
+        row["load_1min_after"] = (row.get("load_average_after") or [None])[0]
         out.append(row)
     return out
 
 
 COLUMNS = [
     ("method", "label", ""), ("tokens", "tokens", ""), ("step s (median)", "step_s", ".2f"),
+    ("step s (min)", "step_min_s", ".2f"),
     ("x TRL speed", "speedup_vs_trl", ".2f"), ("step - body s", "outside_body_s", ".2f"),
     ("peak RSS GiB", "rss_peak_gib", ".2f"), ("x TRL RSS", "rss_vs_trl", ".2f"),
     ("torch peak / step GiB", "torch_step_peak_gib", ".3f"), ("RSS before steps GiB", "rss_before_steps_gib", ".2f"),
-    ("setup s", "setup_s", ".1f"), ("note", "note", ""),
+    ("setup s", "setup_s", ".1f"), ("load after", "load_1min_after", ".1f"), ("note", "note", ""),
 ]
 
 
@@ -495,7 +499,8 @@ def render_markdown(payload: dict) -> str:
         f"{'precomputed' if settings['precompute_ref'] else 'computed every step'} for TRL and the drop-in "
         "(pyalign's trainer always caches them before training: `setup s`). Step time: median of "
         f"{settings['steps']} steps after {settings['warmup']} warm-up step(s); peak RSS over those steps "
-        "(each method in its own process); torch peak: highest live CPU tensor allocations during one more "
+        "(each method in its own process); `load after`: the 1-minute load average when it finished (2 cores: "
+        "above ~2 means other processes shared the CPU, and the min is the better estimate); torch peak: highest live CPU tensor allocations during one more "
         "step, above what was live at its start.", "",
         report.markdown_table(rows, COLUMNS), "",
     ]
