@@ -326,6 +326,9 @@ def test_demo_config_files_list_the_built_in_settings():
     root = Path(__file__).resolve().parents[1]
     assert demo.load_settings(False, str(root / "configs" / "dpa_demo.yaml")) == demo.FULL
     assert demo.load_settings(True, str(root / "configs" / "dpa_demo_quick.yaml")) == demo.QUICK
+    variant = demo.load_settings(False, str(root / "configs" / "dpa_demo_m4n8.yaml"))
+    assert (variant["dpa"]["directions"]["per_prompt"], variant["dpa"]["sampling"]["n"]) == (4, 8)
+    assert variant["dpa"]["sampling"]["top_p"] == demo.FULL["dpa"]["sampling"]["top_p"]  # merged, not replaced
     with pytest.raises(ValueError, match="tasks.prompts: unknown setting"):
         demo.merge_settings(demo.FULL, {"tasks": {"prompts": 3}})
 
