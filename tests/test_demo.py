@@ -182,7 +182,7 @@ def test_quick_alpha_sweep_end_to_end(tmp_path, capsys):
     methods = {r["method"] for r in result["rounds"]}
     assert {"S-DPO (alpha=0)", "SPO alpha=0.1", "SPO alpha=0.3", "SPO alpha=0.5", "SPO alpha=0.7"} < methods
     adaptive = [r for r in result["rounds"] if r.get("adaptive")]
-    assert len(adaptive) == 2 and len(adaptive[1]["alpha_trajectory"]) == 4  # 16 pairs / 4, 2 epochs, every 2
+    assert len(adaptive) == 2 and len(adaptive[1]["alpha_trajectory"]) == 8  # 16 pairs / 4, 2 epochs, every step
     assert result["wall_time_s"] > 0 and (out / "alpha_sweep.png").read_bytes()[:4] == b"\x89PNG"
     for entry in result["rounds"]:
         assert [d["dimension"] for d in entry["dimensions"]] == [1, 2] and entry["round"] in (1, 2)

@@ -39,7 +39,7 @@ from pyalign.train.adaptive_alpha import LOG_FILE
 DEFAULTS: dict = merge_settings(COMMON, {"data": {"num_dimensions": 2}, "training": {"epochs": 2}}) | {
     "alphas": [0.0, 0.1, 0.3, 0.5, 0.7],
     # null: no adaptive run. alpha: where alpha_1 starts; the rest: pyalign.train.adaptive_alpha
-    "adaptive_alpha": {"alpha": 0.1, "keep": 0.9, "every": 2, "step_size": 1.0, "max_pairs": 32},
+    "adaptive_alpha": {"alpha": 0.1, "keep": 0.7, "every": 1, "step_size": 1.0, "max_pairs": 32},
 }
 QUICK: dict = merge_settings(DEFAULTS, QUICK_OVERRIDES)
 PAPER_TABLE2 = {  # alpha: (helpfulness reward, harmlessness reward) after round 2, Llama-2 7B
@@ -81,7 +81,8 @@ def run_sweep(settings: dict, out: str | Path) -> Path:
         adaptive = dict(adaptive)
         start = float(adaptive.pop("alpha"))
         name = f"SPO adaptive (keep {adaptive.get('keep', 0.9):g}, from alpha={start:g})"
-        runs[name] = (start, adaptive, out / "runs" / "adaptive")
+        settings_slug = "_".join(f"{key}{value:g}" for key, value in sorted(adaptive.items()))
+        runs[name] = (start, adaptive, out / "runs" / f"adaptive_from{start:g}_{settings_slug}")
     round2 = {}
     for name, (alpha, adaptive_settings, run_dir) in runs.items():
         config = training_config(settings, base_model, token_ids, rounds, run_dir, alpha=alpha,

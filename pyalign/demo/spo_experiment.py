@@ -49,7 +49,8 @@ COMMON: dict = {
     "evaluation": {"max_new_tokens": 8, "do_sample": True, "temperature": 1.0, "samples_per_prompt": 1,
                    "batch_size": 50},
     "method": {"beta": 0.1},
-    "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+    "train_token_rows": False,  # true: the slot tokens' embedding rows are trained too (trainable_token_indices)
     "training": {
         "lr": 2.0e-3, "epochs": 1, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 32, "max_length": 48,
         "max_prompt_length": 34, "warmup_ratio": 0.1, "lr_scheduler": "linear", "seed": 0, "device": "auto",
@@ -172,10 +173,18 @@ def build_data(settings: dict, source: Path, out: Path) -> tuple[list[dict], lis
 def training_config(settings: dict, base_model: Path, token_ids, rounds, output_dir: Path, *, alpha,
                     adaptive: dict | None = None, reuse_from: Path | None = None,
                     cache_dir: Path | None = None) -> dict:
-    """The trainer's config of one method (:mod:`pyalign.train.config`)."""
+    """The trainer's config of one method (:mod:`pyalign.train.config`). The held-out pairs go to
+    the trainer only when adaptive alpha measures them: the demos score every model themselves
+    (:class:`pyalign.demo.evaluate.TeacherForced`), and the trainer would otherwise also cache
+    every frozen model's log-probs on them and evaluate each round on them."""
+    if not adaptive:
+        rounds = [{key: value for key, value in r.items() if key != "eval"} for r in rounds]
+    lora = dict(settings["lora"])
+    if settings["train_token_rows"]:
+        lora["trainable_token_indices"] = list(token_ids)
     config = {
         "model": {"path": str(base_model), "dtype": "float32"},
-        "lora": {**settings["lora"], "trainable_token_indices": list(token_ids)},
+        "lora": lora,
         "method": {"loss": "spo", **settings["method"], "alpha": alpha, "adaptive_alpha": adaptive},
         "rounds": rounds,
         "training": settings["training"],
