@@ -80,7 +80,7 @@ def merge_settings(defaults: dict, overrides: dict, path: str = "") -> dict:
         where = f"{path}.{key}".lstrip(".")
         if key not in merged and path not in OPEN_SECTIONS:
             raise ValueError(f"{where}: unknown setting (known: {', '.join(merged)})")
-        if isinstance(merged.get(key), dict) and key != "methods":
+        if isinstance(merged.get(key), dict) and key != "methods" and value is not None:
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: expected a mapping, got {value!r}")
             merged[key] = merge_settings(merged[key], value, where)
