@@ -52,7 +52,8 @@ GPU_PY ?= python3
 GPU_TESTS := tests/test_token_logprobs.py tests/test_triton_kernels.py tests/test_cuda_sources.py \
              tests/test_linear_token_logprobs.py tests/test_linear_preference_loss.py \
              tests/test_preference_loss.py
-GPU_MARKED := tests/test_hf_integration.py tests/test_sequential.py  # only their @gpu tests
+# Every other file's @gpu tests (HF integration, SPO, SFT, DPA, multi-process training, ...).
+GPU_MARKED := $(filter-out $(GPU_TESTS),$(wildcard tests/test_*.py))
 gpu-build:
 	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'make test-gpu needs a CUDA device'"
 	$(GPU_PY) -c "import pyalign._C as C; assert C.has_cuda()" 2>/dev/null \

@@ -349,3 +349,45 @@ def test_gpu_run_resumes_close_to_uninterrupted(quick_demo, tmp_path):
         for name, tensor in model_weights(resumed.model_dirs[t]).items():
             assert torch.allclose(tensor, expected[name], atol=1e-3, rtol=1e-3), (t, name)
     assert len(resumed.fronts["iterations"]) == 3
+
+
+def _check_plan_worker(rank, world, port, plan_file, out_dir):
+    import os
+    import time
+
+    from pyalign import distributed
+    from pyalign.train.dpa import DPARun
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert distributed.init_from_env("cpu")
+    if rank == 1:
+        time.sleep(1.5)  # process 1 looks only after process 0 could have written the plan
+    DPARun.check_plan(None, Path(plan_file), {"iteration": 1}, "iteration 1")
+    gathered = distributed.gather_in_order([f"rank{rank}"])
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(gathered))
+    torch.distributed.destroy_process_group()
+
+
+def test_check_plan_keeps_processes_in_step_when_one_starts_late(tmp_path):
+    """The torchrun deadlock CI hit: process 0 wrote plan.json before process 1 looked, so
+    process 1 skipped a barrier and the next collective never matched."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.spawn(_check_plan_worker, args=(2, port, str(tmp_path / "plan.json"), str(tmp_path)),
+                       nprocs=2, join=False)
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two processes deadlocked after check_plan")
+    for rank in range(2):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == ["rank0", "rank1"]
+    assert read_json(tmp_path / "plan.json") == {"key": {"iteration": 1}}

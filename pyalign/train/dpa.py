@@ -143,15 +143,17 @@ class DPARun:
     def check_plan(self, file: Path, key: dict, what: str) -> None:
         """Write ``key`` to ``file``, or check that the one there is the same."""
         key = json.loads(json.dumps(key))
-        if file.is_file():
-            stored = read_json(file)["key"]
-            if stored != key:
-                changed = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
-                raise RuntimeError(f"{file}: {what} was started under different settings (changed: "
-                                   f"{', '.join(changed)}); use a new output_dir or delete {file.parent} "
-                                   "and the folders after it")
-            return
-        if distributed.is_main():
+        stored = read_json(file)["key"] if file.is_file() else None
+        # Every process looks before process 0 writes, and every process takes both barriers:
+        # a process that looked after the write would otherwise skip one and deadlock the next
+        # collective (seen under torchrun when process 1 started later than process 0).
+        distributed.barrier()
+        if stored is not None and stored != key:
+            changed = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+            raise RuntimeError(f"{file}: {what} was started under different settings (changed: "
+                               f"{', '.join(changed)}); use a new output_dir or delete {file.parent} "
+                               "and the folders after it")
+        if stored is None and distributed.is_main():
             write_json_atomic(file, {"key": key})
         distributed.barrier()
 
@@ -342,6 +344,7 @@ class DPARun:
                            self.device, training.mixed_precision) else ""))
         cache = LogprobCache(self.stage_dir(t) / "logprob_cache", recompute_stale=True)
         entry = cache.load(key)
+        distributed.barrier()  # every process has looked before process 0 writes (see check_plan)
         if entry is None:
             model = load_model(self.model_dirs[base_index], self.config.model.dtype, self.device)
             entry = dataset_logprobs(model, pairs, batch_size=training.eval_batch_size or training.batch_size,
@@ -351,7 +354,7 @@ class DPARun:
             del model
             if distributed.is_main():
                 cache.save(key, *entry)
-            distributed.barrier()
+        distributed.barrier()
         return PairsWithFrozenLogprobs(pairs, FrozenLogprobs(entry[0][None], entry[1][None]))
 
     def run_iteration(self, t: int) -> dict:
