@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # 2 MiB pages for tensors >= 2 MiB: a fresh logits-sized gradient otherwise faults in every
+    # 4 KiB page each step (docs/DESIGN.md, "the fresh gradient"). torch reads the variable at its
+    # first such allocation, so it is set before anything is built; a user's own value wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = _parser().parse_args(argv)
     # one process's console output in a multi-process run: the others log warnings only
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING

@@ -146,6 +146,19 @@ def test_python_dash_m_pyalign(assets):
     assert "method.alpha" in done.stdout
 
 
+def test_cli_asks_torch_for_huge_pages_unless_the_user_chose(assets, monkeypatch, capsys):
+    import os
+
+    from pyalign.cli import main
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert main(["config"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert main(["config"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
