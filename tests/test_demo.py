@@ -107,8 +107,8 @@ def test_marker_presence_format_and_table():
     assert result["presence"] == [0.5, 0.5, 0.5, 0.25] and result["pareto"] == 0.25
     # slots in order: row 0 (all markers) and row 3 (markers and skips) are well formed
     assert slot_format_rate(generations, [10, 11, 12, 13], [20, 21, 22, 23]) == 0.5
-    table = presence_table({"SPO": {**result, "format": 0.5}}, 4)
-    assert "| SPO | 50% | 50% | 50% | 25% | 25% | 50% |" in table
+    table = presence_table({"SPO": {**result, "format": 0.5, "empty": 0.25}}, 4)
+    assert "| SPO | 50% | 50% | 50% | 25% | 25% | 50% | 25% |" in table
     with pytest.raises(ValueError, match="generations"):
         marker_presence([], [1])
 
@@ -152,6 +152,7 @@ def test_quick_demo_end_to_end(quick_demo):
         (m, i) for m in ("SPO", "S-DPO") for i in range(1, 5)]
     for entry in result["rounds"]:
         assert entry["alpha"] == {"SPO": 0.1, "S-DPO": 0.0}[entry["method"]]
+        assert 0 <= entry["empty"] <= 1 and 0 <= entry["format"] <= 1
         assert [d["dimension"] for d in entry["dimensions"]] == [1, 2, 3, 4]
         for d in entry["dimensions"]:
             assert 0 <= d["accuracy"] <= 1 and 0 <= d["presence"] <= 1 and isinstance(d["margin"], float)
@@ -213,3 +214,15 @@ def test_settings_merge_and_errors():
 def test_config_files_mirror_the_built_in_settings(name, defaults):
     with open(REPO / "configs" / name, encoding="utf-8") as handle:
         assert yaml.safe_load(handle) == defaults
+
+
+def test_offset_line_names_kappas_and_handles_a_round_without_conflicts():
+    from pyalign.demo.spo_experiment import describe_offsets
+
+    line = describe_offsets({"round": 2, "kappas": [-0.01, 0.1], "pairs": 64, "conflicting_pairs": 19,
+                             "mean_offset_conflicting": 0.87, "mean_offset_others": -0.02})
+    assert line == ("round 2 (kappas -0.01, +0.1): mean offset +0.87 on the 19 conflicting pairs, -0.02 "
+                    "on the other 45")
+    none = describe_offsets({"round": 2, "kappas": [-0.07, 0.1], "pairs": 64, "conflicting_pairs": 0,
+                             "mean_offset_conflicting": None, "mean_offset_others": -0.3})
+    assert "mean offset - on the 0 conflicting pairs, -0.30 on the other 64" in none

@@ -14,7 +14,9 @@ process, keyed by its weights' fingerprint (runs that share a round share them).
 **Generation** (the paper's Table 4): a marker is *present* in a generation when its token id
 occurs among the generated tokens; a generation is *Pareto-optimal* when every marker is present;
 *format* is the share of generations whose first K tokens are the K slots in order
-(``[Token_i]`` or ``[Skip_i]`` in slot i), i.e. how well the model writes the response layout.
+(``[Token_i]`` or ``[Skip_i]`` in slot i), i.e. how well the model writes the response layout;
+*empty* is the share that ends at once (the stop token comes first: no token, no marker), which
+tells a model that stopped writing from one that writes without markers.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def generation_metrics(model_dir: str | os.PathLike, prompts: Sequence[str], mar
                        skip_ids: Sequence[int], *, system: str | None, settings: EvalSettings,
                        dtype: str = "float32", label: str | None = None, examples: int = 3) -> dict:
     """Generate on ``prompts`` with the model in ``model_dir``: marker presence, Pareto rate,
-    slot-format rate and a few decoded examples."""
+    slot-format rate, share of empty generations and a few decoded examples."""
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype)
     generated = generate(
         model, tokenizer, prompts, system=system, n=settings.samples_per_prompt,
@@ -133,6 +135,7 @@ def generation_metrics(model_dir: str | os.PathLike, prompts: Sequence[str], mar
     generations = [sample.token_ids for row in generated for sample in row]
     result = marker_presence(generations, marker_ids)
     result["format"] = slot_format_rate(generations, marker_ids, skip_ids)
+    result["empty"] = sum(not ids for ids in generations) / len(generations)
     result["examples"] = [
         {"prompt": prompt, "generation": tokenizer.decode(ids, skip_special_tokens=False)}
         for prompt, ids in list(zip(repeated, generations))[:examples]
@@ -147,14 +150,16 @@ def _percent(value: float) -> str:
 
 
 def presence_table(rows: Mapping[str, Mapping], num_dimensions: int) -> str:
-    """Markdown: one row per model label, presence of each marker, Pareto rate and format rate."""
+    """Markdown: one row per model label, presence of each marker, Pareto rate, format rate and
+    share of empty generations."""
     header = ("| model | " + " | ".join(f"[Token_{d}]" for d in range(1, num_dimensions + 1))
-              + " | Opt. (all) | slot format |")
-    rule = "|---|" + "---|" * (num_dimensions + 2)
+              + " | Opt. (all) | slot format | empty |")
+    rule = "|---|" + "---|" * (num_dimensions + 3)
     lines = [header, rule]
     for label, result in rows.items():
         cells = " | ".join(_percent(p) for p in result["presence"])
-        lines.append(f"| {label} | {cells} | {_percent(result['pareto'])} | {_percent(result['format'])} |")
+        lines.append(f"| {label} | {cells} | {_percent(result['pareto'])} | {_percent(result['format'])} | "
+                     f"{_percent(result['empty'])} |")
     return "\n".join(lines)
 
 

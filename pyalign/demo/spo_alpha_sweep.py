@@ -31,7 +31,8 @@ import torch
 from pyalign.demo.evaluate import metric_table, presence_table, write_json
 from pyalign.demo.spo_experiment import (
     COMMON, QUICK_OVERRIDES, Clock, Evaluator, build_data, configure_logging, load_settings, log, merge_settings,
-    prepare_base_model, run_method, set_threads, slug, source_model, spo_offsets, training_config,
+    describe_offsets, prepare_base_model, run_method, set_threads, slug, source_model, spo_offsets,
+    training_config,
 )
 from pyalign.demo.spo_plots import plot_alpha_sweep
 from pyalign.train.adaptive_alpha import LOG_FILE
@@ -109,9 +110,10 @@ def run_sweep(settings: dict, out: str | Path) -> Path:
                          threshold=log_data["thresholds"][0], alpha_trajectory=[e["alphas"][0] for e in trajectory])
             adaptive_summary = {**results[name], "alpha": final_alpha, "threshold": log_data["thresholds"][0]}
         entries.append({**entry, "round": 1, "dimensions": round1_result["dimensions"], "pareto": round1_result["pareto"],
-                        "format": round1_result["format"]})
+                        "format": round1_result["format"], "empty": round1_result["empty"]})
         entries.append({**entry, "round": 2, "dimensions": results[name]["dimensions"],
-                        "pareto": results[name]["pareto"], "format": results[name]["format"]})
+                        "pareto": results[name]["pareto"], "format": results[name]["format"],
+                        "empty": results[name]["empty"]})
 
     fixed = [(alpha, results[method_name(alpha)]) for alpha in alphas]
     png = plot_alpha_sweep(out / "alpha_sweep.png", fixed, round1=round1_result, adaptive=adaptive_summary,
@@ -153,8 +155,7 @@ def print_report(payload: dict, results: dict, round1_result: dict, settings: di
             print(f"\nadaptive alpha_1 (threshold {entry['threshold']:+.2f} on dim 1's margin): {path}")
     for name, rows_ in payload["offsets"].items():
         for o in rows_:
-            print(f"{name}: mean offset {o['mean_offset_conflicting']:+.2f} on the {o['conflicting_pairs']} conflicting "
-                  f"pairs, {o['mean_offset_others']:+.2f} on the others")
+            print(f"{name}, {describe_offsets(o)}")
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in payload["timings"]["wall_s"].items())
     print(f"\nwall time {payload['wall_time_s']:.0f} s ({phases}; {payload['timings']['torch_threads']} threads)")
     print(f"plot: {payload['plot']}")
@@ -162,7 +163,7 @@ def print_report(payload: dict, results: dict, round1_result: dict, settings: di
 
 def _generation_row(result: dict) -> dict:
     return {"presence": [d["presence"] for d in result["dimensions"]], "pareto": result["pareto"],
-            "format": result["format"]}
+            "format": result["format"], "empty": result["empty"]}
 
 
 def main(argv=None) -> int:

@@ -250,7 +250,7 @@ class Evaluator:
 
     def __call__(self, model_dir: Path, label: str) -> dict:
         """``{"dimensions": [{dimension, accuracy, margin, presence, ...}], "pareto", "format",
-        "examples"}`` of one model (generation results reused for a folder already scored)."""
+        "empty", "examples"}`` of one model (generation results reused for a folder already scored)."""
         key = str(Path(model_dir).resolve())
         if key not in self._generated:
             self._generated[key] = generation_metrics(
@@ -261,7 +261,7 @@ class Evaluator:
         dimensions = [{**row, "presence": generated["presence"][row["dimension"] - 1]}
                       for row in self.teacher_forced(model_dir)]
         return {"dimensions": dimensions, "pareto": generated["pareto"], "format": generated["format"],
-                "examples": generated["examples"]}
+                "empty": generated["empty"], "examples": generated["examples"]}
 
 
 def slug(name: str) -> str:
@@ -316,3 +316,15 @@ def spo_offsets(cache_dir: Path, rounds: list[dict], alpha: float, beta: float) 
             "mean_offset_others": float(offset[~conflict].mean()) if (~conflict).any() else None,
         })
     return result
+
+
+def describe_offsets(offsets: dict) -> str:
+    """One line of :func:`spo_offsets`' entry for a round: its kappas and the mean offset on the
+    conflicting pairs and on the others (``-`` where a group is empty, e.g. conflict_rate 0)."""
+    def mean(value):
+        return "-" if value is None else f"{value:+.2f}"
+    kappas = ", ".join(f"{k:+.4g}" for k in offsets["kappas"])
+    others = offsets["pairs"] - offsets["conflicting_pairs"]
+    return (f"round {offsets['round']} (kappas {kappas}): mean offset {mean(offsets['mean_offset_conflicting'])} "
+            f"on the {offsets['conflicting_pairs']} conflicting pairs, {mean(offsets['mean_offset_others'])} "
+            f"on the other {others}")

@@ -32,7 +32,8 @@ import torch
 from pyalign.demo.evaluate import metric_table, presence_table, write_json
 from pyalign.demo.spo_experiment import (
     COMMON, QUICK_OVERRIDES, Clock, Evaluator, build_data, configure_logging, load_settings, log, merge_settings,
-    prepare_base_model, run_method, set_threads, slug, source_model, spo_offsets, training_config,
+    describe_offsets, prepare_base_model, run_method, set_threads, slug, source_model, spo_offsets,
+    training_config,
 )
 from pyalign.demo.spo_plots import plot_table4
 
@@ -85,7 +86,7 @@ def run_demo(settings: dict, out: str | Path) -> Path:
                for name, alpha in methods.items() if alpha}
     payload = {
         "rounds": [{"method": name, "alpha": methods[name], "round": i, "dimensions": r["dimensions"],
-                    "pareto": r["pareto"], "format": r["format"]}
+                    "pareto": r["pareto"], "format": r["format"], "empty": r["empty"]}
                    for name, results in per_round.items() for i, r in enumerate(results, start=1)],
         "pareto": {name: results[-1]["pareto"] for name, results in per_round.items()},
         "wall_time_s": clock.total(),
@@ -117,9 +118,9 @@ def print_report(payload: dict, base_result: dict, per_round: dict, k: int, titl
     print("\nTeacher-forced, round by round: held-out margin beta*log(pi/pi_0) (w - l) and preference accuracy:\n")
     print(metric_table(metrics, k))
     for name, rows in payload["offsets"].items():
-        sizes = ", ".join(f"round {o['round']}: {o['mean_offset_conflicting']:+.2f} conflicting / "
-                          f"{o['mean_offset_others']:+.2f} others" for o in rows)
-        print(f"\n{name}'s mean offset on its training pairs: {sizes}")
+        print(f"\n{name}'s offset sum_k kappa_k*(Delta_k(y_w) - Delta_k(y_l)) on its training pairs:")
+        for o in rows:
+            print(f"  {describe_offsets(o)}")
     pareto = ", ".join(f"{name} {100 * rate:.0f}%" for name, rate in payload["pareto"].items())
     print(f"\nPareto rate (all {k} markers generated): {pareto}")
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in payload["timings"]["wall_s"].items())
@@ -129,7 +130,7 @@ def print_report(payload: dict, base_result: dict, per_round: dict, k: int, titl
 
 def _generation_row(result: dict) -> dict:
     return {"presence": [d["presence"] for d in result["dimensions"]], "pareto": result["pareto"],
-            "format": result["format"]}
+            "format": result["format"], "empty": result["empty"]}
 
 
 def main(argv=None) -> int:
