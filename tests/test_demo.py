@@ -107,8 +107,9 @@ def test_marker_presence_format_and_table():
     assert result["presence"] == [0.5, 0.5, 0.5, 0.25] and result["pareto"] == 0.25
     # slots in order: row 0 (all markers) and row 3 (markers and skips) are well formed
     assert slot_format_rate(generations, [10, 11, 12, 13], [20, 21, 22, 23]) == 0.5
-    table = presence_table({"SPO": {**result, "format": 0.5, "empty": 0.25}}, 4)
-    assert "| SPO | 50% | 50% | 50% | 25% | 25% | 50% | 25% |" in table
+    first = {"Token_1": 0.5, "Skip_1": 0.125, "end": 0.25}
+    table = presence_table({"SPO": {**result, "format": 0.5, "empty": 0.25, "first": first}}, 4)
+    assert "| SPO | 50% | 50% | 50% | 25% | 25% | 50% | 25% | 0.50 / 0.12 / 0.25 |" in table
     with pytest.raises(ValueError, match="generations"):
         marker_presence([], [1])
 
@@ -153,6 +154,8 @@ def test_quick_demo_end_to_end(quick_demo):
     for entry in result["rounds"]:
         assert entry["alpha"] == {"SPO": 0.1, "S-DPO": 0.0}[entry["method"]]
         assert 0 <= entry["empty"] <= 1 and 0 <= entry["format"] <= 1
+        assert set(entry["first"]) == {"Token_1", "Skip_1", "end"}
+        assert 0 <= sum(entry["first"].values()) <= 1 + 1e-6  # probabilities of three distinct tokens
         assert [d["dimension"] for d in entry["dimensions"]] == [1, 2, 3, 4]
         for d in entry["dimensions"]:
             assert 0 <= d["accuracy"] <= 1 and 0 <= d["presence"] <= 1 and isinstance(d["margin"], float)

@@ -16,7 +16,10 @@ occurs among the generated tokens; a generation is *Pareto-optimal* when every m
 *format* is the share of generations whose first K tokens are the K slots in order
 (``[Token_i]`` or ``[Skip_i]`` in slot i), i.e. how well the model writes the response layout;
 *empty* is the share that ends at once (the stop token comes first: no token, no marker), which
-tells a model that stopped writing from one that writes without markers.
+tells a model that stopped writing from one that writes without markers. *first* is the mean
+probability (raw logits, no temperature) of the first generated token being ``[Token_1]``,
+``[Skip_1]`` or the end of the turn: slot 1 comes first, so this shows where dimension 1's mass
+goes when a model stops writing ``[Token_1]``.
 """
 
 from __future__ import annotations
@@ -123,12 +126,16 @@ def generation_metrics(model_dir: str | os.PathLike, prompts: Sequence[str], mar
                        skip_ids: Sequence[int], *, system: str | None, settings: EvalSettings,
                        dtype: str = "float32", label: str | None = None, examples: int = 3) -> dict:
     """Generate on ``prompts`` with the model in ``model_dir``: marker presence, Pareto rate,
-    slot-format rate, share of empty generations and a few decoded examples."""
+    slot-format rate, share of empty generations, first-token probabilities (``first``:
+    ``{"Token_1", "Skip_1", "end"}``) and a few decoded examples."""
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype)
+    first = {"Token_1": marker_ids[0], "Skip_1": skip_ids[0], "end": tokenizer.eos_token_id}
+    first = {name: i for name, i in first.items() if i is not None}
     generated = generate(
         model, tokenizer, prompts, system=system, n=settings.samples_per_prompt,
         max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, temperature=settings.temperature,
         seed=settings.seed, batch_size=settings.batch_size, progress=f"generating ({label})" if label else None,
+        first_token_ids=list(first.values()),
     )
     del model
     repeated = [prompt for prompt, row in zip(prompts, generated) for _ in row]
@@ -136,6 +143,9 @@ def generation_metrics(model_dir: str | os.PathLike, prompts: Sequence[str], mar
     result = marker_presence(generations, marker_ids)
     result["format"] = slot_format_rate(generations, marker_ids, skip_ids)
     result["empty"] = sum(not ids for ids in generations) / len(generations)
+    samples = [sample for row in generated for sample in row]
+    result["first"] = {name: sum(s.first_token_probs[j] for s in samples) / len(samples)
+                       for j, name in enumerate(first)}
     result["examples"] = [
         {"prompt": prompt, "generation": tokenizer.decode(ids, skip_special_tokens=False)}
         for prompt, ids in list(zip(repeated, generations))[:examples]
@@ -150,16 +160,19 @@ def _percent(value: float) -> str:
 
 
 def presence_table(rows: Mapping[str, Mapping], num_dimensions: int) -> str:
-    """Markdown: one row per model label, presence of each marker, Pareto rate, format rate and
-    share of empty generations."""
+    """Markdown: one row per model label, presence of each marker, Pareto rate, format rate,
+    share of empty generations and the first token's probabilities (``[Token_1]`` / ``[Skip_1]`` /
+    end of turn)."""
     header = ("| model | " + " | ".join(f"[Token_{d}]" for d in range(1, num_dimensions + 1))
-              + " | Opt. (all) | slot format | empty |")
-    rule = "|---|" + "---|" * (num_dimensions + 3)
+              + " | Opt. (all) | slot format | empty | p(first): [Token_1] / [Skip_1] / end |")
+    rule = "|---|" + "---|" * (num_dimensions + 4)
     lines = [header, rule]
     for label, result in rows.items():
         cells = " | ".join(_percent(p) for p in result["presence"])
+        first = " / ".join(f"{result['first'][name]:.2f}" if name in result["first"] else "-"
+                           for name in ("Token_1", "Skip_1", "end"))
         lines.append(f"| {label} | {cells} | {_percent(result['pareto'])} | {_percent(result['format'])} | "
-                     f"{_percent(result['empty'])} |")
+                     f"{_percent(result['empty'])} | {first} |")
     return "\n".join(lines)
 
 

@@ -110,10 +110,11 @@ def run_sweep(settings: dict, out: str | Path) -> Path:
                          threshold=log_data["thresholds"][0], alpha_trajectory=[e["alphas"][0] for e in trajectory])
             adaptive_summary = {**results[name], "alpha": final_alpha, "threshold": log_data["thresholds"][0]}
         entries.append({**entry, "round": 1, "dimensions": round1_result["dimensions"], "pareto": round1_result["pareto"],
-                        "format": round1_result["format"], "empty": round1_result["empty"]})
+                        "format": round1_result["format"], "empty": round1_result["empty"],
+                        "first": round1_result["first"]})
         entries.append({**entry, "round": 2, "dimensions": results[name]["dimensions"],
                         "pareto": results[name]["pareto"], "format": results[name]["format"],
-                        "empty": results[name]["empty"]})
+                        "empty": results[name]["empty"], "first": results[name]["first"]})
 
     fixed = [(alpha, results[method_name(alpha)]) for alpha in alphas]
     png = plot_alpha_sweep(out / "alpha_sweep.png", fixed, round1=round1_result, adaptive=adaptive_summary,
@@ -163,7 +164,7 @@ def print_report(payload: dict, results: dict, round1_result: dict, settings: di
 
 def _generation_row(result: dict) -> dict:
     return {"presence": [d["presence"] for d in result["dimensions"]], "pareto": result["pareto"],
-            "format": result["format"], "empty": result["empty"]}
+            "format": result["format"], "empty": result["empty"], "first": result["first"]}
 
 
 def main(argv=None) -> int:

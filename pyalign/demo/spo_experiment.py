@@ -250,7 +250,7 @@ class Evaluator:
 
     def __call__(self, model_dir: Path, label: str) -> dict:
         """``{"dimensions": [{dimension, accuracy, margin, presence, ...}], "pareto", "format",
-        "empty", "examples"}`` of one model (generation results reused for a folder already scored)."""
+        "empty", "first", "examples"}`` of one model (generation results reused for a folder already scored)."""
         key = str(Path(model_dir).resolve())
         if key not in self._generated:
             self._generated[key] = generation_metrics(
@@ -261,7 +261,7 @@ class Evaluator:
         dimensions = [{**row, "presence": generated["presence"][row["dimension"] - 1]}
                       for row in self.teacher_forced(model_dir)]
         return {"dimensions": dimensions, "pareto": generated["pareto"], "format": generated["format"],
-                "empty": generated["empty"], "examples": generated["examples"]}
+                "empty": generated["empty"], "first": generated["first"], "examples": generated["examples"]}
 
 
 def slug(name: str) -> str:

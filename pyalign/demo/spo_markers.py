@@ -86,7 +86,7 @@ def run_demo(settings: dict, out: str | Path) -> Path:
                for name, alpha in methods.items() if alpha}
     payload = {
         "rounds": [{"method": name, "alpha": methods[name], "round": i, "dimensions": r["dimensions"],
-                    "pareto": r["pareto"], "format": r["format"], "empty": r["empty"]}
+                    "pareto": r["pareto"], "format": r["format"], "empty": r["empty"], "first": r["first"]}
                    for name, results in per_round.items() for i, r in enumerate(results, start=1)],
         "pareto": {name: results[-1]["pareto"] for name, results in per_round.items()},
         "wall_time_s": clock.total(),
@@ -130,7 +130,7 @@ def print_report(payload: dict, base_result: dict, per_round: dict, k: int, titl
 
 def _generation_row(result: dict) -> dict:
     return {"presence": [d["presence"] for d in result["dimensions"]], "pareto": result["pareto"],
-            "format": result["format"], "empty": result["empty"]}
+            "format": result["format"], "empty": result["empty"], "first": result["first"]}
 
 
 def main(argv=None) -> int:
