@@ -229,6 +229,45 @@ def test_pairwise_fine_tune_and_continuing_from_the_previous_iteration(quick_dem
     assert state["fingerprint"]["method"]["loss"] == "apo_zero"
 
 
+@pytest.mark.parametrize("fine_tune", ["sft", "pairwise"])
+def test_conversation_prompts_run_through_the_loop(quick_demo, tmp_path, fine_tune):
+    """A prompt file row may hold a conversation: it is sampled, scored and trained on as chat
+    messages (the direction in the system prompt), through SFT with replay and the pairwise loss."""
+    config = base_config(quick_demo, tmp_path / "run", loop={"iterations": 1, "fine_tune": fine_tune},
+                         method={"loss": "dpo", "beta": 0.1})
+    rows = read_jsonl_rows(config["prompts"]["train"])
+    conversation = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. Ask me anything."},
+                    {"role": "user", "content": rows[0]["prompt"]}]
+    rows[0] = {**rows[0], "prompt": conversation}
+    rows[1] = {**rows[1], "prompt": [{"role": "user", "content": rows[1]["prompt"]}]}  # one message: its text
+    train_file = write_jsonl_atomic(tmp_path / "prompts.jsonl", rows)
+    config["prompts"] = {**{k: v for k, v in config["prompts"].items() if k != "eval"}, "train": str(train_file)}
+    loaded = load_prompt_rows(train_file)
+    assert loaded[0]["prompt"] == conversation and loaded[1]["prompt"] == rows[1]["prompt"][0]["content"]
+    result = run_dpa(config)
+    directory = result.output_dir / "iteration_1"
+    scored = read_jsonl_rows(directory / "scored.jsonl")
+    assert [r["prompt"] for r in scored[:2]] == [conversation] * 2  # m = 2 directions of the first prompt
+    train = read_jsonl_rows(directory / "train.jsonl")
+    assert any(r["prompt"] == conversation and r["system"].startswith("maximize weighted rating") for r in train)
+    assert read_json(directory / "fine_tune" / "state.json")["status"] == "finished"
+
+
+def test_bad_conversation_prompts_name_the_line_and_the_field(tmp_path):
+    cases = [
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+         r"bad.jsonl:1: field 'prompt' opens with a system message, but the DPA loop writes the direction"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+         r"bad.jsonl:1: field 'prompt' must end with the user's turn"),
+        ([{"role": "user", "content": 3}], r"bad.jsonl:1: field 'prompt'\[0\].content must be a string"),
+        ([], r"bad.jsonl:1: field 'prompt' must be a non-empty list of chat messages"),
+    ]
+    for prompt, message in cases:
+        bad = write_jsonl_atomic(tmp_path / "bad.jsonl", [{"prompt": prompt}])
+        with pytest.raises(ValueError, match=message):
+            load_prompt_rows(bad)
+
+
 def test_changed_settings_are_refused_not_reused(quick_demo, tmp_path):
     out, _ = quick_demo
     config = base_config(quick_demo, tmp_path / "run", loop={"iterations": 1})

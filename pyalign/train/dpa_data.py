@@ -1,10 +1,14 @@
 """Data of the DPA loop: prompt files, the two alternating halves, the per-prompt directions, the
 best sample per (prompt, direction), best-vs-worst pairs and replay (docs/dpa.md, "The loop").
 
-Prompt files are JSONL, one object per line with a ``prompt`` string; any other fields
-(``system``, ``response``, ``answer``, ...) ride along and are handed to the task's true-rating
-function. A row whose ``prompt`` is missing or blank is not usable and is skipped (counted); a
-file with no usable row is an error naming the file and the field.
+Prompt files are JSONL, one object per line with a ``prompt``: the user's text, or a
+conversation as chat messages ending with the user's turn (``[{"role": "user", "content": ...},
+{"role": "assistant", ...}, {"role": "user", ...}]``, checked and kept as messages by the data
+layer's rules, :func:`pyalign.data.pairs.prompt_field`). A conversation may not open with a
+system message: the loop writes the direction v into the system prompt. Any other fields
+(``response``, ``answer``, ...) ride along and are handed to the task's true-rating function. A
+row whose ``prompt`` is missing or blank is not usable and is skipped (counted); a file with no
+usable row is an error naming the file and the field.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyalign.data.pairs import RowError, prompt_field
 from pyalign.directions import (
     direction_system_prompt, sample_angle_directions, sample_sphere_directions, weighted_reward,
 )
@@ -44,9 +49,12 @@ def load_prompt_rows(path: str | Path, *, field: str = "prompts.train") -> list[
             if prompt is None:
                 missing += 1
                 continue
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
-            if not prompt.strip():
+            if isinstance(prompt, list):
+                record = {**record, "prompt": conversation_prompt(record, where)}
+            elif not isinstance(prompt, str):
+                raise ValueError(f"{where}: field 'prompt' must be a string or a list of chat messages, "
+                                 f"got {type(prompt).__name__}")
+            elif not prompt.strip():
                 blank += 1
                 continue
             for name in ("system", "response"):
@@ -60,6 +68,19 @@ def load_prompt_rows(path: str | Path, *, field: str = "prompts.train") -> list[
         logger.warning("%s: %s: skipped %d rows without a 'prompt' and %d with an empty one",
                        field, path, missing, blank)
     return rows
+
+
+def conversation_prompt(record: dict, where: str):
+    """A chat-message ``prompt`` as the loop keeps it: one user message becomes its text, a longer
+    conversation stays a list of ``{"role", "content"}`` messages (JSON, as rows are written)."""
+    try:
+        prompt, system = prompt_field(record, "prompt")
+    except RowError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if system is not None:
+        raise ValueError(f"{where}: field 'prompt' opens with a system message, but the DPA loop writes the "
+                         "direction into the system prompt; drop it or move its text into directions.system_prefix")
+    return prompt if isinstance(prompt, str) else [dict(message) for message in prompt]
 
 
 def iteration_prompts(rows: Sequence[dict], iteration: int, per_iteration: int | None = None) -> list[dict]:
