@@ -21,7 +21,6 @@ overrides any of them. Re-running with the same ``--out`` reuses every finished 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pyalign.demo.dpa_tasks import KINDS, Task, capped_true_ratings, make_tasks
+from pyalign.demo.runner import Clock, demo_main, read_overrides
 from pyalign.directions import direction_system_prompt, sample_angle_directions
 from pyalign.io import read_jsonl_rows, write_json_atomic, write_jsonl_atomic
 
@@ -117,16 +117,7 @@ def merge_settings(defaults: dict, overrides: dict, path: str = "") -> dict:
 
 
 def load_settings(quick: bool, config: str | None) -> dict:
-    settings = copy.deepcopy(QUICK if quick else FULL)
-    if config:
-        import yaml  # noqa: PLC0415
-
-        with open(config, encoding="utf-8") as handle:
-            overrides = yaml.safe_load(handle) or {}
-        if not isinstance(overrides, dict):
-            raise ValueError(f"{config}: expected a mapping of settings")
-        settings = merge_settings(settings, overrides)
-    return settings
+    return merge_settings(QUICK if quick else FULL, read_overrides(config))
 
 
 # ----------------------------------------------------------------------------- steps
@@ -234,25 +225,6 @@ def dpa_config(settings: dict, model_dir: Path, reward_model_dir: Path, files: d
 
 # ----------------------------------------------------------------------------- report
 
-class _Clock:
-    """Wall and CPU seconds per phase (CPU time tells a busy shared machine from slow code)."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self._wall, self._cpu = self.started, time.process_time()
-
-    def lap(self, name: str) -> None:
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.wall[name], self.cpu[name] = round(wall - self._wall, 1), round(cpu - self._cpu, 1)
-        self._wall, self._cpu = wall, cpu
-        log.info("%s: %.1f s wall, %.1f s CPU", name, self.wall[name], self.cpu[name])
-
-    def total(self) -> float:
-        return round(time.perf_counter() - self.started, 1)
-
-
 def examples(dpa_dir: Path, iteration: int, count: int = 2) -> list[dict]:
     """A few held-out answers of one iteration at the two ends of the direction range."""
     rows = read_jsonl_rows(dpa_dir / "evaluation" / f"iteration_{iteration}" / "scored.jsonl")
@@ -295,7 +267,7 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     from pyalign.train.dpa import run_dpa  # noqa: PLC0415
     from pyalign.train.dpa_eval import front_table  # noqa: PLC0415
 
-    clock = _Clock()
+    clock = Clock()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = split_tasks(settings)
@@ -386,29 +358,11 @@ def _num(value) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyalign.demo.dpa", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny random model, seconds (for tests)")
-    parser.add_argument("--out", default=None, help="output folder (default outputs/dpa_demo[_quick])")
-    parser.add_argument("--config", default=None, help="YAML overriding the built-in settings")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    settings = load_settings(args.quick, args.config)
-    settings["_load_average"] = list(os.getloadavg())
-    out = Path(args.out or ("outputs/dpa_demo_quick" if args.quick else "outputs/dpa_demo"))
-    # The tiny model's ops are too small to split across threads (see pyalign.demo.spo_markers).
-    threads = args.threads or (1 if settings["model"] == "tiny" else None)
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        json_path = run_demo(settings, out)
-    finally:
-        torch.set_num_threads(previous)
-    print(json_path)  # last line: the results JSON
-    return 0
+    def settings_for(quick: bool, config: str | None) -> dict:
+        return {**load_settings(quick, config), "_load_average": list(os.getloadavg())}
+
+    return demo_main(argv, prog="python -m pyalign.demo.dpa", description=__doc__, default_out="outputs/dpa_demo",
+                     settings_for=settings_for, run=run_demo)
 
 
 if __name__ == "__main__":

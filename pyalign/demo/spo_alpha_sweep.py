@@ -21,18 +21,15 @@ The paper (Llama-2 7B, helpfulness then harmlessness, reward-model scores): as a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-
 from pyalign.demo.evaluate import metric_table, presence_table, write_json
+from pyalign.demo.runner import Clock, demo_main
 from pyalign.demo.spo_experiment import (
-    COMMON, QUICK_OVERRIDES, Clock, Evaluator, build_data, configure_logging, load_settings, log, merge_settings,
-    describe_offsets, prepare_base_model, run_method, set_threads, slug, source_model, spo_offsets,
-    training_config,
+    COMMON, QUICK_OVERRIDES, Evaluator, build_data, describe_offsets, generation_row, load_settings, log,
+    merge_settings, prepare_base_model, run_method, slug, source_model, spo_offsets, training_config,
 )
 from pyalign.demo.spo_plots import plot_alpha_sweep
 from pyalign.train.adaptive_alpha import LOG_FILE
@@ -147,8 +144,8 @@ def print_report(payload: dict, results: dict, round1_result: dict, settings: di
     print("Teacher-forced on held-out pairs: margin beta*log(pi/pi_0) (w - l) and preference accuracy:\n")
     print(metric_table(rows, 2))
     print("\nGeneration on held-out prompts:\n")
-    generation = {"after round 1 (shared)": _generation_row(round1_result)}
-    generation.update({f"round 2, {name}": _generation_row(r) for name, r in results.items()})
+    generation = {"after round 1 (shared)": generation_row(round1_result)}
+    generation.update({f"round 2, {name}": generation_row(r) for name, r in results.items()})
     print(presence_table(generation, 2))
     for entry in payload["rounds"]:
         if entry.get("alpha_trajectory") and entry["round"] == 2:
@@ -162,29 +159,10 @@ def print_report(payload: dict, results: dict, round1_result: dict, settings: di
     print(f"plot: {payload['plot']}")
 
 
-def _generation_row(result: dict) -> dict:
-    return {"presence": [d["presence"] for d in result["dimensions"]], "pareto": result["pareto"],
-            "format": result["format"], "empty": result["empty"], "first": result["first"]}
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyalign.demo.spo_alpha_sweep",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny random model, seconds (for tests)")
-    parser.add_argument("--out", default=None, help="output folder (default outputs/spo_alpha_sweep[_quick])")
-    parser.add_argument("--config", default=None, help="YAML overriding the built-in settings")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    configure_logging()
-    settings = load_settings(DEFAULTS, QUICK_OVERRIDES, args.quick, args.config)
-    out = Path(args.out or ("outputs/spo_alpha_sweep_quick" if args.quick else "outputs/spo_alpha_sweep"))
-    previous = set_threads(args.threads, settings["model"])
-    try:
-        json_path = run_sweep(settings, out)
-    finally:
-        torch.set_num_threads(previous)
-    print(json_path)  # last line: the results JSON
-    return 0
+    return demo_main(argv, prog="python -m pyalign.demo.spo_alpha_sweep", description=__doc__, default_out="outputs/spo_alpha_sweep",
+                     settings_for=lambda quick, config: load_settings(DEFAULTS, QUICK_OVERRIDES, quick, config),
+                     run=run_sweep)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 
 import torch
 
 from pyalign.demo.evaluate import EvalSettings, TeacherForced, generation_metrics, write_json
 from pyalign.demo.markers import SYSTEM_PROMPT, SamplingSettings, model_fingerprint, sample_responses, split_prompts
+from pyalign.demo.runner import read_overrides
 from pyalign.demo.spo_data import dimension_pairs, marker_tokens
 from pyalign.io import atomic_directory, write_jsonl_atomic
 from pyalign.models import add_marker_tokens, load_model_and_tokenizer, models_cache_dir, smollm2_path
@@ -93,16 +93,8 @@ def merge_settings(defaults: dict, overrides: dict, path: str = "") -> dict:
 
 def load_settings(defaults: dict, quick_overrides: dict, quick: bool, config: str | None) -> dict:
     """The demo's defaults, with ``--quick``'s overrides and then a YAML file's on top."""
-    settings = merge_settings(defaults, quick_overrides) if quick else copy.deepcopy(defaults)
-    if config:
-        import yaml  # noqa: PLC0415
-
-        with open(config, encoding="utf-8") as handle:
-            overrides = yaml.safe_load(handle) or {}
-        if not isinstance(overrides, dict):
-            raise ValueError(f"{config}: expected a mapping of settings")
-        settings = merge_settings(settings, overrides)
-    return settings
+    settings = merge_settings(defaults, quick_overrides) if quick else defaults
+    return merge_settings(settings, read_overrides(config))
 
 
 # ----------------------------------------------------------------------------- pi_0 and data
@@ -199,30 +191,6 @@ def training_config(settings: dict, base_model: Path, token_ids, rounds, output_
 
 # ----------------------------------------------------------------------------- runs and evaluation
 
-class Clock:
-    """Wall and CPU seconds per phase (CPU time tells a busy shared machine from slow code)."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self._wall, self._cpu = self.started, time.process_time()
-
-    def lap(self, name: str) -> None:
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.wall[name] = round(self.wall.get(name, 0.0) + wall - self._wall, 1)
-        self.cpu[name] = round(self.cpu.get(name, 0.0) + cpu - self._cpu, 1)
-        self._wall, self._cpu = wall, cpu
-        log.info("%s: %.1f s wall, %.1f s CPU so far", name, self.wall[name], self.cpu[name])
-
-    def total(self) -> float:
-        return round(time.perf_counter() - self.started, 1)
-
-    def summary(self) -> dict:
-        return {"wall_s": dict(self.wall), "cpu_s": {**self.cpu, "process_total": round(time.process_time(), 1)},
-                "torch_threads": torch.get_num_threads()}
-
-
 def run_method(config: dict, out: Path, name: str) -> list[Path]:
     """Train (or resume) one method; returns pi_1..pi_K's folders."""
     from pyalign.train.sequential import run_sequential  # noqa: PLC0415
@@ -268,20 +236,10 @@ def slug(name: str) -> str:
     return "".join(c.lower() if c.isalnum() else "_" for c in name)
 
 
-def set_threads(threads: int | None, model: str) -> int:
-    """torch CPU threads for the run (the tiny model runs best on one: its ops are too small to
-    split); returns the previous count."""
-    previous = torch.get_num_threads()
-    chosen = threads or (1 if model == "tiny" else None)
-    if chosen:
-        torch.set_num_threads(chosen)
-    return previous
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def generation_row(result: dict) -> dict:
+    """The generation columns of an :class:`Evaluator` result, as the demos' tables print them."""
+    return {"presence": [d["presence"] for d in result["dimensions"]], "pareto": result["pareto"],
+            "format": result["format"], "empty": result["empty"], "first": result["first"]}
 
 
 def spo_offsets(cache_dir: Path, rounds: list[dict], alpha: float, beta: float) -> list[dict]:

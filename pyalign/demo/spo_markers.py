@@ -23,17 +23,14 @@ and the measured results.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from pyalign.demo.evaluate import metric_table, presence_table, write_json
+from pyalign.demo.runner import Clock, demo_main
 from pyalign.demo.spo_experiment import (
-    COMMON, QUICK_OVERRIDES, Clock, Evaluator, build_data, configure_logging, load_settings, log, merge_settings,
-    describe_offsets, prepare_base_model, run_method, set_threads, slug, source_model, spo_offsets,
-    training_config,
+    COMMON, QUICK_OVERRIDES, Evaluator, build_data, describe_offsets, generation_row, load_settings, log,
+    merge_settings, prepare_base_model, run_method, slug, source_model, spo_offsets, training_config,
 )
 from pyalign.demo.spo_plots import plot_table4
 
@@ -104,9 +101,9 @@ def run_demo(settings: dict, out: str | Path) -> Path:
 
 
 def print_report(payload: dict, base_result: dict, per_round: dict, k: int, title: str) -> None:
-    final = {"pi_0 (no training)": _generation_row(base_result)}
-    final.update({name: _generation_row(results[-1]) for name, results in per_round.items()})
-    presence = {f"{name} after round {i}": _generation_row(r)
+    final = {"pi_0 (no training)": generation_row(base_result)}
+    final.update({name: generation_row(results[-1]) for name, results in per_round.items()})
+    presence = {f"{name} after round {i}": generation_row(r)
                 for name, results in per_round.items() for i, r in enumerate(results, start=1)}
     metrics = {f"{name} after round {i}": r["dimensions"]
                for name, results in per_round.items() for i, r in enumerate(results, start=1)}
@@ -128,28 +125,10 @@ def print_report(payload: dict, base_result: dict, per_round: dict, k: int, titl
     print(f"plot: {payload['plot']}")
 
 
-def _generation_row(result: dict) -> dict:
-    return {"presence": [d["presence"] for d in result["dimensions"]], "pareto": result["pareto"],
-            "format": result["format"], "empty": result["empty"], "first": result["first"]}
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyalign.demo.spo_markers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny random model, seconds (for tests)")
-    parser.add_argument("--out", default=None, help="output folder (default outputs/spo_demo[_quick])")
-    parser.add_argument("--config", default=None, help="YAML overriding the built-in settings")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    configure_logging()
-    settings = load_settings(DEFAULTS, QUICK_OVERRIDES, args.quick, args.config)
-    out = Path(args.out or ("outputs/spo_demo_quick" if args.quick else "outputs/spo_demo"))
-    previous = set_threads(args.threads, settings["model"])
-    try:
-        json_path = run_demo(settings, out)
-    finally:
-        torch.set_num_threads(previous)
-    print(json_path)  # last line: the results JSON
-    return 0
+    return demo_main(argv, prog="python -m pyalign.demo.spo_markers", description=__doc__, default_out="outputs/spo_demo",
+                     settings_for=lambda quick, config: load_settings(DEFAULTS, QUICK_OVERRIDES, quick, config),
+                     run=run_demo)
 
 
 if __name__ == "__main__":
