@@ -11,6 +11,7 @@ the last written row" is well defined.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -44,6 +45,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> Path:
     """JSON with sorted keys; objects JSON does not know (paths, ...) are written as ``str``."""
     return atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=True, default=str))
+
+
+def save_figure_atomic(figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """A matplotlib figure as PNG at ``path`` (rendered in memory, then written atomically);
+    the figure is closed."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (matplotlib only where a plot is drawn)
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from pyalign.io import (
-    JsonlAppender, atomic_directory, read_jsonl_rows, torch_save_atomic, write_json_atomic, write_jsonl_atomic,
+    JsonlAppender, atomic_directory, read_jsonl_rows, save_figure_atomic, torch_save_atomic, write_json_atomic,
+    write_jsonl_atomic,
 )
 
 
@@ -57,3 +58,17 @@ def test_torch_save_atomic_round_trip(tmp_path):
 
     path = torch_save_atomic({"t": torch.arange(3)}, tmp_path / "s.pt")
     assert torch.equal(torch.load(path)["t"], torch.arange(3))
+
+
+def test_save_figure_atomic_writes_a_png_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots()
+    axis.plot([0, 1], [1, 0])
+    path = save_figure_atomic(figure, tmp_path / "plots" / "a.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in path.parent.iterdir()] == ["a.png"]
+    assert not plt.fignum_exists(figure.number)

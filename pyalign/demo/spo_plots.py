@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pyalign.io import save_figure_atomic
+
 
 def _pyplot():
     import matplotlib  # noqa: PLC0415
@@ -14,6 +16,12 @@ def _pyplot():
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
+
+
+def _finish(figure, title: str, path: str | os.PathLike) -> Path:
+    figure.suptitle(title)
+    figure.tight_layout()
+    return save_figure_atomic(figure, path)
 
 
 def plot_table4(path: str | os.PathLike, per_round: Mapping[str, Sequence[Mapping]], num_dimensions: int, *,
@@ -49,12 +57,7 @@ def plot_table4(path: str | os.PathLike, per_round: Mapping[str, Sequence[Mappin
     lines.set_ylabel("held-out margin beta*log(pi/pi_0), w - l")
     lines.set_title("teacher-forced margin of each dimension")
     lines.legend(fontsize=6, ncol=2)
-    figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _finish(figure, title, path)
 
 
 def plot_alpha_sweep(path: str | os.PathLike, fixed: Sequence[tuple[float, Mapping]], *, title: str,
@@ -96,9 +99,4 @@ def plot_alpha_sweep(path: str | os.PathLike, fixed: Sequence[tuple[float, Mappi
         handles = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         right.legend(handles, [h.get_label() for h in handles], fontsize=7)
         right.set_title("adaptive alpha: dual ascent during round 2")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _finish(figure, title, path)

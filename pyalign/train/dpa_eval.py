@@ -14,7 +14,6 @@ reward model, and by the task's true objectives when it has them, both on the re
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from pyalign.data import file_fingerprint
 from pyalign.directions import (
     angle_of, direction_system_prompt, evaluation_directions, unit_direction, weighted_reward,
 )
-from pyalign.io import atomic_write_bytes, read_json, write_json_atomic
+from pyalign.io import read_json, save_figure_atomic, write_json_atomic
 
 
 def eval_directions(config) -> list[tuple[float, ...]]:
@@ -160,10 +159,7 @@ def plot_fronts(path: str | Path, iterations: Sequence[dict], objectives: Sequen
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure_atomic(figure, path)
 
 
 # ----------------------------------------------------------------------------- the evaluation stage
