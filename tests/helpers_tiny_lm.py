@@ -103,3 +103,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class Crash(Exception):
+    """A simulated kill, raised from a runner's progress callback."""
+
+
+def crash_at(event_name: str, predicate):
+    """A runner callback that raises :class:`Crash` at the first ``event_name`` whose info
+    satisfies ``predicate``."""
+    def callback(event, info):
+        if event == event_name and predicate(info):
+            raise Crash(f"simulated crash at {event} {info}")
+    return callback

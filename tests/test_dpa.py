@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_tiny_lm import one_thread
+from helpers_tiny_lm import Crash, crash_at, one_thread
 from pyalign.demo import dpa as demo
 from pyalign.io import read_json, read_jsonl_rows, write_jsonl_atomic
 from pyalign.train.config import ConfigError, load_config
@@ -23,10 +23,6 @@ from pyalign.train.dpa_data import (
 from pyalign.train.dpa_eval import control_check, ranks, spearman
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-class Crash(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +44,6 @@ def base_config(quick_demo, output_dir, **sections):
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
     return config
-
-
-def crash_at(event_name, predicate):
-    def callback(event, info):
-        if event == event_name and predicate(info):
-            raise Crash(f"simulated crash at {event} {info}")
-    return callback
 
 
 def recorder(events):

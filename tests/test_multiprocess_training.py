@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers_tiny_lm import (  # noqa: E402
+    Crash,
     make_model,
     make_pairs,
     make_tokenizer,
@@ -48,10 +49,6 @@ from pyalign.train.sft_data import SFTDataset, SFTExample  # noqa: E402
 from pyalign.train.trainer import Trainer  # noqa: E402
 
 TOLERANCE = dict(atol=1e-6, rtol=1e-5)
-
-
-class Crash(Exception):
-    pass
 
 
 def free_port() -> int:

@@ -7,16 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_tiny_lm import make_pairs, one_thread, save_tiny_model, write_jsonl
+from helpers_tiny_lm import Crash, crash_at, make_pairs, one_thread, save_tiny_model, write_jsonl
 from pyalign.train.config import load_config
 from pyalign.train.logprob_cache import StaleLogprobCacheError
 from pyalign.train.sequential import chain_models, round_alphas, run_sequential
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-class Crash(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +43,6 @@ def make_config(assets, output_dir, rounds=3, **training):
 
 def final_weights(result):
     return load_file(str(result.final_model_dir / "model.safetensors"))
-
-
-def crash_at(event_name, predicate):
-    def callback(event, info):
-        if event == event_name and predicate(info):
-            raise Crash(f"simulated crash at {event} {info}")
-    return callback
 
 
 def recorder(events):

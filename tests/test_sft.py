@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from helpers_tiny_lm import (
-    make_model, make_tokenizer, one_thread, random_sentence, save_tiny_model, write_jsonl,
+    Crash, make_model, make_tokenizer, one_thread, random_sentence, save_tiny_model, write_jsonl,
 )
 
 from pyalign.data import IGNORE_INDEX, encode_prompt, encode_response
@@ -22,10 +22,6 @@ from pyalign.train.sft_data import SFTDataset, SFTExample, load_sft_examples
 from pyalign.train.trainer import Trainer
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-class Crash(Exception):
-    pass
 
 
 def make_examples(n, seed=0):
