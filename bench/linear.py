@@ -148,7 +148,7 @@ def _pyalign_methods() -> list[Method]:
     try:
         import pyalign  # noqa: PLC0415
 
-        from pyalign.ops.linear_preference_loss import linear_preference_loss  # noqa: PLC0415
+        from pyalign.losses.linear_preference_loss import linear_preference_loss  # noqa: PLC0415
     except ImportError as err:
         return [Method("pyalign.linear", None, _grads_only, note=f"pyalign's fused-linear op not importable: {err}")]
     methods = []

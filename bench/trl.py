@@ -193,7 +193,7 @@ def run_trl(args, probe: StepProbe, drop_in: bool) -> dict:
 
 def run_pyalign(args, probe: StepProbe) -> dict:
     from pyalign.models import smollm2_path  # noqa: PLC0415
-    from pyalign.train import run_sequential  # noqa: PLC0415
+    from pyalign.tasks.preference import run_sequential  # noqa: PLC0415
 
     path = Path(args.model or smollm2_path())
     work = Path(tempfile.mkdtemp(prefix="bench-pyalign-"))
@@ -230,7 +230,7 @@ def run_body(args, probe: StepProbe) -> dict:
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    from pyalign.integrations import hf  # noqa: PLC0415
+    from pyalign.models import fused_head as hf  # noqa: PLC0415
     from pyalign.models import smollm2_path  # noqa: PLC0415
 
     path = Path(args.model or smollm2_path())

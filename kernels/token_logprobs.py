@@ -37,7 +37,7 @@ from pyalign.kernels.token_logprobs_jit import (  # noqa: F401  (re-exported for
     _forward_kernel,
     _forward_merge_kernel,
 )
-from pyalign.ops.token_logprobs import has_self_overlap
+from pyalign.tensor_checks import has_self_overlap
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,8 +55,7 @@ def _add_config(commands) -> None:
 
 def _train(args) -> int:
     from pyalign import distributed  # noqa: PLC0415
-    from pyalign.train.config import ConfigError, device_name, load_config, path_value, positive_int  # noqa: PLC0415
-    from pyalign.train.tasks import task_of  # noqa: PLC0415
+    from pyalign.train import ConfigError, device_name, load_config, path_value, positive_int, task_of  # noqa: PLC0415
 
     config = load_config(args.config)
     task = task_of(config)
@@ -88,7 +87,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from pyalign.train import evaluate  # noqa: PLC0415
+    from pyalign.tasks.preference import evaluate  # noqa: PLC0415
 
     target = Path(args.target)
     if target.is_file():
@@ -115,7 +114,7 @@ def _eval(args) -> int:
 
 
 def _config(args) -> int:
-    from pyalign.train.config import config_to_dict, describe_fields, load_config  # noqa: PLC0415
+    from pyalign.train import config_to_dict, describe_fields, load_config  # noqa: PLC0415
 
     if args.config is None:
         print(describe_fields(args.task))
@@ -162,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     # one process's console output in a multi-process run: the others log warnings only
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from pyalign.train.config import ConfigError  # noqa: PLC0415
-    from pyalign.train.logprob_cache import StaleLogprobCacheError  # noqa: PLC0415
+    from pyalign.train import ConfigError, StaleLogprobCacheError  # noqa: PLC0415
 
     try:
         return COMMANDS[args.command][1](args)

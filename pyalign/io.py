@@ -11,6 +11,7 @@ the last written row" is well defined.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -167,3 +168,12 @@ class JsonlAppender:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes (data fingerprint of the log-prob cache)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+# Labels equal to this are not scored (prompt tokens, padding): log-prob 0, gradient 0. The one
+# definition every layer uses (torch's and transformers' convention).
+IGNORE_INDEX = -100
+
 
 def output_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     """Log-probs are float32, except for float64 logits (so gradcheck keeps its precision)."""
@@ -15,7 +19,7 @@ def output_dtype(logits_dtype: torch.dtype) -> torch.dtype:
 
 
 def reference_token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """log p(label | logits) per position in float64 math, differentiable by autograd.
 
@@ -64,7 +68,7 @@ def reference_backward(
 
 
 def reference_token_stats(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> dict[str, torch.Tensor]:
     """Per-position statistics of the softmax in float64 math (``return_stats`` of the fused
     lm_head): entropy ``-sum p log p``, ``mean_logits``, ``log_sum_sq_probs`` = ``log sum p^2``,

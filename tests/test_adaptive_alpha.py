@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_tiny_lm import Crash, make_pairs, one_thread, save_tiny_model, write_jsonl
-from pyalign.train.adaptive_alpha import LOG_FILE, dual_ascent_step, mean_margin
-from pyalign.train.config import ConfigError, load_config
-from pyalign.train.sequential import run_sequential
+from pyalign.tasks.preference.adaptive_alpha import LOG_FILE, dual_ascent_step, mean_margin
+from pyalign.train import ConfigError, load_config
+from pyalign.tasks.preference.rounds import run_sequential
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

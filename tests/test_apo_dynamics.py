@@ -6,7 +6,7 @@ the losers more. A short real training run on the tiny model; it fails if the si
 import pytest
 
 from helpers_tiny_lm import make_pairs, one_thread, save_tiny_model, write_jsonl
-from pyalign.train.sequential import run_sequential
+from pyalign.tasks.preference.rounds import run_sequential
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -11,7 +11,7 @@ import yaml
 from helpers_tiny_lm import make_pairs, one_thread, save_tiny_model, write_jsonl
 from pyalign.cli import main
 from pyalign.data import load_preference_pairs
-from pyalign.train.config import ConfigError, load_config
+from pyalign.train import ConfigError, load_config
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -171,7 +171,7 @@ def test_example_configs_are_valid(assets, name, tmp_path, monkeypatch):
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
     raw["model"]["path"] = str(model)
     if name == "sft_example.yaml":  # its data ships with the repository
-        from pyalign.train.sft_data import load_sft_examples
+        from pyalign.tasks.sft.data import load_sft_examples
 
         config = load_config(raw)
         assert config.output_dir.startswith(str(REPO / "outputs"))
@@ -224,7 +224,8 @@ def test_bad_sft_config_names_the_field(assets, path, value, message):
 
 
 def test_config_without_task_is_preference_and_resolved_config_names_its_task(assets, tmp_path, capsys):
-    from pyalign.train.config import SequentialConfig, config_to_dict
+    from pyalign.tasks.preference import SequentialConfig
+    from pyalign.train import config_to_dict
 
     config = load_config(base_config(assets))
     assert isinstance(config, SequentialConfig) and config_to_dict(config)["task"] == "preference"
@@ -241,7 +242,7 @@ def test_config_without_task_is_preference_and_resolved_config_names_its_task(as
 
 
 def test_a_task_missing_from_this_install_is_refused_by_name(monkeypatch):
-    from pyalign.train import tasks
+    from pyalign.train import registry as tasks
 
     monkeypatch.setitem(tasks.TASK_MODULES, "ghost", "pyalign.no_such_module")
     with pytest.raises(ConfigError, match=r"task: 'ghost' is provided by pyalign\.no_such_module, which is not installed"):
@@ -254,8 +255,8 @@ def test_a_module_registers_a_task_that_pyalign_train_runs(assets, tmp_path, cap
     `pyalign train` pick it up."""
     from dataclasses import dataclass
 
-    from pyalign.train import tasks
-    from pyalign.train.config import TrainingConfig, _field, path_value, positive_int, section
+    from pyalign.train import registry as tasks
+    from pyalign.train import TrainingConfig, _field, path_value, positive_int, section
 
     @dataclass
     class CountConfig:

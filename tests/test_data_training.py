@@ -9,9 +9,8 @@ import yaml
 
 from helpers_tiny_lm import make_tokenizer, one_thread, save_tiny_model
 from pyalign.data import DataSource, PreferenceDataset, load_pairs
-from pyalign.train.config import ConfigError, config_to_dict, load_config
-from pyalign.train.logprob_cache import StaleLogprobCacheError
-from pyalign.train.sequential import run_sequential
+from pyalign.train import ConfigError, StaleLogprobCacheError, config_to_dict, load_config
+from pyalign.tasks.preference.rounds import run_sequential
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +71,7 @@ def test_spo_on_pku_saferlhf_streams_and_the_cache_sees_a_changed_source(tiny_mo
     assert {"loss", "reward_accuracy"} <= set(result.metrics[1]["eval"])  # round 2 evaluated on its test split
     # rerunning the same config finds everything done
     run_sequential(data)
-    from pyalign.train.evaluate import evaluate_run
+    from pyalign.tasks.preference.evaluate import evaluate_run
 
     table = evaluate_run(data)  # `pyalign eval CONFIG`: every model on every round's eval source
     assert table["dimensions"] == ["helpful", "harmless"] and len(table["models"]) == 2

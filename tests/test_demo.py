@@ -122,7 +122,7 @@ def quick_demo(tmp_path_factory):
 
 
 def test_teacher_forced_metric_matches_pyalign_eval_and_flips_with_the_pairs(quick_demo, tmp_path):
-    from pyalign.train.evaluate import evaluate_model
+    from pyalign.tasks.preference.evaluate import evaluate_model
 
     base = quick_demo / "base_model"
     policy = quick_demo / "runs" / "spo" / "round_2_dim2" / "model"

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from helpers_tiny_lm import Crash, crash_at, one_thread
 from pyalign.demo import dpa as demo
 from pyalign.io import read_json, read_jsonl_rows, write_jsonl_atomic
-from pyalign.train.config import ConfigError, load_config
-from pyalign.train.dpa import run_dpa
-from pyalign.train.dpa_data import (
+from pyalign.train import ConfigError, load_config
+from pyalign.tasks.dpa.loop import run_dpa
+from pyalign.tasks.dpa.data import (
     best_worst_pairs, chosen_examples, iteration_prompts, load_prompt_rows, plan_rows, replay_examples,
 )
-from pyalign.train.dpa_eval import control_check, ranks, spearman
+from pyalign.tasks.dpa.evaluate import control_check, ranks, spearman
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -131,7 +131,7 @@ def test_selection_and_replay_helpers():
     front = [{"v": [1.0, -w], "true": {"helpfulness": 50, "verbosity": 100 - 50 * w}} for w in (0, 0.2, 0.6)]
     control = control_check(front, ["helpfulness", "verbosity"], "verbosity")
     assert control["spearman"] == pytest.approx(1.0) and 0 < control["p_value"] < 0.4  # 2/3! of 3 points
-    from pyalign.train.dpa_eval import permutation_p_value
+    from pyalign.tasks.dpa.evaluate import permutation_p_value
 
     ten = [-i / 10 for i in range(10)]
     assert permutation_p_value(ten, list(range(10)), -1.0) < 0.001
@@ -211,7 +211,7 @@ def test_pairwise_fine_tune_and_continuing_from_the_previous_iteration(quick_dem
         assert all(p["margin"] > 0 for p in pairs)
         assert list((directory / "fine_tune" / "logprob_cache").rglob("*.pt"))
     # continuing: iteration 2 fine-tunes pi_1, not pi_0
-    from pyalign.train.modeling import model_fingerprint
+    from pyalign.models import model_fingerprint
 
     state = read_json(result.output_dir / "iteration_2" / "fine_tune" / "state.json")
     assert state["fingerprint"]["base_model"] == model_fingerprint(result.model_dirs[1])
@@ -384,7 +384,7 @@ def _check_plan_worker(rank, world, port, plan_file, out_dir):
     import time
 
     from pyalign import distributed
-    from pyalign.train.dpa import DPARun
+    from pyalign.tasks.dpa.loop import DPARun
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -367,13 +367,13 @@ def test_load_for_generation_without_vllm_gives_transformers(tiny_folder):
 
 
 def _has_vllm() -> bool:
-    from pyalign import generation_vllm
+    from pyalign.generation import vllm as generation_vllm
 
     return generation_vllm.available()
 
 
 def test_vllm_backend_is_import_guarded():
-    from pyalign import generation_vllm
+    from pyalign.generation import vllm as generation_vllm
 
     if generation_vllm.available():
         pytest.skip("vllm is installed: the import error path is not reachable")

@@ -13,10 +13,10 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from pyalign.integrations import hf  # noqa: E402
+from pyalign.models import fused_head as hf  # noqa: E402
 
 VOCAB = 100
-LOGGER = "pyalign.integrations.hf"
+LOGGER = "pyalign.models.fused_head"
 
 
 def tiny_llama(tie: bool, seed: int = 0):

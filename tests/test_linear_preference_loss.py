@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import pyalign
-from pyalign.ops import linear_preference_loss as lpl
-from pyalign.ops.linear_preference_loss import is_pair_separable, linear_preference_loss
+from pyalign.losses import linear_preference_loss as lpl
+from pyalign.losses.linear_preference_loss import is_pair_separable, linear_preference_loss
 from tests.backends_under_test import DEVICE
 
 LOSS_CASES = [

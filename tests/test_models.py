@@ -39,7 +39,7 @@ def test_converted_folder_is_reused_without_touching_the_gguf(monkeypatch, tmp_p
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"")
-    monkeypatch.setattr(models, "smollm2_gguf_file", lambda: pytest.fail("must not convert again"))
+    monkeypatch.setattr(models.smollm2, "smollm2_gguf_file", lambda: pytest.fail("must not convert again"))
     assert models.smollm2_path(tmp_path) == folder
 
 

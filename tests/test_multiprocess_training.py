@@ -42,10 +42,10 @@ from helpers_tiny_lm import (  # noqa: E402
 
 from pyalign import distributed  # noqa: E402
 from pyalign.data import IGNORE_INDEX  # noqa: E402
-from pyalign.train.config import LoraConfig, TrainingConfig  # noqa: E402
-from pyalign.train.modeling import apply_lora  # noqa: E402
+from pyalign.train import LoraConfig, TrainingConfig  # noqa: E402
+from pyalign.models import apply_lora  # noqa: E402
 from pyalign.train.objectives import SFTObjective  # noqa: E402
-from pyalign.train.sft_data import SFTDataset, SFTExample  # noqa: E402
+from pyalign.tasks.sft.data import SFTDataset, SFTExample  # noqa: E402
 from pyalign.train.trainer import Trainer  # noqa: E402
 
 TOLERANCE = dict(atol=1e-6, rtol=1e-5)
@@ -207,7 +207,7 @@ def spo_config(root: Path, output_dir: Path) -> dict:
 def _sequential_worker(config_file: str, out_dir: str) -> None:
     """torchrun worker: the SPO run, killed (on every rank) at round 2 step 3."""
     import pyalign.train.trainer as trainer_module
-    from pyalign.train.sequential import run_sequential
+    from pyalign.tasks.preference.rounds import run_sequential
 
     torch.set_num_threads(1)
     events, saves = [], []
@@ -243,7 +243,7 @@ def recorder(events):
 def test_spo_under_torchrun_shards_the_frozen_stage_then_one_process_resumes(tmp_path):
     from safetensors.torch import load_file
 
-    from pyalign.train.sequential import run_sequential
+    from pyalign.tasks.preference.rounds import run_sequential
 
     torch.set_num_threads(1)
     straight_config = spo_config(tmp_path, tmp_path / "straight")

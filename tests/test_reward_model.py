@@ -169,7 +169,7 @@ def test_save_load_round_trip_and_objective_checks(tiny_backbone, tmp_path):
     import peft
 
     from pyalign.reward_model.model import apply_backbone_lora
-    from pyalign.train.config import LoraConfig
+    from pyalign.train import LoraConfig
 
     model = fresh_model(tiny_backbone, seed=1)
     model.backbone = apply_backbone_lora(model.backbone, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=0)
@@ -217,7 +217,7 @@ def reward_config(tmp_path, folder, **overrides):
 
 
 def test_pyalign_train_learns_synthetic_ratings_resumes_and_refuses_stale_runs(tiny_backbone, tmp_path):
-    from pyalign.reward_model.task import run_reward_model
+    from pyalign.tasks.reward_model.run import run_reward_model
 
     config = reward_config(tmp_path, tiny_backbone)
     result = run_reward_model(config)
@@ -259,7 +259,7 @@ def test_pyalign_train_learns_synthetic_ratings_resumes_and_refuses_stale_runs(t
 
 
 def test_config_errors_name_the_field(tiny_backbone, tmp_path):
-    from pyalign.train.config import ConfigError, load_config
+    from pyalign.train import ConfigError, load_config
 
     base = reward_config(tmp_path, tiny_backbone)
     for objectives, message in [
@@ -270,7 +270,7 @@ def test_config_errors_name_the_field(tiny_backbone, tmp_path):
             load_config({**base, "objectives": objectives})
     with pytest.raises(ConfigError, match=r"^data\.eval: file not found"):
         load_config({**base, "data": {"train": base["data"]["train"], "eval": str(tmp_path / "nope.jsonl")}})
-    from pyalign.reward_model.task import run_reward_model
+    from pyalign.tasks.reward_model.run import run_reward_model
 
     with pytest.raises(ValueError, match="ratings is missing objective 'harmlessness'"):
         run_reward_model({**base, "objectives": ["helpfulness", "harmlessness"]})
@@ -308,7 +308,7 @@ def test_helpsteer2_export_with_multi_turn_prompts_trains_and_scores(tmp_path):
     from pyalign.data import encode_prompt, encode_response
     from pyalign.data.cli import main as data_cli
     from pyalign.reward_model.data import prompt_groups
-    from pyalign.reward_model.task import run_reward_model
+    from pyalign.tasks.reward_model.run import run_reward_model
 
     train, held_out = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
     assert data_cli(["export", str(HELPSTEER2), "--ratings", "--out", str(train)]) == 0

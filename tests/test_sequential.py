@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_tiny_lm import Crash, crash_at, make_pairs, one_thread, save_tiny_model, write_jsonl
-from pyalign.train.config import load_config
-from pyalign.train.logprob_cache import StaleLogprobCacheError
-from pyalign.train.sequential import chain_models, round_alphas, run_sequential
+from pyalign.train import StaleLogprobCacheError, load_config
+from pyalign.tasks.preference.rounds import chain_models, round_alphas, run_sequential
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

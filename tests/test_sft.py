@@ -14,11 +14,11 @@ from helpers_tiny_lm import (
 
 from pyalign.data import IGNORE_INDEX, encode_prompt, encode_response
 from pyalign.reference import reference_token_logprobs
-from pyalign.train.config import LoraConfig, TrainingConfig
-from pyalign.train.modeling import apply_lora
+from pyalign.train import LoraConfig, TrainingConfig
+from pyalign.models import apply_lora
 from pyalign.train.objectives import SFTObjective
-from pyalign.train.sft import run_sft
-from pyalign.train.sft_data import SFTDataset, SFTExample, load_sft_examples
+from pyalign.tasks.sft.run import run_sft
+from pyalign.tasks.sft.data import SFTDataset, SFTExample, load_sft_examples
 from pyalign.train.trainer import Trainer
 
 single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)

@@ -11,9 +11,10 @@ from helpers_tiny_lm import make_model, make_pairs, make_tokenizer, one_thread
 
 from pyalign.data import PreferenceDataset, PreferencePair
 from pyalign.reference import reference_token_logprobs
-from pyalign.train.config import LoraConfig, MethodConfig, TrainingConfig
+from pyalign.tasks.preference import MethodConfig
+from pyalign.train import LoraConfig, TrainingConfig
 from pyalign.train.logprob_cache import FrozenLogprobs, PairsWithFrozenLogprobs, dataset_logprobs
-from pyalign.train.modeling import (
+from pyalign.models import (
     apply_lora, enable_activation_checkpointing, load_model, policy_sequence_logprobs, save_merged_model,
 )
 from pyalign.train.objectives import PreferenceObjective

@@ -21,7 +21,7 @@ from datasets import Dataset  # noqa: E402
 from helpers_tiny_lm import make_model, make_pairs, make_tokenizer, one_thread  # noqa: E402
 
 from pyalign import losses  # noqa: E402
-from pyalign.integrations import hf  # noqa: E402
+from pyalign.models import fused_head as hf  # noqa: E402
 from pyalign.integrations import trl as pyalign_trl  # noqa: E402
 from pyalign.integrations.trl import fused_head  # noqa: E402
 
@@ -154,7 +154,7 @@ def test_every_trl_loss_type_gives_trls_loss_metrics_and_gradients(tmp_path, set
 
 
 def test_logits_route_gives_trls_numbers(tmp_path, caplog):
-    """fused=False (and models pyalign.integrations.hf does not fuse): the fused op on the logits."""
+    """fused=False (and models pyalign.models.fused_head does not fuse): the fused op on the logits."""
     theirs = build(trl.DPOTrainer, tmp_path / "trl", "full")
     ours = build(DPOTrainer, tmp_path / "ours", "full", fused=False)
     batch = first_batch(theirs)

@@ -153,7 +153,7 @@ class LocalReviser:
     @classmethod
     def from_folder(cls, path, *, dtype: str = "float32", **kwargs) -> LocalReviser:
         from pyalign.generation import load_for_generation  # noqa: PLC0415
-        from pyalign.train.modeling import model_fingerprint  # noqa: PLC0415
+        from pyalign.models import model_fingerprint  # noqa: PLC0415
 
         model, tokenizer = load_for_generation(path, backend="hf", dtype=dtype)
         return cls(model, tokenizer, name=f"{Path(path).resolve()}#{model_fingerprint(path)[:16]}", **kwargs)
@@ -249,7 +249,7 @@ def _load_target(model, dtype: str):
     if isinstance(model, tuple):
         return model
     from pyalign.generation import load_for_generation  # noqa: PLC0415
-    from pyalign.train.modeling import model_fingerprint  # noqa: PLC0415
+    from pyalign.models import model_fingerprint  # noqa: PLC0415
 
     loaded, tokenizer = load_for_generation(model, backend="hf", dtype=dtype)
     return loaded, tokenizer, f"{Path(model).resolve()}#{model_fingerprint(model)[:16]}"

@@ -1,5 +1,5 @@
-"""Reading a data source's rows: JSONL line by line (errors name the line), every other file or
-folder, and hub data sets, through ``datasets``."""
+"""What a data source is (:class:`DataSource`) and reading its rows: JSONL line by line (errors
+name the line), every other file or folder, and hub data sets, through ``datasets``."""
 
 from __future__ import annotations
 
@@ -8,16 +8,38 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyalign.data.pairs import read_jsonl_records
-
-if TYPE_CHECKING:
-    from pyalign.data.sources import DataSource
+from pyalign.data.relabel import RelabelSpec
 
 DATASETS_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
                      ".arrow": "arrow"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str | None = None  # local file or folder (absolute)
+    name: str | None = None  # hub data set
+    config: str | None = None  # datasets config name (e.g. PKU-SafeRLHF "alpaca-7b")
+    data_dir: str | None = None  # folder inside the data set (e.g. hh-rlhf "harmless-base")
+    split: str = "train"
+    revision: str | None = None
+    schema: str | None = None  # None: guessed from the columns
+    dimension: str | None = None
+    relabel: RelabelSpec | None = None
+    on_bad_row: str = "fail"
+    limit: int | None = None  # first N rows only
+    cache_dir: str | None = None  # datasets cache (default $HF_DATASETS_CACHE)
+
+    @property
+    def label(self) -> str:
+        """How messages name the source: the file, or the folder / hub set with its split."""
+        if self.path is not None and Path(self.path).is_file():
+            return self.path
+        extra = "".join(f", {k} {getattr(self, k)}" for k in ("config", "data_dir") if getattr(self, k))
+        return f"{self.path or self.name} [{self.split}{extra}]"
 
 
 @dataclass

@@ -35,8 +35,9 @@ from typing import Any
 
 from pyalign.data.adapters import ADAPTERS, SCHEMAS, Adapter, get_adapter, guess_schema
 from pyalign.data.pairs import PreferencePair, RatingRecord, RowError, prompt_json
-from pyalign.data.reading import COMPRESSION_SUFFIXES, DATASETS_SUFFIXES, RowTable, read_rows
+from pyalign.data.reading import COMPRESSION_SUFFIXES, DATASETS_SUFFIXES, DataSource, RowTable, read_rows
 from pyalign.data.relabel import DEFAULT_TEMPLATE, METHODS, RelabelSpec, reward_augmented
+from pyalign.io import file_fingerprint
 
 logger = logging.getLogger("pyalign.data")
 ON_BAD_ROW = ("fail", "skip")
@@ -49,30 +50,6 @@ class BadRowError(ValueError):
     def __init__(self, message: str, index: int, field: str):
         super().__init__(message)
         self.index, self.field = index, field
-
-
-@dataclass(frozen=True)
-class DataSource:
-    path: str | None = None  # local file or folder (absolute)
-    name: str | None = None  # hub data set
-    config: str | None = None  # datasets config name (e.g. PKU-SafeRLHF "alpaca-7b")
-    data_dir: str | None = None  # folder inside the data set (e.g. hh-rlhf "harmless-base")
-    split: str = "train"
-    revision: str | None = None
-    schema: str | None = None  # None: guessed from the columns
-    dimension: str | None = None
-    relabel: RelabelSpec | None = None
-    on_bad_row: str = "fail"
-    limit: int | None = None  # first N rows only
-    cache_dir: str | None = None  # datasets cache (default $HF_DATASETS_CACHE)
-
-    @property
-    def label(self) -> str:
-        """How messages name the source: the file, or the folder / hub set with its split."""
-        if self.path is not None and Path(self.path).is_file():
-            return self.path
-        extra = "".join(f", {k} {getattr(self, k)}" for k in ("config", "data_dir") if getattr(self, k))
-        return f"{self.path or self.name} [{self.split}{extra}]"
 
 
 @dataclass
@@ -332,8 +309,6 @@ def load_source(source: Any) -> LoadedPairs:
     key = _memo_key(source)
     if key in _MEMO:
         return _MEMO[key]
-    from pyalign.data.tokenize import file_fingerprint  # noqa: PLC0415
-
     iterator, report = iter_pairs(source)
     pairs = [pair for _, pair in iterator]
     report.pairs = len(pairs)

@@ -30,14 +30,14 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from pyalign.data.pairs import PreferencePair
+from pyalign.io import file_fingerprint  # noqa: F401  (re-exported by pyalign.data)
+from pyalign.reference import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # Bump when the tokenisation recipe above changes: it invalidates cached log-probs. (Multi-turn
 # prompts were added without a bump: the token ids of text prompts did not change.)
 TOKENIZATION_VERSION = 1
@@ -149,15 +149,6 @@ def collate_pairs(items: Sequence[tuple[int, TokenizedPair]], pad_id: int) -> di
         attention_mask[row, :n_total] = 1
     index = torch.tensor([i for i, _ in items], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 of a file's bytes (data fingerprint of the log-prob cache)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenization_fingerprint(tokenizer, max_length: int, max_prompt_length: int) -> dict[str, object]:

@@ -9,7 +9,7 @@
    distribution in its system prompt, n samples), every sample is rated by the true objectives.
 4. The reward model (``pyalign.reward_model``, ``pyalign train`` task ``reward_model``) learns
    them; its held-out MSE, Pearson r and pairwise accuracy are reported.
-5. The DPA loop (``pyalign.train.dpa``, task ``dpa``): T iterations of rejection sampling
+5. The DPA loop (``pyalign.tasks.dpa.loop``, task ``dpa``): T iterations of rejection sampling
    against the reward model and SFT on the best sample per (prompt, v), with the fronts of
    pi_0..pi_T on the held-out prompts by the reward model and by the true objectives.
 
@@ -193,7 +193,7 @@ def rating_data(settings: dict, model_dir: Path, tasks: list[Task], out: Path) -
 
 
 def train_reward_model(settings: dict, model_dir: Path, train: Path, heldout: Path, out: Path):
-    from pyalign.reward_model.task import run_reward_model  # noqa: PLC0415
+    from pyalign.tasks.reward_model.run import run_reward_model  # noqa: PLC0415
 
     config = {
         "model": {"path": str(model_dir)},
@@ -241,7 +241,7 @@ def selection_diagnostics(dpa_dir: Path, iteration: int, tasks: dict[str, Task],
     sample and of the kept ones, and how the kept responses' verbosity follows the direction
     (Spearman of v[1] with the kept sample's true verbosity over the (prompt, v) rows). If the
     kept set carries no such dependence, no amount of fine-tuning can teach control."""
-    from pyalign.train.dpa_eval import spearman  # noqa: PLC0415
+    from pyalign.tasks.dpa.evaluate import spearman  # noqa: PLC0415
 
     rows = read_jsonl_rows(dpa_dir / f"iteration_{iteration}" / "scored.jsonl")
     if not rows:
@@ -264,8 +264,8 @@ def selection_diagnostics(dpa_dir: Path, iteration: int, tasks: dict[str, Task],
 
 def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     """The whole demo; returns the path of the results JSON."""
-    from pyalign.train.dpa import run_dpa  # noqa: PLC0415
-    from pyalign.train.dpa_eval import front_table  # noqa: PLC0415
+    from pyalign.tasks.dpa.loop import run_dpa  # noqa: PLC0415
+    from pyalign.tasks.dpa.evaluate import front_table  # noqa: PLC0415
 
     clock = Clock()
     out = Path(out)
@@ -288,7 +288,7 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     iterations = [{"iteration": it["iteration"], "model": it["model"], "front": it["front"],
                    "control": it["control"]} for it in fronts["iterations"]]
     heldout_metrics = _without_nan(reward.heldout)
-    from pyalign.train.modeling import load_tokenizer  # noqa: PLC0415
+    from pyalign.models import load_tokenizer  # noqa: PLC0415
 
     by_prompt = {t.prompt: t for group in tasks.values() for t in group}
     tokenizer = load_tokenizer(model_dir)

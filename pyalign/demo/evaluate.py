@@ -8,7 +8,7 @@ model pi and the held-out pairs of dimension d,
 
 (pi_0 itself has margin 0 and accuracy 0 by definition). Log-probs come from the trainer's own
 function (:func:`pyalign.train.logprob_cache.dataset_logprobs`) and the metrics from
-:func:`pyalign.train.evaluate.preference_metrics`; a model's log-probs are computed once per
+:func:`pyalign.tasks.preference.evaluate.preference_metrics`; a model's log-probs are computed once per
 process, keyed by its weights' fingerprint (runs that share a round share them).
 
 **Generation** (the paper's Table 4): a marker is *present* in a generation when its token id
@@ -35,9 +35,9 @@ from pyalign.data import PreferenceDataset
 from pyalign.generation import generate
 from pyalign.io import write_json_atomic
 from pyalign.models import load_model_and_tokenizer
-from pyalign.train.evaluate import preference_metrics
+from pyalign.tasks.preference.evaluate import preference_metrics
 from pyalign.train.logprob_cache import dataset_logprobs
-from pyalign.train.modeling import load_model, load_tokenizer, model_fingerprint
+from pyalign.models import load_model, load_tokenizer, model_fingerprint
 
 
 # ----------------------------------------------------------------------------- teacher-forced

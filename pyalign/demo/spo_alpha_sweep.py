@@ -32,11 +32,11 @@ from pyalign.demo.spo_experiment import (
     merge_settings, prepare_base_model, run_method, slug, source_model, spo_offsets, training_config,
 )
 from pyalign.demo.spo_plots import plot_alpha_sweep
-from pyalign.train.adaptive_alpha import LOG_FILE
+from pyalign.tasks.preference.adaptive_alpha import LOG_FILE
 
 DEFAULTS: dict = merge_settings(COMMON, {"data": {"num_dimensions": 2}, "training": {"epochs": 2}}) | {
     "alphas": [0.0, 0.1, 0.3, 0.5, 0.7],
-    # null: no adaptive run. alpha: where alpha_1 starts; the rest: pyalign.train.adaptive_alpha
+    # null: no adaptive run. alpha: where alpha_1 starts; the rest: pyalign.tasks.preference.adaptive_alpha
     "adaptive_alpha": {"alpha": 0.1, "keep": 0.7, "every": 1, "step_size": 1.0, "max_pairs": 32},
 }
 QUICK: dict = merge_settings(DEFAULTS, QUICK_OVERRIDES)

@@ -10,7 +10,7 @@ Both build pi_0 = the source model (SmolLM2-135M-Instruct, or ``model: tiny`` fo
 tokens ``[Token_i]``/``[Skip_i]``; sample one response per prompt from it (cached); write, per
 dimension, training pairs (with ``conflict_rate`` of them in conflict with the earlier dimensions)
 and conflict-free held-out pairs (:mod:`pyalign.demo.spo_data`); train with
-:func:`pyalign.train.sequential.run_sequential`; and score every round's model with
+:func:`pyalign.tasks.preference.rounds.run_sequential`; and score every round's model with
 :class:`pyalign.demo.evaluate.TeacherForced` and :func:`pyalign.demo.evaluate.generation_metrics`.
 docs/demo.md explains the design, the settings and what was measured.
 """
@@ -193,7 +193,7 @@ def training_config(settings: dict, base_model: Path, token_ids, rounds, output_
 
 def run_method(config: dict, out: Path, name: str) -> list[Path]:
     """Train (or resume) one method; returns pi_1..pi_K's folders."""
-    from pyalign.train.sequential import run_sequential  # noqa: PLC0415
+    from pyalign.tasks.preference.rounds import run_sequential  # noqa: PLC0415
 
     write_json(out / f"train_config.{slug(name)}.json", config)
     result = run_sequential(config)

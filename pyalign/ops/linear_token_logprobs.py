@@ -14,7 +14,7 @@ Modes (flops for N kept tokens, H hidden, V vocabulary):
   backward only scales it by the upstream gradient: 4*N*H*V in all and no recompute. When the
   weight (or bias) needs a gradient the upstream gradient must be known before ``d_logits^T @ hidden``
   can be summed, so the backward recomputes the logits: 8*N*H*V. (The 6*N*H*V path, which needs
-  the loss, lives in :mod:`pyalign.ops.linear_preference_loss`.)
+  the loss, lives in :mod:`pyalign.losses.linear_preference_loss`.)
 - ``"low_memory"``: chunks of up to 32 MiB, nothing but the log-sum-exp per token saved; the
   backward recomputes the logits: 6*N*H*V (frozen weight) or 8*N*H*V.
 
@@ -51,7 +51,7 @@ from pyalign.ops.linear_chunks import (  # noqa: F401  (re-exported: tests and l
     vocab_major_backward,
 )
 from pyalign.ops.token_logprobs import labels_checked_on_host
-from pyalign.reference import output_dtype
+from pyalign.reference import IGNORE_INDEX, output_dtype
 
 DEFAULT_BUDGETS = {"default": 256 * MIB, "low_memory": 32 * MIB}
 MODES = tuple(DEFAULT_BUDGETS)
@@ -297,7 +297,7 @@ def linear_token_logprobs(
     labels: Tensor,
     *,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     mode: str = "default",
     chunk_size: int | None = None,
     memory_budget: int | None = None,

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from pyalign.ops.backends import Backend, resolve_backend
-from pyalign.reference import output_dtype
+from pyalign.reference import IGNORE_INDEX, output_dtype
+from pyalign.tensor_checks import has_self_overlap
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CHECK_LABELS_ENV = "PYALIGN_CHECK_LABELS"
@@ -63,20 +64,6 @@ def labels_checked_on_host(labels: Tensor, backend_name: str) -> bool:
     if labels.device.type == "cpu" or backend_name == "torch":
         return True
     return os.environ.get(CHECK_LABELS_ENV, "0") not in ("", "0")
-
-
-def has_self_overlap(tensor: Tensor) -> bool:
-    """Whether two elements of ``tensor`` might share memory (e.g. an expanded view, stride 0).
-
-    Dimensions of size > 1 sorted by stride must each step over everything the smaller ones
-    span; a layout that fails this is treated as overlapping (a few exotic interleaved layouts
-    that do not overlap are flagged too, which only costs them the in-place backward)."""
-    span = 0  # largest offset reachable with the dimensions seen so far
-    for stride, size in sorted((abs(st), sz) for st, sz in zip(tensor.stride(), tensor.shape) if sz > 1):
-        if stride <= span:
-            return True
-        span += stride * (size - 1)
-    return False
 
 
 def validate_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
@@ -246,7 +233,7 @@ def token_logprobs(
     logits: Tensor,
     labels: Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> Tensor:
@@ -288,7 +275,7 @@ def sequence_logprobs(
     logits: Tensor,
     labels: Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     average: bool = False,
     backend: str = "auto",
     inplace_backward: bool = False,

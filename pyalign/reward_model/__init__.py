@@ -11,7 +11,7 @@ state of the last non-padding token, trained with MSE on ratings rescaled to 0-1
 - :mod:`pyalign.reward_model.data`: ratings JSONL, the 0-100 rescaling, batches;
 - :mod:`pyalign.reward_model.model`: :class:`RewardModel` (forward, score, save/load);
 - :mod:`pyalign.reward_model.metrics`: per-objective MSE, Pearson r, pairwise ranking accuracy;
-- :mod:`pyalign.reward_model.task`: the regression objective and ``task: reward_model`` of
+- :mod:`pyalign.tasks.reward_model.run`: the regression objective and ``task: reward_model`` of
   ``pyalign train``.
 """
 
@@ -26,5 +26,9 @@ __all__ = [
     "evaluate_reward_model", "objective_metrics", "pairwise_accuracy", "pearson", "RewardModel", "load_reward_model",
 ]
 
-# Registers ``task: reward_model`` with pyalign.train.tasks (which imports this package for it).
-from pyalign.reward_model import task  # noqa: E402,F401
+
+def __getattr__(name: str):
+    # The training side (objective, config, run) moved to pyalign.tasks.reward_model.
+    from pyalign._deprecated import moved_attribute  # noqa: PLC0415
+
+    return moved_attribute(__name__, name)

@@ -67,9 +67,9 @@ def load_backbone(path: str | os.PathLike, dtype: str | torch.dtype = "float32")
 
 
 def apply_backbone_lora(backbone, lora, *, seed: int):
-    """:func:`pyalign.train.modeling.apply_lora` on the backbone (``lora``: the config's ``lora``
+    """:func:`pyalign.models.apply_lora` on the backbone (``lora``: the config's ``lora``
     section; peft task type FEATURE_EXTRACTION: a base model, not a causal LM)."""
-    from pyalign.train.modeling import apply_lora  # noqa: PLC0415
+    from pyalign.models import apply_lora  # noqa: PLC0415
 
     return apply_lora(backbone, lora, seed=seed, task_type="FEATURE_EXTRACTION")
 

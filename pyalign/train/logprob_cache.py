@@ -23,7 +23,7 @@ from torch import Tensor
 
 from pyalign.data import PreferenceDataset
 from pyalign.io import torch_save_atomic
-from pyalign.train.modeling import autocast_context, policy_sequence_logprobs
+from pyalign.models import autocast_context, policy_sequence_logprobs
 
 
 class StaleLogprobCacheError(RuntimeError):

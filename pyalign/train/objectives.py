@@ -35,8 +35,8 @@ from torch import Tensor
 
 from pyalign.data import IGNORE_INDEX
 from pyalign.losses import LossOutput
-from pyalign.preference_loss import PreferenceLoss, split_pairs
-from pyalign.train.modeling import policy_sequence_logprobs, response_token_counts
+from pyalign.losses.preference_loss import PreferenceLoss, split_pairs
+from pyalign.models import policy_sequence_logprobs, response_token_counts
 
 
 @dataclass

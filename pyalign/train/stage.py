@@ -21,9 +21,7 @@ from typing import Callable
 
 from pyalign import distributed
 from pyalign.io import write_json_atomic
-from pyalign.train.modeling import (
-    apply_lora, enable_activation_checkpointing, load_model, model_fingerprint, save_merged_model,
-)
+from pyalign.models import apply_lora, enable_activation_checkpointing, load_model, model_fingerprint, save_merged_model
 from pyalign.train.objectives import Objective
 from pyalign.train.trainer import Trainer
 

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from pyalign import distributed
 from pyalign.io import write_json_atomic
+from pyalign.models import autocast_context, trainable_parameters
 from pyalign.train.checkpoint import latest_step, load_latest_checkpoint, save_checkpoint
 from pyalign.train.config import TrainingConfig
-from pyalign.train.modeling import autocast_context, trainable_parameters
 from pyalign.train.objectives import Objective
 
 logger = logging.getLogger("pyalign.train")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from pyalign import losses
 from pyalign.data import IGNORE_INDEX
-from pyalign.integrations import hf
+from pyalign.models import fused_head as hf
 from pyalign.integrations.trl import fused_head
 
 # TRL 1.16's loss types (DPOTrainer._compute_loss); computed by TRL's own code on pyalign's log-probs.
@@ -121,7 +121,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     pyalign's own keyword arguments:
 
-    - ``fused``: ``"auto"`` (fused lm_head where :mod:`pyalign.integrations.hf` allows it, else the
+    - ``fused``: ``"auto"`` (fused lm_head where :mod:`pyalign.models.fused_head` allows it, else the
       fused op on the model's logits, reason logged once), ``True`` (fused lm_head or ValueError),
       ``False`` (always the logits);
     - ``strict``: raise ValueError instead of handing a forward back to TRL's own fused head (MoE

@@ -11,7 +11,7 @@ reads (policy, reference, precomputed reference) comes from that call.
 call is answered by pyalign and returns the same ``FusedCausalLMOutput``:
 
 - **fused lm_head** (:func:`pyalign.linear_token_logprobs`) when
-  :func:`pyalign.integrations.hf.fused_head_or_reason` says the model's logits are exactly
+  :func:`pyalign.models.fused_head.fused_head_or_reason` says the model's logits are exactly
   ``lm_head(last hidden state)``: only completion tokens are projected; the statistics
   (``return_stats=True``) come from the same chunks of logits, without gradient. The head
   computes in the model's dtype (autocast included), or in float32 on a CPU without native
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from pyalign.data import IGNORE_INDEX
-from pyalign.integrations import hf
+from pyalign.models import fused_head as hf
 from pyalign.ops.token_logprobs import token_logprobs
 from pyalign.reference import reference_token_stats
 
@@ -53,7 +53,7 @@ STAT_FIELDS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 class HeadSettings:
     """Shared by every forward one trainer installs (policy, reference)."""
 
-    fused: bool | str = "auto"   # as in pyalign.integrations.hf: "auto", True, False
+    fused: bool | str = "auto"   # as in pyalign.models.fused_head: "auto", True, False
     strict: bool = False         # raise instead of handing a forward back to TRL
     trainer: weakref.ref | None = None
     recording: list | None = None  # fused outputs of the current loss computation, in call order
@@ -137,7 +137,7 @@ def cpu_half_matmul_is_slow(dtype: torch.dtype) -> bool:
 
 def head_operands(hidden: Tensor, head: hf.FusedHead, cast_lm_head_to_fp32: bool):
     """``(hidden, weight, bias, reason)`` in the dtype the lm_head computes in: the model's (autocast
-    included, :mod:`pyalign.integrations.hf`), or float32 when asked (TRL's ``cast_lm_head_to_fp32``)
+    included, :mod:`pyalign.models.fused_head`), or float32 when asked (TRL's ``cast_lm_head_to_fp32``)
     or when this CPU has no native half-precision matmul (``reason`` says so)."""
     model_hidden = hidden
     hidden, weight, bias = hf._compute_operands(hidden, head)

@@ -62,7 +62,7 @@ def sampling_params(settings, seed: int, stop_token_ids):
 def generate_rows(llm, tokenizer, rows, settings, bar) -> list[tuple[list[int], str, None]]:
     """``rows``: ``[(prompt_ids, seed)]`` -> ``(token_ids, finish_reason, None)`` per row, in
     order (token ids cut before the first stop token, as the transformers backend does)."""
-    from pyalign.generation import cut_at_stop, stop_token_ids_of  # noqa: PLC0415
+    from pyalign.generation.settings import cut_at_stop, stop_token_ids_of  # noqa: PLC0415
 
     stop_ids = stop_token_ids_of(None, tokenizer, settings.stop_token_ids)
     prompts = [{"prompt_token_ids": list(ids)} for ids, _ in rows]

@@ -30,64 +30,27 @@ a resumed round continues with them.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pyalign import distributed
 from pyalign.io import write_json_atomic
-from pyalign.train.config import ConfigError, _build, _field, positive_float, positive_int
-from pyalign.train.evaluate import preference_metrics
-from pyalign.train.logprob_cache import dataset_logprobs
-from pyalign.train.modeling import load_model
+from pyalign.models import load_model
+from pyalign.tasks.preference.config import AdaptiveAlphaConfig, round_alphas, round_dir
+from pyalign.tasks.preference.evaluate import preference_metrics
+from pyalign.train import dataset_logprobs
 
 logger = logging.getLogger("pyalign.train")
 LOG_FILE = "adaptive_alpha.json"
 _FLOOR = 1e-3  # |H_k| below this: the shortfall is measured against this instead
 
 
-def _keep_fraction(path, value):
-    number = positive_float(path, value)
-    if number > 1:
-        raise ConfigError(f"{path}: expected a fraction in (0, 1], got {value!r}")
-    return number
-
-
-@dataclass
-class AdaptiveAlphaConfig:
-    keep: float = _field(0.9, _keep_fraction, "threshold H_k: this fraction of dimension k's held-out margin "
-                                              "(vs pi_0) at the start of the round")
-    every: int = _field(2, positive_int, "measure the margins and update the alphas every N optimizer steps")
-    step_size: float = _field(1.0, positive_float, "alpha_k += step_size * (H_k - m_k) / |H_k|, clipped to [0, 1]")
-    max_pairs: int = _field(32, positive_int, "held-out pairs of each earlier dimension measured (the first N)")
-
-
-def adaptive_alpha_setting(path, value):
-    """Config check of ``method.adaptive_alpha``: null (fixed alphas) or a mapping of
-    :class:`AdaptiveAlphaConfig` fields."""
-    return None if value is None else _build(AdaptiveAlphaConfig, value, path)
-
-
-def check_adaptive_alpha(config) -> None:
-    """Cross-field checks of a preference config using adaptive alpha (names the field)."""
-    method = config.method
-    if method.loss != "spo":
-        raise ConfigError(f"method.adaptive_alpha: only the spo loss has alphas, got loss {method.loss}")
-    starting = method.alpha if isinstance(method.alpha, list) else [method.alpha]
-    if any(a == 0 for a in starting):
-        raise ConfigError("method.alpha: adaptive alpha starts from method.alpha and needs it above 0 "
-                          f"(a round with every alpha 0 is plain DPO and has no chain to weigh), got {method.alpha}")
-    for i, round_config in enumerate(config.rounds[:-1]):
-        if round_config.eval is None:
-            raise ConfigError(f"rounds[{i}].eval: adaptive alpha measures every earlier dimension on its "
-                              "held-out pairs; this round has none")
-
-
 def mean_margin(policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
                 beta: float) -> float:
     """beta * mean[(log pi(y_w) - log pi_0(y_w)) - (log pi(y_l) - log pi_0(y_l))] (the implicit-reward
-    margin of :func:`pyalign.train.evaluate.preference_metrics`)."""
+    margin of :func:`pyalign.tasks.preference.evaluate.preference_metrics`)."""
     return preference_metrics(*policy, *reference, beta=beta)["reward_margin"]
 
 
@@ -170,12 +133,10 @@ def _fmt(values) -> str:
 
 
 def for_round(run, round_number: int) -> AdaptiveAlpha | None:
-    """The controller of SPO round ``round_number`` of a :class:`pyalign.train.sequential.SequentialRun`
+    """The controller of SPO round ``round_number`` of a :class:`pyalign.tasks.preference.rounds.SequentialRun`
     (None when the run does not adapt alpha or the round has no alphas). Log-probs of pi_0 and
     pi_{n-1} on the earlier rounds' eval pairs come from the run's cache, computed (and cached,
     by process 0) when missing."""
-    from pyalign.train.sequential import round_alphas, round_dir  # noqa: PLC0415
-
     config = run.config
     settings = config.method.adaptive_alpha
     if settings is None or not round_alphas(config, round_number):

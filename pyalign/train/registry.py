@@ -5,7 +5,7 @@ dataclass (built and checked field by field by :mod:`pyalign.train.config`), opt
 checks, and a runner. A module adds one by calling :func:`register_task` when it is imported::
 
     from pyalign.train.config import ModelConfig, LoraConfig, TrainingConfig, _field, path_value, section
-    from pyalign.train.tasks import Task, register_task
+    from pyalign.train.registry import Task, register_task
 
     @dataclass
     class MyConfig:
@@ -23,18 +23,22 @@ imports it (nothing else is imported until a task is asked for).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from pyalign.train.config import read_config_source
+from pyalign.train.config_fields import ConfigError, _build
 
 DEFAULT_TASK = "preference"
 
 # task name -> the module that registers it when imported
 TASK_MODULES = {
-    "preference": "pyalign.train.sequential",
-    "sft": "pyalign.train.sft",
-    "reward_model": "pyalign.reward_model",
-    "dpa": "pyalign.train.dpa",
+    "preference": "pyalign.tasks.preference",
+    "sft": "pyalign.tasks.sft",
+    "reward_model": "pyalign.tasks.reward_model",
+    "dpa": "pyalign.tasks.dpa",
 }
 
 
@@ -58,7 +62,7 @@ _REGISTRY: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     """Add ``task`` (re-registering the same name replaces it, e.g. on a module reload)."""
     if not isinstance(task, Task):
-        raise ValueError(f"task: expected a pyalign.train.tasks.Task, got {type(task).__name__}")
+        raise ValueError(f"task: expected a pyalign.train.registry.Task, got {type(task).__name__}")
     _REGISTRY[task.name] = task
     return task
 
@@ -76,8 +80,6 @@ def _import_registering_module(name: str) -> None:
 
 
 def get_task(name: str) -> Task:
-    from pyalign.train.config import ConfigError  # noqa: PLC0415
-
     if not isinstance(name, str):
         raise ConfigError(f"task: expected one of {', '.join(task_names())}, got {name!r}")
     _import_registering_module(name)
@@ -103,3 +105,64 @@ def task_of(config) -> Task:
         if type(config) is task.config_class:
             return task
     raise ValueError(f"config: {type(config).__name__} is not the config of a registered task")
+
+
+def load_config(source, task: str | None = None):
+    """A YAML file path, a dict of the same shape, or a config object (returned as is).
+
+    The top-level ``task:`` (default ``preference``) selects the task's config dataclass and its
+    cross-field checks from the registry; ``task`` overrides it."""
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        if task is not None and task_of(source).name != task:
+            raise ConfigError(f"task: expected a {task} config, got a {task_of(source).name} one")
+        return source
+    data = read_config_source(source)
+    name = data.pop("task", None)
+    if task is not None:
+        if name is not None and name != task:
+            raise ConfigError(f"task: this runs {task!r}, the config says {name!r}")
+        name = task
+    spec = get_task(DEFAULT_TASK if name is None else name)
+    config = _build(spec.config_class, data, "")
+    if spec.check is not None:
+        spec.check(config)
+    return config
+
+
+def config_to_dict(config) -> dict:
+    """The resolved config as plain data, ``task`` first (loadable again by :func:`load_config`)."""
+    return {"task": task_of(config).name, **dataclasses.asdict(config)}
+
+
+def describe_config_class(cls, prefix: str = "") -> list[str]:
+    """One line per field of ``cls`` and its sections: name, default, meaning."""
+    lines = []
+    nested = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if "section" in f.metadata:
+            nested.append((f.metadata["section"], f"{name}."))
+            continue
+        if "items" in f.metadata:
+            nested.append((f.metadata["items"], f"{name}[]."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        )
+        lines.append(f"{name:34s} {default!s:22s} {f.metadata.get('doc', '')}")
+    for section_cls, section_prefix in nested:
+        lines += describe_config_class(section_cls, section_prefix)
+    return lines
+
+
+def describe_fields(task: str | None = None) -> str:
+    """The config reference as text, for ``pyalign config``: every registered task's fields
+    (or one task's)."""
+    names = [task] if task else task_names()
+    blocks = []
+    for name in names:
+        spec = get_task(name)
+        default = " (the default)" if name == DEFAULT_TASK else ""
+        header = f"task: {name}{default} -- {spec.doc}"
+        blocks.append("\n".join([header, "-" * min(len(header), 100), *describe_config_class(spec.config_class)]))
+    return "\n\n".join(blocks)

@@ -16,10 +16,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pyalign.directions import SIGNS, check_objectives
-from pyalign.train.config import (
-    ConfigError, LoraConfig, MethodConfig, ModelConfig, TrainingConfig, _fail, _field, _number, boolean,
-    check_file, check_lengths, check_model_folder, choice, fraction, integer, list_of, optional,
-    path_value, positive_float, positive_int, section,
+from pyalign.tasks.preference.config import MethodConfig
+from pyalign.train import (
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    TrainingConfig,
+    _fail,
+    _field,
+    _number,
+    boolean,
+    check_file,
+    check_lengths,
+    check_model_folder,
+    choice,
+    fraction,
+    integer,
+    list_of,
+    optional,
+    path_value,
+    positive_float,
+    positive_int,
+    section,
 )
 
 PAIRWISE_LOSSES = ("dpo", "ipo", "hinge", "robust", "apo_zero", "apo_down", "kto_pair")

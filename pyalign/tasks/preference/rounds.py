@@ -48,17 +48,22 @@ import torch
 from pyalign import distributed
 from pyalign.data import PreferenceDataset, data_fingerprint, tokenization_fingerprint
 from pyalign.io import atomic_directory, write_json_atomic
-from pyalign.train import adaptive_alpha
-from pyalign.train.config import SequentialConfig, check_sequential, load_config, training_fingerprint
-from pyalign.train.logprob_cache import (
-    CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, dataset_logprobs,
+from pyalign.models import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
+from pyalign.tasks.preference import adaptive_alpha
+from pyalign.tasks.preference.config import SequentialConfig, chain_models, round_alphas, round_dir
+from pyalign.train import (
+    STATE_FILE,
+    CacheKey,
+    FrozenLogprobs,
+    LogprobCache,
+    PairsWithFrozenLogprobs,
+    PreferenceObjective,
+    dataset_logprobs,
+    load_config,
+    stage_finished,
+    train_lora_stage,
+    training_fingerprint,
 )
-from pyalign.train.modeling import (
-    load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast,
-)
-from pyalign.train.objectives import PreferenceObjective
-from pyalign.train.stage import STATE_FILE, stage_finished, train_lora_stage
-from pyalign.train.tasks import Task, register_task
 
 logger = logging.getLogger("pyalign.train")
 SPLITS = ("train", "eval")
@@ -69,25 +74,6 @@ class SequentialResult:
     round_dirs: list[Path]
     final_model_dir: Path
     metrics: list[dict] = field(default_factory=list)  # per round: {"train", "eval", "history"}
-
-
-def round_dir(config: SequentialConfig, round_number: int) -> Path:
-    return Path(config.output_dir) / f"round_{round_number}_{config.rounds[round_number - 1].name}"
-
-
-def round_alphas(config: SequentialConfig, round_number: int) -> list[float]:
-    """The alphas round n uses; S-DPO rounds (spo with every alpha 0) use none, since their
-    reward beta*log(pi_n/pi_{n-1}) involves only the reference."""
-    if config.method.loss != "spo":
-        return []
-    alphas = config.method.alphas_for_round(round_number)
-    return alphas if any(a != 0 for a in alphas) else []
-
-
-def chain_models(config: SequentialConfig, round_number: int) -> list[int]:
-    """Indices i of the frozen models pi_i whose log-probs round n needs (the last is pi_{n-1})."""
-    n_models = len(round_alphas(config, round_number)) + 1
-    return list(range(round_number - n_models, round_number))
 
 
 class SequentialRun:
@@ -330,15 +316,9 @@ def _both(first: Callable[[str, dict], None], second: Callable[[str, dict], None
     return callback
 
 
-def _summary(result: SequentialResult) -> list[str]:
+def summary(result: SequentialResult) -> list[str]:
     lines = []
     for n, (directory, metrics) in enumerate(zip(result.round_dirs, result.metrics), start=1):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.get("eval", {}).items())
         lines.append(f"round {n}: {directory}" + (f"  eval: {shown}" if shown else ""))
     return lines + [f"final model: {result.final_model_dir}"]
-
-
-register_task(Task(
-    "preference", SequentialConfig, run_sequential, check=check_sequential, summary=_summary,
-    doc="preference pairs: one round of dpo/ipo/hinge/robust/apo/kto_pair per dimension, spo across them",
-))

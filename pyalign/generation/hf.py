@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from pyalign.data import pad_token_id
+from pyalign.generation.settings import cut_at_stop
 
 # Candidates read with top-k before falling back to a full sort, when top-p needs more mass.
 TOP_P_CANDIDATES = 256
@@ -104,7 +105,6 @@ def generate_rows(model, tokenizer, rows, settings, stop_ids: list[int],
     error shows in the first batch)."""
     from transformers import GenerationConfig  # noqa: PLC0415
 
-    from pyalign.generation import cut_at_stop  # noqa: PLC0415
 
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device

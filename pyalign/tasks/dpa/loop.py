@@ -40,16 +40,35 @@ from pyalign import distributed
 from pyalign.data import PreferenceDataset, file_fingerprint, tokenization_fingerprint
 from pyalign.generation import GenerationSettings, generate_jsonl, load_for_generation
 from pyalign.io import JsonlAppender, read_json, read_jsonl_rows, write_json_atomic, write_jsonl_atomic
-from pyalign.train.config import ConfigError, config_to_dict, load_config, training_fingerprint
-from pyalign.train.dpa_config import DPAConfig, check_dpa, resolve_callable
-from pyalign.train.dpa_data import (
-    best_worst_pairs, chosen_examples, iteration_prompts, load_prompt_rows, plan_rows, replay_examples,
-    replay_pool, scored_samples, sft_rows,
+from pyalign.models import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
+from pyalign.tasks.dpa.config import DPAConfig, resolve_callable
+from pyalign.tasks.dpa.data import (
+    best_worst_pairs,
+    chosen_examples,
+    iteration_prompts,
+    load_prompt_rows,
+    plan_rows,
+    replay_examples,
+    replay_pool,
+    scored_samples,
+    sft_rows,
 )
-from pyalign.train.dpa_eval import evaluate_policy, front_table, write_fronts
-from pyalign.train.modeling import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
-from pyalign.train.stage import stage_finished, train_lora_stage
-from pyalign.train.tasks import Task, register_task
+from pyalign.tasks.dpa.evaluate import evaluate_policy, front_table, write_fronts
+from pyalign.train import (
+    CacheKey,
+    ConfigError,
+    FrozenLogprobs,
+    LogprobCache,
+    PairsWithFrozenLogprobs,
+    PreferenceObjective,
+    SFTObjective,
+    config_to_dict,
+    dataset_logprobs,
+    load_config,
+    stage_finished,
+    train_lora_stage,
+    training_fingerprint,
+)
 
 logger = logging.getLogger("pyalign.train")
 STATE_FILE = "state.json"
@@ -289,8 +308,7 @@ class DPARun:
 
     def fine_tune(self, t: int) -> dict:
         """Train pi_t on the iteration's training file (resumes its checkpoint)."""
-        from pyalign.train.objectives import PreferenceObjective, SFTObjective  # noqa: PLC0415
-        from pyalign.train.sft_data import SFTDataset  # noqa: PLC0415
+        from pyalign.tasks.sft.data import SFTDataset  # noqa: PLC0415
 
         config, training = self.config, self.config.training
         base_index = 0 if config.loop.restart_from_base else t - 1
@@ -330,9 +348,6 @@ class DPARun:
     def pairs_with_reference(self, t: int, base_index: int, train_file: Path, pairs, average: bool):
         """The pairs with the base model's log-probs (the reference of the pairwise loss),
         computed once and cached in the fine-tune folder under a key of everything they depend on."""
-        from pyalign.train.logprob_cache import (  # noqa: PLC0415
-            CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, dataset_logprobs,
-        )
 
         training = self.config.training
         key = CacheKey(model_index=base_index, model_fingerprint=self.model_fingerprint(base_index), round_index=t,
@@ -406,7 +421,7 @@ def run_dpa(config, *, callback: Callable[[str, dict], None] | None = None) -> D
     return result
 
 
-def _summary(result: DPAResult) -> list[str]:
+def summary(result: DPAResult) -> list[str]:
     lines = []
     if result.fronts is not None:
         objectives = result.fronts["objectives"]
@@ -420,8 +435,3 @@ def _summary(result: DPAResult) -> list[str]:
         lines += [f"fronts: {result.fronts_file} ({result.plot})"]
     lines.append(f"final model: {result.final_model_dir}")
     return lines
-
-
-register_task(Task("dpa", DPAConfig, run_dpa, check=check_dpa, summary=_summary,
-                   doc="Directional Preference Alignment: rejection sampling against a multi-objective "
-                       "reward model, fine-tuning on the best sample per direction"))

@@ -25,29 +25,20 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from torch import Tensor
 
 from pyalign import distributed
 from pyalign.data import file_fingerprint, tokenization_fingerprint
 from pyalign.io import write_json_atomic
-from pyalign.reward_model.data import (
-    RatingsDataset, check_within_scales, load_rated_examples, resolve_scales,
-)
-from pyalign.reward_model.metrics import flatten, objective_metrics, unflatten
+from pyalign.models import enable_activation_checkpointing, load_tokenizer, model_fingerprint, resolve_device
+from pyalign.reward_model.data import RatingsDataset, check_within_scales, load_rated_examples, resolve_scales
+from pyalign.reward_model.metrics import unflatten
 from pyalign.reward_model.model import RewardModel, apply_backbone_lora, load_backbone
-from pyalign.train.config import (
-    ConfigError, LoraConfig, ModelConfig, TrainingConfig, _fail, _field, _number, check_file,
-    check_lengths, check_model_folder, config_to_dict, load_config, optional, path_value, section,
-    training_fingerprint,
-)
-from pyalign.train.modeling import enable_activation_checkpointing, load_tokenizer, model_fingerprint, resolve_device
-from pyalign.train.objectives import Objective, ObjectiveOutput
-from pyalign.train.stage import stage_finished
-from pyalign.train.tasks import Task, register_task
-from pyalign.train.trainer import Trainer
+from pyalign.tasks.reward_model.config import RewardModelConfig
+from pyalign.tasks.reward_model.objective import RewardRegressionObjective
+from pyalign.train import ConfigError, Trainer, config_to_dict, load_config, stage_finished, training_fingerprint
 
 logger = logging.getLogger("pyalign.train")
 STATE_FILE = "state.json"
@@ -56,104 +47,8 @@ MODEL_DIR = "reward_model"
 
 # ----------------------------------------------------------------------------- the objective
 
-class RewardRegressionObjective(Objective):
-    """MSE between the reward model's ratings and the true ratings, both on the 0-100 scale,
-    averaged over the batch's examples and the k objectives (the DPA paper's eq. 1 divided by k).
-    Batches come from :class:`pyalign.reward_model.data.RatingsDataset`; validation reports,
-    per objective, MSE, Pearson r and pairwise ranking accuracy
-    (:mod:`pyalign.reward_model.metrics`)."""
-
-    name = "reward_model"
-    unit = "examples"
-    progress_metrics = ()
-
-    def __init__(self, objectives):
-        self.objectives = list(objectives)
-
-    def check_data(self, dataset, split: str) -> None:
-        names = [s.name for s in getattr(dataset, "scales", [])]
-        if names != self.objectives:
-            raise ValueError(f"data.{split}: expected ratings of the objectives {self.objectives}, "
-                             f"the data set has {names}")
-
-    def units(self, batch: dict[str, Tensor]) -> int:
-        return int(batch["targets"].shape[0])
-
-    def loss(self, model, batch: dict[str, Tensor]) -> ObjectiveOutput:
-        # batch -> backbone -> final hidden state at the last non-padding token -> head -> [B, k]
-        predictions = model(batch["input_ids"], batch["attention_mask"])
-        # -> squared error on the 0-100 scale, mean over examples and objectives
-        errors = (predictions - batch["targets"].to(predictions)) ** 2
-        loss = errors.mean()
-        metrics = {"loss": loss.item()}
-        metrics.update({f"mse/{name}": errors[:, k].mean().item() for k, name in enumerate(self.objectives)})
-        return ObjectiveOutput(loss, metrics)
-
-    @torch.no_grad()
-    def eval_rows(self, model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"predictions": model(batch["input_ids"], batch["attention_mask"]).float(),
-                "targets": batch["targets"].float(), "group": batch["group"]}
-
-    def eval_metrics(self, rows: dict[str, Tensor]) -> dict[str, float]:
-        return flatten(objective_metrics(rows["predictions"], rows["targets"], rows["group"], self.objectives))
-
 
 # ----------------------------------------------------------------------------- the config
-
-def objectives_spec(path: str, value: Any) -> dict[str, list[float] | None]:
-    """A list of names (scales inferred from the training ratings) or a mapping
-    ``name -> [low, high]`` (``null``: inferred); normalised to the mapping, order kept."""
-    if isinstance(value, (list, tuple)):
-        if not value or not all(isinstance(name, str) and name.strip() for name in value):
-            raise _fail(path, "a non-empty list of objective names", value)
-        if len(set(value)) != len(value):
-            raise _fail(path, "distinct objective names", value)
-        return {name: None for name in value}
-    if not isinstance(value, dict) or not value:
-        raise _fail(path, "a list of objective names or a mapping name -> [low, high]", value)
-    spec = {}
-    for name, bounds in value.items():
-        where = f"{path}.{name}"
-        if not isinstance(name, str) or not name.strip():
-            raise _fail(path, "objective names that are non-empty strings", name)
-        if bounds is None:
-            spec[name] = None
-            continue
-        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
-            raise _fail(where, "[low, high] (the input scale mapped to 0-100) or null", bounds)
-        low, high = (_number(f"{where}[{i}]", b, "a finite number") for i, b in enumerate(bounds))
-        if not low < high:
-            raise _fail(where, "low < high", bounds)
-        spec[name] = [low, high]
-    return spec
-
-
-@dataclass
-class RewardDataConfig:
-    train: str = _field(check=path_value, doc="JSONL {prompt, response, ratings: {objective: value}, system?}")
-    eval: Any = _field(None, optional(path_value), "held-out JSONL of the same form (MSE, Pearson r, pairwise accuracy)")
-
-
-@dataclass
-class RewardModelConfig:
-    """``task: reward_model``: a k-objective regression head and a LoRA on a causal LM's backbone."""
-
-    model: ModelConfig = section(ModelConfig, "the causal LM whose backbone (without lm_head) reads the texts",
-                                 required=True)
-    objectives: Any = _field(check=objectives_spec,
-                             doc="objective names in order, or name: [low, high] (input scale mapped to 0-100; "
-                                 "null: min/max of the training ratings)")
-    data: RewardDataConfig = section(RewardDataConfig, "the rated examples", required=True)
-    output_dir: str = _field(check=path_value, doc="where checkpoints and the reward model folder go")
-    lora: LoraConfig = section(LoraConfig, "LoRA on the backbone (the head is trained in full)")
-    training: TrainingConfig = section(TrainingConfig, "optimisation")
-
-
-def check_reward_model(config: RewardModelConfig) -> None:
-    check_lengths(config.training)
-    check_model_folder(config.model)
-    check_file("data.train", config.data.train)
-    check_file("data.eval", config.data.eval)
 
 
 @dataclass
@@ -251,14 +146,9 @@ def run_reward_model(config, *, callback: Callable[[str, dict], None] | None = N
     return result
 
 
-def _summary(result: RewardModelResult) -> list[str]:
+def summary(result: RewardModelResult) -> list[str]:
     lines = []
     for name, values in result.heldout.items():
         lines.append(f"held-out {name}: mse={values['mse']:.4g} pearson={values['pearson']:.3f} "
                      f"pairwise_accuracy={values['pairwise_accuracy']:.3f} ({values['pairs']} pairs)")
     return lines + [f"reward model: {result.model_dir}"]
-
-
-register_task(Task("reward_model", RewardModelConfig, run_reward_model, check=check_reward_model,
-                   summary=_summary,
-                   doc="multi-objective reward model: LoRA backbone + k-output head, MSE on ratings rescaled to 0-100"))

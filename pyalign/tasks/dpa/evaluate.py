@@ -23,9 +23,7 @@ import torch
 
 from pyalign import distributed
 from pyalign.data import file_fingerprint
-from pyalign.directions import (
-    angle_of, direction_system_prompt, evaluation_directions, unit_direction, weighted_reward,
-)
+from pyalign.directions import angle_of, direction_system_prompt, evaluation_directions, unit_direction, weighted_reward
 from pyalign.io import read_json, save_figure_atomic, write_json_atomic
 
 
@@ -165,7 +163,7 @@ def plot_fronts(path: str | Path, iterations: Sequence[dict], objectives: Sequen
 # ----------------------------------------------------------------------------- the evaluation stage
 
 def evaluate_policy(run, t: int) -> dict:
-    """The front of pi_t on the held-out prompts of a :class:`pyalign.train.dpa.DPARun` (cached
+    """The front of pi_t on the held-out prompts of a :class:`pyalign.tasks.dpa.loop.DPARun` (cached
     in its ``evaluation/iteration_<t>/front.json``, resumable like the loop's stages)."""
     config, directory = run.config, run.eval_dir(t)
     directions = eval_directions(config)

@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 
 from pyalign.data import PreferenceDataset
-from pyalign.train.config import SequentialConfig, load_config
-from pyalign.train.logprob_cache import dataset_logprobs
-from pyalign.train.modeling import load_model, load_tokenizer, resolve_device
+from pyalign.models import load_model, load_tokenizer, resolve_device
+from pyalign.tasks.preference.config import SequentialConfig, round_dir
+from pyalign.train import dataset_logprobs, load_config
 
 
 def preference_metrics(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta: float = 0.1) -> dict:
@@ -74,8 +74,6 @@ def evaluate_run(config: SequentialConfig | str, *, split: str = "eval", batch_s
     """Every finished round's model against pi_0 on every round's data (``split``, falling back
     to train where a round has no eval file). Returns ``{"dimensions": [...], "models": [...],
     "metrics": {model: {dimension: metrics}}}``."""
-    from pyalign.train.sequential import round_dir  # noqa: PLC0415
-
     config = load_config(config, task="preference")
     training = config.training
     tokenizer = load_tokenizer(config.model.path)

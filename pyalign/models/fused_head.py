@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pyalign.losses import LossOutput
+from pyalign.losses.pairwise import LossOutput
+from pyalign.losses.preference_loss import PreferenceLoss
 from pyalign.ops.linear_token_logprobs import linear_token_logprobs
 from pyalign.ops.token_logprobs import sequence_logprobs
-from pyalign.preference_loss import PreferenceLoss
+from pyalign.reference import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def fused_head_or_reason(model) -> tuple[FusedHead | None, str]:
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FUSED_MODEL_TYPES:
-        return None, (f"model type {model_type!r} is not in pyalign.integrations.hf.FUSED_MODEL_TYPES "
+        return None, (f"model type {model_type!r} is not in pyalign.models.fused_head.FUSED_MODEL_TYPES "
                       "(models whose logits are exactly lm_head(last hidden state))")
     for field in LOGIT_POSTPROCESSING_FIELDS:
         value = getattr(config, field, None)
@@ -124,7 +125,7 @@ def _resolve(model, fused) -> FusedHead | None:
     return head
 
 
-def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
+def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """``labels[:, 1:]`` padded with ``ignore_index``: aligned with every hidden state, so the
     hidden states need no shifted copy (the last position is simply not scored)."""
     pad = labels.new_full((*labels.shape[:-1], 1), ignore_index)
@@ -159,7 +160,7 @@ def causal_lm_sequence_logprobs(
     labels: Tensor,
     *,
     average: bool = False,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     fused: bool | str = "auto",
     mode: str = "default",
     backend: str = "auto",
@@ -226,3 +227,23 @@ def causal_lm_preference_loss(
     return loss(labels=shift_labels(labels, loss.ignore_index), ref_logps=ref_logps,
                 chain_logps=chain_logps, hidden=hidden, weight=weight, bias=bias, mode=mode,
                 memory_budget=memory_budget, grad_filter=grad_filter)
+
+
+def policy_sequence_logprobs(
+    model, batch: dict[str, Tensor], *, average: bool = False, fused: bool | str = "auto"
+) -> Tensor:
+    """Sequence log-probs ``[2B]`` of the batch's responses under ``model``.
+
+    The one place where log-probs come from a model: logits at position t predict token t+1,
+    so logits[:, :-1] pair with labels[:, 1:]. ``fused``: through the fused lm_head (hidden
+    states x lm_head weight, never materialising the [B, T, V] logits) when the model allows it
+    (see :mod:`pyalign.models.fused_head`).
+    """
+    return causal_lm_sequence_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"], average=average, fused=fused
+    )
+
+
+def response_token_counts(batch: dict[str, Tensor]) -> Tensor:
+    """Scored tokens per row ``[2B]`` (for the length-normalised NLL term)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)

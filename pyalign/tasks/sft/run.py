@@ -23,49 +23,27 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from pyalign import distributed
 from pyalign.data import file_fingerprint, tokenization_fingerprint
 from pyalign.io import write_json_atomic
-from pyalign.train.config import (
-    LoraConfig, ModelConfig, TrainingConfig, _field, check_file, check_lengths, check_model_folder,
-    config_to_dict, load_config, optional, path_value, section, training_fingerprint,
+from pyalign.models import load_tokenizer, model_fingerprint, resolve_device
+from pyalign.tasks.sft.config import SFTConfig
+from pyalign.tasks.sft.data import SFTDataset
+from pyalign.train import (
+    SFTObjective,
+    config_to_dict,
+    load_config,
+    stage_finished,
+    train_lora_stage,
+    training_fingerprint,
 )
-from pyalign.train.modeling import load_tokenizer, model_fingerprint, resolve_device
-from pyalign.train.objectives import SFTObjective
-from pyalign.train.sft_data import SFTDataset
-from pyalign.train.stage import stage_finished, train_lora_stage
-from pyalign.train.tasks import Task, register_task
 
 logger = logging.getLogger("pyalign.train")
 STATE_FILE = "state.json"
-
-
-@dataclass
-class SFTDataConfig:
-    train: str = _field(check=path_value, doc="JSONL {prompt, response, system?} examples to train on")
-    eval: Any = _field(None, optional(path_value), "JSONL examples to evaluate on (NLL per token, perplexity)")
-
-
-@dataclass
-class SFTConfig:
-    """``task: sft``: supervised fine-tuning of a LoRA on (prompt, response) examples."""
-
-    model: ModelConfig = section(ModelConfig, "the model to fine-tune", required=True)
-    data: SFTDataConfig = section(SFTDataConfig, "the examples", required=True)
-    output_dir: str = _field(check=path_value, doc="where checkpoints, the adapter and the merged model go")
-    lora: LoraConfig = section(LoraConfig, "LoRA adapter")
-    training: TrainingConfig = section(TrainingConfig, "optimisation")
-
-
-def check_sft(config: SFTConfig) -> None:
-    check_lengths(config.training)
-    check_model_folder(config.model)
-    check_file("data.train", config.data.train)
-    check_file("data.eval", config.data.eval)
 
 
 @dataclass
@@ -125,10 +103,6 @@ def run_sft(config, *, callback: Callable[[str, dict], None] | None = None) -> S
     return result
 
 
-def _summary(result: SFTResult) -> list[str]:
+def summary(result: SFTResult) -> list[str]:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.get("eval", {}).items())
     return ([f"eval: {shown}"] if shown else []) + [f"model: {result.model_dir}"]
-
-
-register_task(Task("sft", SFTConfig, run_sft, check=check_sft, summary=_summary,
-                   doc="supervised fine-tuning on {prompt, response} examples (NLL of response tokens)"))

@@ -1,10 +1,10 @@
 """Measure :func:`pyalign.generation.generate` on a real model: throughput per batch size, and how
 far "results do not depend on the batch" holds on it (docs/generation.md quotes the output).
 
-    python -m pyalign.generation_measure [--model DIR] [--prompts 32] [--new-tokens 48] [--threads 2]
+    python -m pyalign.generation.measure [--model DIR] [--prompts 32] [--new-tokens 48] [--threads 2]
 
 Default model: SmolLM2-135M-Instruct (:func:`pyalign.models.smollm2_path`), float32. Prompts: the
-SPO demo's prompt bank (varied lengths, so batches carry left padding).
+prompt bank of :mod:`pyalign.data.prompt_bank` (the SPO demos' prompts) (varied lengths, so batches carry left padding).
 
 Batch invariance, two ways:
 
@@ -32,7 +32,7 @@ def _cpu_isa() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyalign.generation_measure", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pyalign.generation.measure", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pyalign.data import encode_prompt
-    from pyalign.demo.markers import SYSTEM_PROMPT, prompt_bank
+    from pyalign.data.prompt_bank import SYSTEM_PROMPT, prompt_bank
     from pyalign.generation import generate
     from pyalign.models import load_model_and_tokenizer, smollm2_path
 

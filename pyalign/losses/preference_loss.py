@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pyalign import losses
-from pyalign.losses import LossOutput
+from pyalign.losses import pairwise as losses
+from pyalign.losses.pairwise import LossOutput
 from pyalign.ops.token_logprobs import sequence_logprobs
+from pyalign.reference import IGNORE_INDEX
 
 
 def split_pairs(values: Tensor, name: str) -> tuple[Tensor, Tensor]:
@@ -41,7 +42,7 @@ class PreferenceLoss(torch.nn.Module):
         *,
         nll_weight: float = 0.0,
         average: bool | None = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         inplace_backward: bool = False,
         **loss_kwargs,
@@ -133,7 +134,7 @@ class PreferenceLoss(torch.nn.Module):
                 raise ValueError("logits: pass either logits or hidden=/weight=, not both")
             if hidden is None or weight is None:
                 raise ValueError("hidden, weight: the fused-linear path needs both")
-            from pyalign.ops.linear_preference_loss import linear_preference_loss  # noqa: PLC0415
+            from pyalign.losses.linear_preference_loss import linear_preference_loss  # noqa: PLC0415
 
             return linear_preference_loss(
                 self, hidden, weight, labels, bias=bias, ref_logps=ref_logps,

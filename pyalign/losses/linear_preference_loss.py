@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from pyalign.losses import LossOutput
+from pyalign.losses.pairwise import LossOutput
 from pyalign.ops.linear_token_logprobs import (
     MIB,
     MODES,
@@ -43,7 +43,7 @@ from pyalign.ops.linear_token_logprobs import (
     rows_for_budget,
     validate_linear_inputs,
 )
-from pyalign.reference import output_dtype
+from pyalign.reference import IGNORE_INDEX, output_dtype
 
 PAIR_GROUP_BUDGET = 512 * MIB  # logits bytes of one group of pairs (one 1024+1024-token pair at V=128k, bf16)
 
@@ -222,7 +222,7 @@ def linear_preference_loss(
     through the op by itself; the other pairs stay in groups.
     """
     compute = _loss_callable(loss_fn)
-    ignore_index = getattr(loss_fn, "ignore_index", -100) if ignore_index is None else ignore_index
+    ignore_index = getattr(loss_fn, "ignore_index", IGNORE_INDEX) if ignore_index is None else ignore_index
     average = bool(getattr(loss_fn, "average", False)) if average is None else average
     backend = getattr(loss_fn, "backend", "auto") if backend is None else backend
     separable = is_pair_separable(loss_fn) if pair_separable is None else bool(pair_separable)
