@@ -7,7 +7,7 @@ from pyalign.ops.token_logprobs import sequence_logprobs, token_logprobs
 from pyalign.losses.preference_loss import PreferenceLoss
 from pyalign.reference import IGNORE_INDEX
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _deprecated.install()  # old import paths (pyalign 0.1) keep working for one release, with a warning
 

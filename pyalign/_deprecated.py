@@ -44,7 +44,7 @@ MOVED_MODULES = {
 }
 
 _TRAIN_CONFIG_TO_PREFERENCE = ("LOSSES", "SMOOTHED_LOSSES", "MethodConfig", "RoundConfig", "SequentialConfig",
-                               "check_sequential", "data_source", "alpha_value", "round_name")
+                               "check_sequential")
 _TRAIN_CONFIG_TO_REGISTRY = ("load_config", "config_to_dict", "describe_fields", "describe_config_class")
 
 MOVED_NAMES = {

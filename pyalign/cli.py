@@ -51,6 +51,9 @@ def _add_config(commands) -> None:
     config = commands.add_parser("config", help="print the config reference, or check and print a config")
     config.add_argument("config", nargs="?", help="YAML config to check")
     config.add_argument("--task", help="only this task's fields (default: every task's)")
+    config.add_argument("--schema", action="store_true",
+                        help="print the JSON Schema of a config file (the task's, or every task's chosen by its "
+                             "task: field), for editors that complete and check YAML")
 
 
 def _train(args) -> int:
@@ -114,9 +117,13 @@ def _eval(args) -> int:
 
 
 def _config(args) -> int:
-    from pyalign.train import config_to_dict, describe_fields, load_config  # noqa: PLC0415
+    from pyalign.train import config_schema, config_to_dict, describe_fields, load_config  # noqa: PLC0415
 
-    if args.config is None:
+    if args.schema:
+        if args.config is not None:
+            raise ValueError("--schema: prints the schema of a task's config (use --task), not of a file")
+        print(json.dumps(config_schema(args.task), indent=2))
+    elif args.config is None:
         print(describe_fields(args.task))
     else:
         print(json.dumps(config_to_dict(load_config(args.config, task=args.task)), indent=2))

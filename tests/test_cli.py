@@ -253,15 +253,12 @@ def test_a_task_missing_from_this_install_is_refused_by_name(monkeypatch):
 def test_a_module_registers_a_task_that_pyalign_train_runs(assets, tmp_path, capsys, monkeypatch):
     """The registry is the only place a task needs: config checks, `pyalign config` and
     `pyalign train` pick it up."""
-    from dataclasses import dataclass
-
+    from pyalign.train import PathValue, PositiveInt, Section, TrainingConfig, field, section
     from pyalign.train import registry as tasks
-    from pyalign.train import TrainingConfig, _field, path_value, positive_int, section
 
-    @dataclass
-    class CountConfig:
-        output_dir: str = _field(check=path_value, doc="where the count goes")
-        upto: int = _field(3, positive_int, "how far to count")
+    class CountConfig(Section):
+        output_dir: PathValue = field(doc="where the count goes")
+        upto: PositiveInt = field(3, "how far to count")
         training: TrainingConfig = section(TrainingConfig, "optimisation")
 
     def run(config, *, callback=None):

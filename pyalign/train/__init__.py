@@ -22,74 +22,38 @@ See docs/training.md.
 from pyalign._deprecated import moved_attribute
 from pyalign.train.checkpoint import latest_step, load_latest_checkpoint, save_checkpoint
 from pyalign.train.config import (
-    TRAINING_FIELDS_NOT_IN_FINGERPRINT,
-    LoraConfig,
-    ModelConfig,
-    TrainingConfig,
-    check_file,
-    check_lengths,
-    check_model_folder,
-    read_config_source,
-    training_fingerprint,
+    TRAINING_FIELDS_NOT_IN_FINGERPRINT, LoraConfig, ModelConfig, TrainingConfig, check_file, check_lengths,
+    check_model_folder, read_config_source, training_fingerprint,
 )
 from pyalign.train.config_fields import (
-    ConfigError,
-    _build,
-    _fail,
-    _field,
-    _number,
-    boolean,
-    choice,
-    device_name,
-    fraction,
-    fused_choice,
-    integer,
-    list_of,
-    non_negative_float,
-    non_negative_int,
-    optional,
-    path_value,
-    positive_float,
-    positive_int,
-    section,
-    section_list,
-    target_modules,
-    text,
-    unit_interval,
+    Boolean, ConfigError, DeviceName, Fraction, FusedChoice, Integer, NonNegativeFloat, NonNegativeInt, PathValue,
+    PositiveFloat, PositiveInt, Section, String, TargetModules, Text, UnitInterval, check_value, checked,
+    config_error, device_name, expect, expected_error, field, float_type, int_type, non_empty_list, one_of,
+    one_or_list, path_value, positive_int, section, validate,
 )
 from pyalign.train.logprob_cache import (
-    CacheKey,
-    FrozenLogprobs,
-    LogprobCache,
-    PairsWithFrozenLogprobs,
-    StaleLogprobCacheError,
-    dataset_logprobs,
+    CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, StaleLogprobCacheError, dataset_logprobs,
 )
 from pyalign.train.objectives import Objective, ObjectiveOutput, PreferenceObjective, SFTObjective
 from pyalign.train.registry import (
-    DEFAULT_TASK,
-    Task,
-    config_to_dict,
-    describe_fields,
-    get_task,
-    load_config,
-    register_task,
-    task_names,
-    task_of,
+    DEFAULT_TASK, Task, config_schema, config_to_dict, describe_fields, get_task, load_config, register_task,
+    task_names, task_of,
 )
 from pyalign.train.stage import STATE_FILE, stage_finished, train_lora_stage
 from pyalign.train.trainer import Trainer
 
 __all__ = [
-    "DEFAULT_TASK", "STATE_FILE", "TRAINING_FIELDS_NOT_IN_FINGERPRINT", "CacheKey", "ConfigError", "FrozenLogprobs",
-    "LogprobCache", "LoraConfig", "ModelConfig", "Objective", "ObjectiveOutput", "PairsWithFrozenLogprobs",
-    "PreferenceObjective", "SFTObjective", "StaleLogprobCacheError", "Task", "Trainer", "TrainingConfig",
-    "_build", "_fail", "_field", "_number", "boolean", "check_file", "check_lengths", "check_model_folder",
-    "choice", "config_to_dict", "dataset_logprobs", "describe_fields", "device_name", "fraction", "fused_choice",
-    "get_task", "integer", "latest_step", "list_of", "load_config", "load_latest_checkpoint", "non_negative_float",
-    "non_negative_int", "optional", "path_value", "positive_float", "positive_int", "read_config_source",
-    "register_task", "save_checkpoint", "section", "section_list", "stage_finished", "target_modules",
-    "task_names", "task_of", "text", "train_lora_stage", "training_fingerprint", "unit_interval",
+    "DEFAULT_TASK", "STATE_FILE", "TRAINING_FIELDS_NOT_IN_FINGERPRINT", "Boolean", "CacheKey", "ConfigError",
+    "DeviceName", "Fraction", "FrozenLogprobs", "FusedChoice", "Integer", "LogprobCache", "LoraConfig",
+    "ModelConfig", "NonNegativeFloat", "NonNegativeInt", "Objective", "ObjectiveOutput", "PairsWithFrozenLogprobs",
+    "PathValue", "PositiveFloat", "PositiveInt", "PreferenceObjective", "Section", "SFTObjective",
+    "StaleLogprobCacheError", "String", "TargetModules", "Task", "Text", "Trainer", "TrainingConfig",
+    "UnitInterval", "check_file", "check_lengths", "check_model_folder", "check_value", "checked", "config_error",
+    "config_schema", "config_to_dict", "dataset_logprobs", "describe_fields", "device_name", "expect",
+    "expected_error", "field", "float_type", "get_task", "int_type", "latest_step", "load_config",
+    "load_latest_checkpoint", "non_empty_list", "one_of", "one_or_list", "path_value", "positive_int",
+    "read_config_source", "register_task", "save_checkpoint", "section", "stage_finished", "task_names", "task_of",
+    "train_lora_stage", "training_fingerprint", "validate",
 ]
 
 

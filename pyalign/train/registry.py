@@ -1,16 +1,19 @@
 """What ``pyalign train CONFIG.yaml`` can run: a small registry of tasks.
 
 A config's top-level ``task:`` names its task (default ``preference``). A task is a config
-dataclass (built and checked field by field by :mod:`pyalign.train.config`), optional cross-field
-checks, and a runner. A module adds one by calling :func:`register_task` when it is imported::
+class (a :class:`~pyalign.train.config_fields.Section`: pydantic, every field checked, errors
+naming the field), optional cross-field checks, and a runner. A module adds one by calling
+:func:`register_task` when it is imported::
 
-    from pyalign.train.config import ModelConfig, LoraConfig, TrainingConfig, _field, path_value, section
-    from pyalign.train.registry import Task, register_task
+    from pyalign.train import (ModelConfig, PathValue, PositiveInt, Section, Task, TrainingConfig,
+                               field, register_task, section)
 
-    @dataclass
-    class MyConfig:
+    class MyConfig(Section):
+        # (a class docstring here describes the config in its JSON Schema)
+
         model: ModelConfig = section(ModelConfig, "the starting model", required=True)
-        output_dir: str = _field(check=path_value, doc="where everything goes")
+        output_dir: PathValue = field(doc="where everything goes")
+        upto: PositiveInt = field(3, "how far to count")
         training: TrainingConfig = section(TrainingConfig, "optimisation")
 
     def run_mine(config, *, callback=None): ...
@@ -23,13 +26,16 @@ imports it (nothing else is imported until a task is asked for).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pydantic.json_schema
+
 from pyalign.train.config import read_config_source
-from pyalign.train.config_fields import ConfigError, _build
+from pyalign.train.config_fields import ConfigError, Section, validate
 
 DEFAULT_TASK = "preference"
 
@@ -110,9 +116,9 @@ def task_of(config) -> Task:
 def load_config(source, task: str | None = None):
     """A YAML file path, a dict of the same shape, or a config object (returned as is).
 
-    The top-level ``task:`` (default ``preference``) selects the task's config dataclass and its
+    The top-level ``task:`` (default ``preference``) selects the task's config class and its
     cross-field checks from the registry; ``task`` overrides it."""
-    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+    if isinstance(source, Section):
         if task is not None and task_of(source).name != task:
             raise ConfigError(f"task: expected a {task} config, got a {task_of(source).name} one")
         return source
@@ -123,7 +129,7 @@ def load_config(source, task: str | None = None):
             raise ConfigError(f"task: this runs {task!r}, the config says {name!r}")
         name = task
     spec = get_task(DEFAULT_TASK if name is None else name)
-    config = _build(spec.config_class, data, "")
+    config = validate(spec.config_class, data)
     if spec.check is not None:
         spec.check(config)
     return config
@@ -131,25 +137,40 @@ def load_config(source, task: str | None = None):
 
 def config_to_dict(config) -> dict:
     """The resolved config as plain data, ``task`` first (loadable again by :func:`load_config`)."""
-    return {"task": task_of(config).name, **dataclasses.asdict(config)}
+    return {"task": task_of(config).name, **config.model_dump(mode="json")}
 
 
-def describe_config_class(cls, prefix: str = "") -> list[str]:
+def _sections_in(annotation) -> tuple[type[Section] | None, bool]:
+    """The section class a field holds (directly, optionally, or as a list) and whether it is a list."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation, False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _sections_in(args[0])
+    if origin is list and args:
+        inner, _ = _sections_in(args[0])
+        return inner, inner is not None
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            inner, is_list = _sections_in(arg)
+            if inner is not None:
+                return inner, is_list
+    return None, False
+
+
+def describe_config_class(cls: type[Section], prefix: str = "") -> list[str]:
     """One line per field of ``cls`` and its sections: name, default, meaning."""
-    lines = []
-    nested = []
-    for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
-        if "section" in f.metadata:
-            nested.append((f.metadata["section"], f"{name}."))
+    lines, nested = [], []
+    for name, info in cls.model_fields.items():
+        path = f"{prefix}{name}"
+        inner, is_list = _sections_in(info.annotation)
+        if inner is not None and (is_list or info.is_required() or info.default_factory is not None):
+            nested.append((inner, f"{path}[]." if is_list else f"{path}."))
             continue
-        if "items" in f.metadata:
-            nested.append((f.metadata["items"], f"{name}[]."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
-        )
-        lines.append(f"{name:34s} {default!s:22s} {f.metadata.get('doc', '')}")
+        default = "(required)" if info.is_required() else info.get_default(call_default_factory=True)
+        lines.append(f"{path:34s} {default!s:22s} {info.description or ''}")
+        if inner is not None:  # an optional section, off by default: its fields when given
+            nested.append((inner, f"{path}."))
     for section_cls, section_prefix in nested:
         lines += describe_config_class(section_cls, section_prefix)
     return lines
@@ -166,3 +187,25 @@ def describe_fields(task: str | None = None) -> str:
         header = f"task: {name}{default} -- {spec.doc}"
         blocks.append("\n".join([header, "-" * min(len(header), 100), *describe_config_class(spec.config_class)]))
     return "\n\n".join(blocks)
+
+
+def config_schema(task: str | None = None) -> dict:
+    """The JSON Schema of a config file, for editors (``pyalign config --schema``): one task's,
+    or, without ``task``, every task's, chosen by the file's ``task:`` (absent: the default)."""
+    names = [task] if task else task_names()
+    specs = [get_task(name) for name in names]
+    _, definitions = pydantic.json_schema.models_json_schema(
+        [(spec.config_class, "validation") for spec in specs], ref_template="#/$defs/{model}")
+    defs = definitions.get("$defs", {})
+    alternatives = []
+    for spec in specs:
+        schema = dict(defs.pop(spec.config_class.__name__))
+        task_field = {"const": spec.name, "description": f"the task: {spec.doc}"}
+        schema["properties"] = {"task": task_field, **schema["properties"]}
+        if spec.name != DEFAULT_TASK:
+            schema["required"] = ["task", *schema.get("required", [])]
+        alternatives.append(schema)
+    schema = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
+    title = f"pyalign config (task: {task})" if task else "pyalign config"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": title,
+            **({"$defs": defs} if defs else {})}

@@ -11,33 +11,17 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Callable
+
+from pydantic import AfterValidator, Field
 
 from pyalign.directions import SIGNS, check_objectives
 from pyalign.tasks.preference.config import MethodConfig
 from pyalign.train import (
-    ConfigError,
-    LoraConfig,
-    ModelConfig,
-    TrainingConfig,
-    _fail,
-    _field,
-    _number,
-    boolean,
-    check_file,
-    check_lengths,
-    check_model_folder,
-    choice,
-    fraction,
-    integer,
-    list_of,
-    optional,
-    path_value,
-    positive_float,
-    positive_int,
-    section,
+    Boolean, ConfigError, Fraction, Integer, LoraConfig, ModelConfig, NonNegativeInt, PathValue, PositiveFloat,
+    PositiveInt, Section, String, TrainingConfig, check_file, check_lengths, check_model_folder, checked, expect,
+    expected_error, field, float_type, non_empty_list, one_of, section,
 )
 
 PAIRWISE_LOSSES = ("dpo", "ipo", "hinge", "robust", "apo_zero", "apo_down", "kto_pair")
@@ -45,50 +29,35 @@ FINE_TUNES = ("sft", "pairwise")
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
-# ----------------------------------------------------------------------------- field checks
+# ----------------------------------------------------------------------------- field types
 
-def objective_names(path, value):
-    try:
-        return check_objectives(value, name=path)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+def _objective_names(path, value):
+    return check_objectives(value, name=path)
 
 
-def string(path, value):
-    if not isinstance(value, str):
-        raise _fail(path, "a string", value)
+def _some_sign_not_zero(signs: list[str]) -> list[str]:
+    if all(sign == "0" for sign in signs):
+        raise expected_error("at least one sign that is not '0'", signs)
+    return signs
+
+
+def _angles_in_order(value: list[float]) -> list[float]:
+    low, high = value
+    if low > high or high - low > 2 * math.pi:
+        raise expected_error("low <= high, at most 2*pi apart", value)
     return value
 
 
-def sign_list(path, value):
-    values = list_of(choice(*SIGNS))(path, value)
-    if all(v == "0" for v in values):
-        raise _fail(path, "at least one sign that is not '0'", value)
-    return values
-
-
-def angle_range(path, value):
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise _fail(path, "[low, high] in radians", value)
-    low, high = (_number(f"{path}[{i}]", v, "a number of radians") for i, v in enumerate(value))
-    if low > high or high - low > 2 * math.pi:
-        raise _fail(path, "low <= high, at most 2*pi apart", value)
-    return [low, high]
-
-
-def vector_list(path, value):
-    """Explicit directions: a list of non-zero vectors (lengths checked against objectives later)."""
-    vectors = list_of(list_of(lambda p, v: _number(p, v, "a number")))(path, value)
-    for i, vector in enumerate(vectors):
-        if not any(vector):
-            raise _fail(f"{path}[{i}]", "a direction with a non-zero norm", vector)
-    return vectors
+def _non_zero(vector: list[float]) -> list[float]:
+    if not any(vector):
+        raise expected_error("a direction with a non-zero norm", vector)
+    return vector
 
 
 def python_callable(path, value):
     """``"package.module:function"``; imported when the config is checked."""
     if not isinstance(value, str) or not _CALLABLE.fullmatch(value):
-        raise _fail(path, "'package.module:function'", value)
+        raise ConfigError(f"{path}: expected 'package.module:function', got {value!r}")
     resolve_callable(path, value)
     return value
 
@@ -105,96 +74,94 @@ def resolve_callable(path: str, value: str) -> Callable:
     return function
 
 
+ObjectiveNames = Annotated[list[str], checked(_objective_names)]
+Signs = Annotated[non_empty_list(one_of(*SIGNS)), AfterValidator(_some_sign_not_zero)]
+AngleRange = Annotated[list[float_type("a number of radians")], Field(min_length=2, max_length=2),
+                       expect("[low, high] in radians"), AfterValidator(_angles_in_order)]
+# Explicit directions: non-zero vectors (their lengths are checked against the objectives later).
+Vectors = non_empty_list(Annotated[non_empty_list(float_type("a number")), AfterValidator(_non_zero)])
+TopP = float_type("a number in (0, 1]", gt=0, le=1)
+PythonCallable = Annotated[str, checked(python_callable)]
+
+
 # ----------------------------------------------------------------------------- sections
 
-@dataclass
-class PromptsConfig:
-    train: str = _field(check=path_value, doc="JSONL {prompt, system?, response?, ...}: the prompts, split in two "
-                                              "halves used in turn (iteration 1: first half)")
-    eval: Any = _field(None, optional(path_value), "JSONL held-out prompts for the empirical front (null: no evaluation)")
-    replay: Any = _field(None, optional(path_value),
-                         "JSONL {prompt, response, system?} original responses to replay "
-                         "(null: the train rows that have a response)")
-    per_iteration: Any = _field(None, optional(positive_int), "prompts of the half used per iteration (null: all)")
+class PromptsConfig(Section):
+    """The prompt files."""
+
+    train: PathValue = field(doc="JSONL {prompt, system?, response?, ...}: the prompts, split in two halves used in "
+                                 "turn (iteration 1: first half)")
+    eval: PathValue | None = field(None, "JSONL held-out prompts for the empirical front (null: no evaluation)")
+    replay: PathValue | None = field(None, "JSONL {prompt, response, system?} original responses to replay "
+                                           "(null: the train rows that have a response)")
+    per_iteration: PositiveInt | None = field(None, "prompts of the half used per iteration (null: all)")
 
 
-@dataclass
-class DirectionsConfig:
-    per_prompt: int = _field(5, positive_int, "m: directions sampled per prompt (paper: 5)")
-    sampler: str = _field("angle", choice("angle", "sphere"),
-                          "angle: 2 objectives, angle uniform in angle_range; sphere: k objectives, uniform "
-                          "where each component has its sign")
-    angle_range: list = _field([-math.pi / 4, 0.0], angle_range, "radians, [low, high] (paper: [-pi/4, 0])")
-    signs: Any = _field(None, optional(sign_list), "sphere: one of +, -, 0, any per objective")
-    system_prefix: str = _field("", string, "text before 'maximize weighted rating = ...' in the system prompt")
+class DirectionsConfig(Section):
+    """The training directions sampled per prompt."""
+
+    per_prompt: PositiveInt = field(5, "m: directions sampled per prompt (paper: 5)")
+    sampler: one_of("angle", "sphere") = field(
+        "angle", "angle: 2 objectives, angle uniform in angle_range; sphere: k objectives, uniform where each "
+                 "component has its sign")
+    angle_range: AngleRange = field([-math.pi / 4, 0.0], "radians, [low, high] (paper: [-pi/4, 0])")
+    signs: Signs | None = field(None, "sphere: one of +, -, 0, any per objective")
+    system_prefix: String = field("", "text before 'maximize weighted rating = ...' in the system prompt")
 
 
-@dataclass
-class SamplingConfig:
-    n: int = _field(16, positive_int, "samples per (prompt, direction) (paper: 16)")
-    max_new_tokens: int = _field(256, positive_int, "tokens per sample at most")
-    temperature: float = _field(1.0, positive_float, "sampling temperature (paper: 1.0)")
-    top_p: float = _field(1.0, lambda p, v: _unit_open(p, v), "nucleus mass in (0, 1]")
-    top_k: int = _field(0, lambda p, v: _non_negative(p, v), "top-k (0: off)")
-    batch_size: int = _field(16, positive_int, "rows per generation batch")
-    chunk_size: int = _field(64, positive_int, "(prompt, direction) rows generated between two saves")
-    seed: int = _field(0, integer, "seed of directions, samples and replay draws")
-    backend: str = _field("auto", choice("auto", "hf", "vllm"), "generation backend (auto: vllm when importable)")
+class SamplingConfig(Section):
+    """Rejection sampling: n samples per (prompt, direction)."""
+
+    n: PositiveInt = field(16, "samples per (prompt, direction) (paper: 16)")
+    max_new_tokens: PositiveInt = field(256, "tokens per sample at most")
+    temperature: PositiveFloat = field(1.0, "sampling temperature (paper: 1.0)")
+    top_p: TopP = field(1.0, "nucleus mass in (0, 1]")
+    top_k: NonNegativeInt = field(0, "top-k (0: off)")
+    batch_size: PositiveInt = field(16, "rows per generation batch")
+    chunk_size: PositiveInt = field(64, "(prompt, direction) rows generated between two saves")
+    seed: Integer = field(0, "seed of directions, samples and replay draws")
+    backend: one_of("auto", "hf", "vllm") = field("auto", "generation backend (auto: vllm when importable)")
 
 
-def _unit_open(path, value):
-    number = _number(path, value, "a number in (0, 1]")
-    if not 0 < number <= 1:
-        raise _fail(path, "a number in (0, 1]", value)
-    return number
+class LoopConfig(Section):
+    """The iterations: sample, score, select, fine-tune."""
+
+    iterations: PositiveInt = field(2, "T: rejection-sampling + fine-tuning iterations (paper: 4)")
+    restart_from_base: Boolean = field(True, "fine-tune each iteration from model.path (paper) instead of the "
+                                             "previous iteration's model")
+    fine_tune: one_of(*FINE_TUNES) = field(
+        "sft", "sft: NLL on the best sample per (prompt, v) (the paper); pairwise: method.loss on best-vs-worst pairs")
+    replay_fraction: Fraction = field(0.15, "share of original responses in each SFT set (paper: ~15%)")
+    score_batch_size: PositiveInt = field(16, "responses per reward-model batch")
 
 
-def _non_negative(path, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _fail(path, "a non-negative integer", value)
-    return value
+class EvaluationConfig(Section):
+    """The empirical front: mean rewards along evaluation directions."""
+
+    directions: PositiveInt = field(10, "evenly spaced directions over angle_range (2 objectives)")
+    angle_range: AngleRange = field([-math.pi / 4, 0.0], "from <cos hi, sin hi> to <cos lo, sin lo>")
+    vectors: Vectors | None = field(None, "explicit evaluation directions instead (any k)")
+    samples_per_prompt: PositiveInt = field(2, "samples per (prompt, direction) (paper: 2)")
+    temperature: PositiveFloat = field(0.7, "paper: 0.7")
+    top_p: TopP = field(1.0, "nucleus mass in (0, 1]")
+    max_new_tokens: PositiveInt | None = field(None, "default: sampling.max_new_tokens")
+    seed: Integer = field(1234, "seed of the evaluation samples")
+    true_ratings: PythonCallable | None = field(
+        None, "'module:function'(row, response, tokenizer) -> {objective: rating on the reward model's input "
+              "scale}: the task's true objectives, if it has them")
+    control_objective: String | None = field(None, "objective of the arithmetic-control check (default: the last)")
 
 
-@dataclass
-class LoopConfig:
-    iterations: int = _field(2, positive_int, "T: rejection-sampling + fine-tuning iterations (paper: 4)")
-    restart_from_base: bool = _field(True, boolean, "fine-tune each iteration from model.path (paper) instead "
-                                                    "of the previous iteration's model")
-    fine_tune: str = _field("sft", choice(*FINE_TUNES),
-                            "sft: NLL on the best sample per (prompt, v) (the paper); pairwise: method.loss on "
-                            "best-vs-worst pairs")
-    replay_fraction: float = _field(0.15, fraction, "share of original responses in each SFT set (paper: ~15%)")
-    score_batch_size: int = _field(16, positive_int, "responses per reward-model batch")
-
-
-@dataclass
-class EvaluationConfig:
-    directions: int = _field(10, positive_int, "evenly spaced directions over angle_range (2 objectives)")
-    angle_range: list = _field([-math.pi / 4, 0.0], angle_range, "from <cos hi, sin hi> to <cos lo, sin lo>")
-    vectors: Any = _field(None, optional(vector_list), "explicit evaluation directions instead (any k)")
-    samples_per_prompt: int = _field(2, positive_int, "samples per (prompt, direction) (paper: 2)")
-    temperature: float = _field(0.7, positive_float, "paper: 0.7")
-    top_p: float = _field(1.0, lambda p, v: _unit_open(p, v), "nucleus mass in (0, 1]")
-    max_new_tokens: Any = _field(None, optional(positive_int), "default: sampling.max_new_tokens")
-    seed: int = _field(1234, integer, "seed of the evaluation samples")
-    true_ratings: Any = _field(None, optional(python_callable),
-                               "'module:function'(row, response, tokenizer) -> {objective: rating on the "
-                               "reward model's input scale}: the task's true objectives, if it has them")
-    control_objective: Any = _field(None, optional(string), "objective of the arithmetic-control check "
-                                                            "(default: the last)")
-
-
-@dataclass
-class DPAConfig:
+class DPAConfig(Section):
     """``task: dpa``: Directional Preference Alignment (rejection sampling against a k-objective
     reward model, fine-tuning on the best sample per preference direction)."""
 
     model: ModelConfig = section(ModelConfig, "the starting policy pi_0", required=True)
-    reward_model: str = _field(check=path_value, doc="folder of a pyalign reward model (pyalign train, task reward_model)")
-    objectives: list = _field(check=objective_names, doc="objective names, the order of v's components; must be "
-                                                         "the reward model's")
+    reward_model: PathValue = field(doc="folder of a pyalign reward model (pyalign train, task reward_model)")
+    objectives: ObjectiveNames = field(doc="objective names, the order of v's components; must be the reward "
+                                           "model's")
     prompts: PromptsConfig = section(PromptsConfig, "prompt files", required=True)
-    output_dir: str = _field(check=path_value, doc="where iterations, samples, models and the front go")
+    output_dir: PathValue = field(doc="where iterations, samples, models and the front go")
     directions: DirectionsConfig = section(DirectionsConfig, "training directions")
     sampling: SamplingConfig = section(SamplingConfig, "rejection sampling")
     loop: LoopConfig = section(LoopConfig, "the iterations")

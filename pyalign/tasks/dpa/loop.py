@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -274,9 +274,9 @@ class DPARun:
         self.check_plan(self.iteration_dir(t) / "plan.json", {
             "iteration": t, "policy": self.model_fingerprint(t - 1),
             "reward_model": self.reward_model_fingerprint(), "prompts": file_fingerprint(config.prompts.train),
-            "objectives": config.objectives, "directions": asdict(config.directions),
+            "objectives": config.objectives, "directions": config.directions.model_dump(),
             "per_iteration": config.prompts.per_iteration,
-            "sampling": {k: v for k, v in asdict(config.sampling).items() if k not in _SPEED_ONLY},
+            "sampling": {k: v for k, v in config.sampling.model_dump().items() if k not in _SPEED_ONLY},
         }, f"iteration {t}")
         if distributed.is_main():
             write_jsonl_atomic(self.iteration_dir(t) / "directions.jsonl", rows)
@@ -340,8 +340,8 @@ class DPARun:
             "base_model": self.model_fingerprint(base_index), "train_data": file_fingerprint(train_file),
             "tokenization": tokenization_fingerprint(self.tokenizer, config.training.max_length,
                                                      config.training.max_prompt_length),
-            "lora": asdict(config.lora), "training": training_fingerprint(config.training),
-            "method": asdict(config.method) if config.loop.fine_tune == "pairwise" else None,
+            "lora": config.lora.model_dump(), "training": training_fingerprint(config.training),
+            "method": config.method.model_dump() if config.loop.fine_tune == "pairwise" else None,
             "model_dtype": config.model.dtype,
         }
 

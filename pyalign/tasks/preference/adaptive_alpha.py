@@ -30,7 +30,6 @@ a resumed round continues with them.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -123,7 +122,7 @@ class AdaptiveAlpha:
         if self.log_file is None or not distributed.is_main():
             return
         write_json_atomic(self.log_file, {
-            "settings": asdict(self.settings), "beta": self.beta, "start_margins": self.start_margins,
+            "settings": self.settings.model_dump(), "beta": self.beta, "start_margins": self.start_margins,
             "thresholds": self.thresholds, "history": self.history,
         })
 

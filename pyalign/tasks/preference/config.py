@@ -4,62 +4,50 @@ across them.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field, Strict
+
+from pyalign.data.sources import check_data_source
 from pyalign.losses import LOSSES, SMOOTHING_RANGES
 from pyalign.train import (
-    ConfigError,
-    LoraConfig,
-    ModelConfig,
-    TrainingConfig,
-    _build,
-    _fail,
-    _field,
-    boolean,
-    check_lengths,
-    check_model_folder,
-    choice,
-    config_to_dict,
-    fraction,
-    non_negative_float,
-    optional,
-    path_value,
-    positive_float,
-    positive_int,
-    section,
-    section_list,
-    unit_interval,
+    Boolean, ConfigError, Fraction, LoraConfig, ModelConfig, NonNegativeFloat, PathValue, PositiveFloat,
+    PositiveInt, Section, TrainingConfig, UnitInterval, check_lengths, check_model_folder, checked,
+    config_to_dict, expect, field, float_type, one_of, one_or_list, section,
 )
 
 SMOOTHED_LOSSES = tuple(SMOOTHING_RANGES)  # the losses that take label_smoothing
 
-
-def alpha_value(path, value):
-    """One alpha for every earlier round, or a list (checked against the rounds later)."""
-    if isinstance(value, (list, tuple)):
-        return [unit_interval(f"{path}[{i}]", a) for i, a in enumerate(value)]
-    return unit_interval(path, value)
-
-
-def round_name(path, value):
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-        raise _fail(path, "a name of letters, digits, '_', '-', '.'", value)
-    return value
+RoundName = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"),
+                      expect("a name of letters, digits, '_', '-', '.'")]
+# A data source (pyalign.data.sources): a path string (kept as the resolved path) or a mapping
+# {path|name, schema, dimension, split, relabel, on_bad_row, ...}; docs/data.md.
+DataSource = Annotated[Any, checked(check_data_source)]
 
 
-@dataclass
-class MethodConfig:
-    loss: str = _field("dpo", choice(*LOSSES), "preference loss of every round (spo: round 1 is DPO)")
-    beta: float = _field(0.1, positive_float, "KL strength beta")
-    alpha: Any = _field(0.1, alpha_value, "spo importance of earlier dimensions: one value or one per earlier round")
-    adaptive_alpha: Any = _field(None, lambda path, value: adaptive_alpha_setting(path, value),
-                                 "spo: adapt the alphas during each round by dual ascent "
-                                 "{keep, every, step_size, max_pairs} (pyalign.tasks.preference.adaptive_alpha); null: fixed")
-    nll_weight: float = _field(0.0, non_negative_float, "weight of the NLL (SFT) term on chosen responses")
-    label_smoothing: float = _field(0.0, fraction, "label smoothing / noise rate (dpo, robust)")
+class AdaptiveAlphaConfig(Section):
+    """SPO's alphas adapted during each round by dual ascent (pyalign.tasks.preference.adaptive_alpha)."""
+
+    keep: float_type("a fraction in (0, 1]", gt=0, le=1) = field(
+        0.9, "threshold H_k: this fraction of dimension k's held-out margin (vs pi_0) at the start of the round")
+    every: PositiveInt = field(2, "measure the margins and update the alphas every N optimizer steps")
+    step_size: PositiveFloat = field(1.0, "alpha_k += step_size * (H_k - m_k) / |H_k|, clipped to [0, 1]")
+    max_pairs: PositiveInt = field(32, "held-out pairs of each earlier dimension measured (the first N)")
+
+
+class MethodConfig(Section):
+    """The preference loss of every round and its coefficients."""
+
+    loss: one_of(*LOSSES) = field("dpo", "preference loss of every round (spo: round 1 is DPO)")
+    beta: PositiveFloat = field(0.1, "KL strength beta")
+    alpha: one_or_list(UnitInterval) = field(
+        0.1, "spo importance of earlier dimensions: one value or one per earlier round")
+    adaptive_alpha: AdaptiveAlphaConfig | None = field(
+        None, "spo: adapt the alphas during each round by dual ascent {keep, every, step_size, max_pairs} "
+              "(pyalign.tasks.preference.adaptive_alpha); null: fixed")
+    nll_weight: NonNegativeFloat = field(0.0, "weight of the NLL (SFT) term on chosen responses")
+    label_smoothing: Fraction = field(0.0, "label smoothing / noise rate (dpo, robust)")
 
     def alphas_for_round(self, round_number: int) -> list[float]:
         """alpha_1..alpha_{n-1} for SPO round n (1-based)."""
@@ -68,39 +56,29 @@ class MethodConfig:
         return [self.alpha] * (round_number - 1)
 
 
-def data_source(path, value):
-    """A data source (:mod:`pyalign.data.sources`): a path string (kept as the resolved path) or
-    a mapping {path|name, schema, dimension, split, relabel, on_bad_row, ...}; docs/data.md."""
-    from pyalign.data.sources import check_data_source  # noqa: PLC0415
+class RoundConfig(Section):
+    """One preference dimension: its pairs to train and evaluate on."""
 
-    try:
-        return check_data_source(path, value)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    name: RoundName = field(doc="the preference dimension's name (folder name)")
+    train: DataSource = field(doc="preference pairs to train on: a file/folder path, or a data source mapping "
+                                  "(docs/data.md)")
+    eval: DataSource | None = field(None, "preference pairs to evaluate on (path or data source)")
 
 
-@dataclass
-class RoundConfig:
-    name: str = _field(check=round_name, doc="the preference dimension's name (folder name)")
-    train: Any = _field(check=data_source, doc="preference pairs to train on: a file/folder path, or a data "
-                                                "source mapping (docs/data.md)")
-    eval: Any = _field(None, optional(data_source), "preference pairs to evaluate on (path or data source)")
-
-
-@dataclass
-class SequentialConfig:
+class SequentialConfig(Section):
     """``task: preference``: one round of DPO/APO/... per preference dimension; SPO across them."""
 
     model: ModelConfig = section(ModelConfig, "the starting model pi_0", required=True)
-    rounds: list = section_list(RoundConfig, "preference dimensions, trained in this order")
-    output_dir: str = _field(check=path_value, doc="where rounds, checkpoints and caches go")
+    rounds: Annotated[list[RoundConfig], Field(min_length=1), expect("a non-empty list of {name, train, eval}")] = \
+        field(doc="preference dimensions, trained in this order")
+    output_dir: PathValue = field(doc="where rounds, checkpoints and caches go")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter")
     method: MethodConfig = section(MethodConfig, "loss and its coefficients")
     training: TrainingConfig = section(TrainingConfig, "optimisation")
-    cache_dir: Any = _field(None, optional(path_value), "frozen log-prob cache (default output_dir/logprob_cache)")
-    recompute_stale_cache: bool = _field(False, boolean, "recompute stale cached log-probs instead of refusing")
-    reuse_rounds_from: Any = _field(None, optional(path_value), "output_dir of another run: its finished rounds "
-                                    "whose fingerprint equals this run's are hard-linked in, not retrained")
+    cache_dir: PathValue | None = field(None, "frozen log-prob cache (default output_dir/logprob_cache)")
+    recompute_stale_cache: Boolean = field(False, "recompute stale cached log-probs instead of refusing")
+    reuse_rounds_from: PathValue | None = field(None, "output_dir of another run: its finished rounds whose "
+                                                      "fingerprint equals this run's are hard-linked in, not retrained")
 
     @property
     def logprob_cache_dir(self) -> Path:
@@ -136,28 +114,6 @@ def check_sequential(config: SequentialConfig) -> None:
     if method.adaptive_alpha is not None:
         check_adaptive_alpha(config)
     check_model_folder(config.model)
-
-
-def _keep_fraction(path, value):
-    number = positive_float(path, value)
-    if number > 1:
-        raise ConfigError(f"{path}: expected a fraction in (0, 1], got {value!r}")
-    return number
-
-
-@dataclass
-class AdaptiveAlphaConfig:
-    keep: float = _field(0.9, _keep_fraction, "threshold H_k: this fraction of dimension k's held-out margin "
-                                              "(vs pi_0) at the start of the round")
-    every: int = _field(2, positive_int, "measure the margins and update the alphas every N optimizer steps")
-    step_size: float = _field(1.0, positive_float, "alpha_k += step_size * (H_k - m_k) / |H_k|, clipped to [0, 1]")
-    max_pairs: int = _field(32, positive_int, "held-out pairs of each earlier dimension measured (the first N)")
-
-
-def adaptive_alpha_setting(path, value):
-    """Config check of ``method.adaptive_alpha``: null (fixed alphas) or a mapping of
-    :class:`AdaptiveAlphaConfig` fields."""
-    return None if value is None else _build(AdaptiveAlphaConfig, value, path)
 
 
 def check_adaptive_alpha(config) -> None:

@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -196,15 +196,15 @@ class SequentialRun:
             "base_model": self.model_fingerprint(round_number - 1),
             "train_data": data_fingerprint(self.data_file(round_number, "train")),
             "tokenization": self.tokenization,
-            "lora": asdict(config.lora),
+            "lora": config.lora.model_dump(),
             # this round's alphas only: changing a later round's alpha leaves this round valid
-            "method": {k: v for k, v in asdict(config.method).items() if k not in ("alpha", "adaptive_alpha")},
+            "method": {k: v for k, v in config.method.model_dump().items() if k not in ("alpha", "adaptive_alpha")},
             "alphas": round_alphas(config, round_number),
             "training": training_fingerprint(config.training),
             "model_dtype": config.model.dtype,
         }
         if config.method.adaptive_alpha is not None and round_alphas(config, round_number):
-            fingerprint["adaptive_alpha"] = asdict(config.method.adaptive_alpha)  # rounds that adapt only
+            fingerprint["adaptive_alpha"] = config.method.adaptive_alpha.model_dump()  # rounds that adapt only
         return fingerprint
 
     def finished(self, round_number: int) -> bool:

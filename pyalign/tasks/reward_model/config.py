@@ -4,70 +4,61 @@ backbone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, Strict
 
 from pyalign.train import (
-    LoraConfig,
-    ModelConfig,
-    TrainingConfig,
-    _fail,
-    _field,
-    _number,
-    check_file,
-    check_lengths,
-    check_model_folder,
-    optional,
-    path_value,
-    section,
+    LoraConfig, ModelConfig, PathValue, Section, TrainingConfig, check_file, check_lengths, check_model_folder,
+    expect, expected_error, field, float_type, section,
 )
 
 
-def objectives_spec(path: str, value: Any) -> dict[str, list[float] | None]:
-    """A list of names (scales inferred from the training ratings) or a mapping
-    ``name -> [low, high]`` (``null``: inferred); normalised to the mapping, order kept."""
+def _names_as_mapping(value: Any) -> Any:
+    """A list of names means each scale is inferred: ``[a, b]`` -> ``{a: null, b: null}``."""
     if isinstance(value, (list, tuple)):
         if not value or not all(isinstance(name, str) and name.strip() for name in value):
-            raise _fail(path, "a non-empty list of objective names", value)
+            raise expected_error("a non-empty list of objective names", value)
         if len(set(value)) != len(value):
-            raise _fail(path, "distinct objective names", value)
+            raise expected_error("distinct objective names", value)
         return {name: None for name in value}
     if not isinstance(value, dict) or not value:
-        raise _fail(path, "a list of objective names or a mapping name -> [low, high]", value)
-    spec = {}
-    for name, bounds in value.items():
-        where = f"{path}.{name}"
+        raise expected_error("a list of objective names or a mapping name -> [low, high]", value)
+    for name in value:
         if not isinstance(name, str) or not name.strip():
-            raise _fail(path, "objective names that are non-empty strings", name)
-        if bounds is None:
-            spec[name] = None
-            continue
-        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
-            raise _fail(where, "[low, high] (the input scale mapped to 0-100) or null", bounds)
-        low, high = (_number(f"{where}[{i}]", b, "a finite number") for i, b in enumerate(bounds))
-        if not low < high:
-            raise _fail(where, "low < high", bounds)
-        spec[name] = [low, high]
-    return spec
+            raise expected_error("objective names that are non-empty strings", name)
+    return value
 
 
-@dataclass
-class RewardDataConfig:
-    train: str = _field(check=path_value, doc="JSONL {prompt, response, ratings: {objective: value}, system?}")
-    eval: Any = _field(None, optional(path_value), "held-out JSONL of the same form (MSE, Pearson r, pairwise accuracy)")
+def _low_below_high(bounds: list[float]) -> list[float]:
+    if not bounds[0] < bounds[1]:
+        raise expected_error("low < high", bounds)
+    return bounds
 
 
-@dataclass
-class RewardModelConfig:
+Bounds = Annotated[list[float_type("a finite number")], Field(min_length=2, max_length=2),
+                   expect("[low, high] (the input scale mapped to 0-100) or null"), AfterValidator(_low_below_high)]
+# Objective names in order, each with the input scale mapped to 0-100 (null: inferred from the
+# training ratings); a plain list of names infers every scale.
+Objectives = Annotated[dict[Annotated[str, Strict()], Bounds | None], BeforeValidator(_names_as_mapping)]
+
+
+class RewardDataConfig(Section):
+    """The rated examples: JSONL files of {prompt, response, ratings, system?}."""
+
+    train: PathValue = field(doc="JSONL {prompt, response, ratings: {objective: value}, system?}")
+    eval: PathValue | None = field(None, "held-out JSONL of the same form (MSE, Pearson r, pairwise accuracy)")
+
+
+class RewardModelConfig(Section):
     """``task: reward_model``: a k-objective regression head and a LoRA on a causal LM's backbone."""
 
     model: ModelConfig = section(ModelConfig, "the causal LM whose backbone (without lm_head) reads the texts",
                                  required=True)
-    objectives: Any = _field(check=objectives_spec,
-                             doc="objective names in order, or name: [low, high] (input scale mapped to 0-100; "
-                                 "null: min/max of the training ratings)")
+    objectives: Objectives = field(doc="objective names in order, or name: [low, high] (input scale mapped to "
+                                       "0-100; null: min/max of the training ratings)")
     data: RewardDataConfig = section(RewardDataConfig, "the rated examples", required=True)
-    output_dir: str = _field(check=path_value, doc="where checkpoints and the reward model folder go")
+    output_dir: PathValue = field(doc="where checkpoints and the reward model folder go")
     lora: LoraConfig = section(LoraConfig, "LoRA on the backbone (the head is trained in full)")
     training: TrainingConfig = section(TrainingConfig, "optimisation")
 

@@ -70,7 +70,7 @@ def reward_model_fingerprint(config: RewardModelConfig, scales, tokenization: di
         "train_data": file_fingerprint(config.data.train),
         "objectives": [asdict(s) for s in scales],
         "tokenization": tokenization,
-        "lora": asdict(config.lora),
+        "lora": config.lora.model_dump(),
         "training": training_fingerprint(config.training),
         "model_dtype": config.model.dtype,
     }

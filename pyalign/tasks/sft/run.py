@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +60,7 @@ def sft_fingerprint(config: SFTConfig, tokenization: dict) -> dict:
         "base_model": model_fingerprint(config.model.path),
         "train_data": file_fingerprint(config.data.train),
         "tokenization": tokenization,
-        "lora": asdict(config.lora),
+        "lora": config.lora.model_dump(),
         "training": training_fingerprint(config.training),
         "model_dtype": config.model.dtype,
     }
