@@ -10,8 +10,9 @@ VENV_FLAGS  ?=
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 DEPS        := "transformers>=5" peft "numpy" pybind11 pyyaml tqdm safetensors tensorboard matplotlib pytest triton gguf \
-               "datasets>=4" accelerate "trl>=1.16,<1.17"
-DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetensors, tensorboard, matplotlib, pytest, gguf, datasets, accelerate, trl
+               "datasets>=4" accelerate "trl>=1.16,<1.17" "wandb>=0.19.10" "mlflow-skinny>=2.10" sqlalchemy alembic \
+               "pydantic>=2" jsonschema
+DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetensors, tensorboard, matplotlib, pytest, gguf, datasets, accelerate, trl, wandb, mlflow, sqlalchemy, alembic, pydantic, jsonschema
 NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 

@@ -5,12 +5,13 @@ Launched by ``torchrun`` or ``accelerate launch``, every process sees ``RANK``, 
 starts the default process group from them (gloo on CPU, NCCL on CUDA). Without those variables
 everything here degrades to a single process: rank 0 of 1, gathers return their input.
 
-Training replicates the model on every process and all-reduces the gradients of the trainable
-parameters (:func:`all_reduce_gradients`) once per optimizer step, after gradient accumulation:
-DDP's semantics without its wrapper, whose hooks pyalign's fused lm_head path would bypass (it
-calls the decoder and the lm_head weight separately, not the wrapped module's forward).
-Parameter sharding (FSDP, DeepSpeed ZeRO) is refused (:func:`check_launch`): the fused lm_head
-needs the whole lm_head weight on every process.
+With ``training.sharding: none`` training replicates the model on every process and all-reduces
+the gradients of the trainable parameters (:func:`all_reduce_gradients`) once per optimizer step,
+after gradient accumulation: DDP's semantics without its wrapper, whose hooks pyalign's fused
+lm_head path would bypass (it calls the decoder and the lm_head weight separately, not the wrapped
+module's forward). With ``sharding: fsdp`` torch's FSDP2 shards the model
+(:mod:`pyalign.train.sharding`); ``accelerate launch`` with an FSDP config means the same.
+DeepSpeed and Megatron-LM launches are refused (:func:`check_launch`).
 
 Sharding is by position, strided: rank ``r`` of ``w`` takes items ``r, r + w, r + 2w, ...``
 (:func:`shard_indices`), so shards differ in size by at most one and :func:`gather_in_order`
@@ -41,7 +42,6 @@ def is_initialized() -> bool:
 
 _TRUE = ("1", "true", "yes")
 UNSUPPORTED_LAUNCHES = {
-    "ACCELERATE_USE_FSDP": "FSDP (accelerate launch --use_fsdp / an FSDP accelerate config)",
     "ACCELERATE_USE_DEEPSPEED": "DeepSpeed (accelerate launch --use_deepspeed / a DeepSpeed accelerate config)",
     "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM (accelerate launch --use_megatron_lm)",
 }
@@ -68,12 +68,25 @@ def check_launch() -> None:
     for variable, what in UNSUPPORTED_LAUNCHES.items():
         if os.environ.get(variable, "").lower() in _TRUE:
             raise ValueError(
-                f"{variable}: {what} shards parameters across processes; pyalign's trainer replicates "
-                "the model and all-reduces the gradients of the trainable (LoRA) parameters, and its "
-                "fused lm_head needs the whole lm_head weight on every process. Launch plain data "
-                "parallel instead (torchrun, or accelerate launch --multi_gpu); see "
-                "docs/integrations.md#multi-process-training"
+                f"{variable}: {what} is not an engine pyalign's trainer runs on. It shards with torch's "
+                "FSDP2 (training.sharding: fsdp, under torchrun or accelerate launch with an FSDP config) "
+                "or replicates the model (sharding: none); see docs/distributed.md"
             )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE and os.environ.get("FSDP_VERSION", "2") != "2":
+        raise ValueError(
+            f"FSDP_VERSION: accelerate was configured for FSDP version {os.environ['FSDP_VERSION']}; pyalign shards "
+            "with FSDP2 (fully_shard): set fsdp_version: 2 in the accelerate config (docs/distributed.md)"
+        )
+
+
+def launcher_shards() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch`` with an FSDP config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE
+
+
+def launcher_offloads() -> bool:
+    """Whether an accelerate FSDP config asked to offload parameters to the CPU."""
+    return launcher_shards() and os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() in _TRUE
 
 
 def init_from_env(device: torch.device | str | None = None, *, timeout_s: float = 1800) -> bool:

@@ -329,7 +329,7 @@ def test_accelerate_launch_runs_pyalign_train_on_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("variables, message", [
-    ({"ACCELERATE_USE_FSDP": "true"}, r"ACCELERATE_USE_FSDP: FSDP .* shards parameters"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, r"FSDP_VERSION: accelerate was configured for FSDP version 1"),
     ({"ACCELERATE_USE_DEEPSPEED": "True"}, r"ACCELERATE_USE_DEEPSPEED: DeepSpeed"),
     ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"},
      r"accelerate launch --cpu --num_processes N` started a single process"),

@@ -45,21 +45,10 @@ request carries its row's seed), though the two engines' random streams differ.
 from pyalign.generation.hf import TOP_P_CANDIDATES, sample_tokens
 from pyalign.generation.interface import generate, generate_jsonl, load_for_generation
 from pyalign.generation.prompts import (
-    check_prompt,
-    check_prompts,
-    check_texts,
-    hashable_prompt,
-    occurrence_numbers,
-    per_prompt,
+    check_prompt, check_prompts, check_texts, hashable_prompt, occurrence_numbers, per_prompt,
 )
 from pyalign.generation.settings import (
-    BACKENDS,
-    FINISH_REASONS,
-    GENERATION_VERSION,
-    GenerationSettings,
-    Sample,
-    cut_at_stop,
-    row_seed,
+    BACKENDS, FINISH_REASONS, GENERATION_VERSION, GenerationSettings, Sample, cut_at_stop, row_seed,
     stop_token_ids_of,
 )
 

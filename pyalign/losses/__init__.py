@@ -12,25 +12,8 @@
 """
 
 from pyalign.losses.pairwise import (
-    LOSSES,
-    PAIRWISE_LOSSES,
-    SMOOTHING_RANGES,
-    LossOutput,
-    apo_down,
-    apo_zero,
-    check_loss_options,
-    check_nll_weight,
-    dpo,
-    get_loss,
-    hinge,
-    ipo,
-    kto_kl_estimate,
-    kto_pair,
-    nll,
-    robust,
-    spo,
-    spo_coefficients,
-    spo_rewards,
+    LOSSES, PAIRWISE_LOSSES, SMOOTHING_RANGES, LossOutput, apo_down, apo_zero, check_loss_options, check_nll_weight,
+    dpo, get_loss, hinge, ipo, kto_kl_estimate, kto_pair, nll, robust, spo, spo_coefficients, spo_rewards,
 )
 from pyalign.losses.preference_loss import PreferenceLoss, split_pairs
 

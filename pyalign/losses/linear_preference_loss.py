@@ -32,16 +32,8 @@ from torch import Tensor
 
 from pyalign.losses.pairwise import LossOutput
 from pyalign.ops.linear_token_logprobs import (
-    MIB,
-    MODES,
-    WeightGradSink,
-    grad_hidden_from_runs,
-    kept_vocab_runs,
-    linear_into,
-    linear_token_logprobs,
-    make_plan,
-    rows_for_budget,
-    validate_linear_inputs,
+    MIB, MODES, WeightGradSink, grad_hidden_from_runs, kept_vocab_runs, linear_into, linear_token_logprobs,
+    make_plan, rows_for_budget, validate_linear_inputs,
 )
 from pyalign.reference import IGNORE_INDEX, output_dtype
 

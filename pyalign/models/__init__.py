@@ -14,26 +14,14 @@
 from pyalign.models.device import autocast_context, resolve_device, uses_autocast
 from pyalign.models.fingerprint import WEIGHT_SUFFIXES, model_fingerprint
 from pyalign.models.fused_head import (
-    FUSED_CHOICES,
-    FusedHead,
-    causal_lm_hidden_states,
-    causal_lm_preference_loss,
-    causal_lm_sequence_logprobs,
-    fused_head_or_reason,
-    policy_sequence_logprobs,
-    response_token_counts,
-    shift_labels,
+    FUSED_CHOICES, FusedHead, causal_lm_hidden_states, causal_lm_preference_loss, causal_lm_sequence_logprobs,
+    fused_head_or_reason, policy_sequence_logprobs, response_token_counts, shift_labels,
 )
 from pyalign.models.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_dtype
 from pyalign.models.lora import apply_lora, enable_activation_checkpointing, save_merged_model, trainable_parameters
 from pyalign.models.marker_tokens import add_marker_tokens
 from pyalign.models.smollm2 import (
-    INSTALL_HINT,
-    SMOLLM2_CACHE_NAME,
-    SMOLLM2_GGUF_FILE,
-    SMOLLM2_PACKAGE,
-    models_cache_dir,
-    smollm2_gguf_file,
+    INSTALL_HINT, SMOLLM2_CACHE_NAME, SMOLLM2_GGUF_FILE, SMOLLM2_PACKAGE, models_cache_dir, smollm2_gguf_file,
     smollm2_path,
 )
 

@@ -23,7 +23,7 @@ from pyalign._deprecated import moved_attribute
 from pyalign.train.checkpoint import latest_step, load_latest_checkpoint, save_checkpoint
 from pyalign.train.config import (
     TRAINING_FIELDS_NOT_IN_FINGERPRINT, LoraConfig, ModelConfig, TrainingConfig, check_file, check_lengths,
-    check_model_folder, read_config_source, training_fingerprint,
+    check_model_folder, lora_fingerprint, read_config_source, training_fingerprint,
 )
 from pyalign.train.config_fields import (
     Boolean, ConfigError, DeviceName, Fraction, FusedChoice, Integer, NonNegativeFloat, NonNegativeInt, PathValue,
@@ -39,21 +39,22 @@ from pyalign.train.registry import (
     DEFAULT_TASK, Task, config_schema, config_to_dict, describe_fields, get_task, load_config, register_task,
     task_names, task_of,
 )
-from pyalign.train.stage import STATE_FILE, stage_finished, train_lora_stage
+from pyalign.train.sharding import SHARDINGS, check_sharding, full_state_dict, is_sharded, shard_model, sharding_active
+from pyalign.train.stage import STATE_FILE, save_trained_model, stage_finished, train_lora_stage, train_stage
 from pyalign.train.trainer import Trainer
 
 __all__ = [
-    "DEFAULT_TASK", "STATE_FILE", "TRAINING_FIELDS_NOT_IN_FINGERPRINT", "Boolean", "CacheKey", "ConfigError",
+    "DEFAULT_TASK", "SHARDINGS", "STATE_FILE", "TRAINING_FIELDS_NOT_IN_FINGERPRINT", "Boolean", "CacheKey", "ConfigError",
     "DeviceName", "Fraction", "FrozenLogprobs", "FusedChoice", "Integer", "LogprobCache", "LoraConfig",
     "ModelConfig", "NonNegativeFloat", "NonNegativeInt", "Objective", "ObjectiveOutput", "PairsWithFrozenLogprobs",
     "PathValue", "PositiveFloat", "PositiveInt", "PreferenceObjective", "Section", "SFTObjective",
     "StaleLogprobCacheError", "String", "TargetModules", "Task", "Text", "Trainer", "TrainingConfig",
-    "UnitInterval", "check_file", "check_lengths", "check_model_folder", "check_value", "checked", "config_error",
+    "UnitInterval", "check_file", "check_sharding", "check_lengths", "check_model_folder", "check_value", "checked", "config_error",
     "config_schema", "config_to_dict", "dataset_logprobs", "describe_fields", "device_name", "expect",
-    "expected_error", "field", "float_type", "get_task", "int_type", "latest_step", "load_config",
+    "expected_error", "field", "float_type", "full_state_dict", "get_task", "int_type", "is_sharded", "latest_step", "load_config", "lora_fingerprint",
     "load_latest_checkpoint", "non_empty_list", "one_of", "one_or_list", "path_value", "positive_int",
-    "read_config_source", "register_task", "save_checkpoint", "section", "stage_finished", "task_names", "task_of",
-    "train_lora_stage", "training_fingerprint", "validate",
+    "read_config_source", "register_task", "save_checkpoint", "save_trained_model", "section", "shard_model", "sharding_active", "stage_finished", "task_names", "task_of",
+    "train_lora_stage", "train_stage", "training_fingerprint", "validate",
 ]
 
 

@@ -18,14 +18,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pyalign.train.config_fields import (
     Boolean, ConfigError, DeviceName, Fraction, FusedChoice, Integer, NonNegativeFloat, NonNegativeInt, PathValue,
-    PositiveFloat, PositiveInt, Section, TargetModules, field, non_empty_list, one_of,
+    PositiveFloat, PositiveInt, Section, TargetModules, expect, expected_error, field, non_empty_list, one_of,
 )
 
 
 # ----------------------------------------------------------------------------- shared sections
+
+def _each_once(names: list[str]) -> list[str]:
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise expected_error("each tracker once", names)
+    return names
+
+
+ReportTo = Annotated[list[one_of("tensorboard", "wandb", "mlflow")], expect("a list of trackers"),
+                     AfterValidator(_each_once)]
+
 
 class ModelConfig(Section):
     """The starting model: a local Hugging Face folder."""
@@ -63,6 +78,11 @@ class TrainingConfig(Section):
     gradient_checkpointing: Boolean = field(False, "recompute activations in backward")
     mixed_precision: one_of("auto", "bf16", "no") = field("auto", "auto: bf16 autocast on CUDA only")
     device: DeviceName = field("auto", "auto, cpu, cuda, cuda:N")
+    sharding: one_of("none", "fsdp") = field(
+        "none", "none: each process holds the whole model and gradients are all-reduced; fsdp: torch FSDP2 "
+                "shards parameters, gradients and optimizer state over the processes (docs/distributed.md)")
+    cpu_offload: Boolean = field(False, "sharding fsdp on CUDA: parameters, gradients and optimizer state stay on "
+                                        "the CPU between uses")
     num_threads: PositiveInt | None = field(None, "torch CPU threads for the run (null: torch's default)")
     fused_lm_head: FusedChoice = field("auto", "log-probs from hidden states x lm_head without the [B, T, V] logits "
                                                "(auto: when the model allows it, else the logits path with a logged reason)")
@@ -71,15 +91,35 @@ class TrainingConfig(Section):
     log_every: PositiveInt = field(10, "log every N steps")
     keep_checkpoints: PositiveInt = field(1, "checkpoints kept per round")
     progress_bar: Boolean = field(True, "tqdm progress bars")
-    tensorboard: Boolean = field(True, "write tensorboard logs")
+    tensorboard: Boolean = field(True, "write tensorboard logs (false alone: report_to [])")
+    report_to: ReportTo = field(["tensorboard"], "experiment trackers that get the metrics, config and fingerprint "
+                                                 "(process 0): tensorboard, wandb, mlflow; [] for none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_flag(cls, data: Any) -> Any:
+        """``tensorboard: false`` (the switch before report_to existed) means no tracker."""
+        if isinstance(data, dict) and data.get("tensorboard") is False:
+            if "report_to" not in data:
+                return {**data, "report_to": []}
+            if isinstance(data["report_to"], list) and "tensorboard" in data["report_to"]:
+                raise PydanticCustomError("pyalign", "{message}", {
+                    "message": "false, but training.report_to lists tensorboard (keep one of them)",
+                    "where": ".tensorboard"})
+        return data
 
 
 # Fields that change neither what a run computes nor its result: a checkpoint or finished stage
 # made with other values of these is still valid.
 TRAINING_FIELDS_NOT_IN_FINGERPRINT = (
     "eval_every", "save_every", "log_every", "keep_checkpoints", "progress_bar", "tensorboard", "device",
-    "eval_batch_size", "num_threads",
+    "eval_batch_size", "num_threads", "sharding", "cpu_offload", "report_to",
 )
+
+
+def lora_fingerprint(lora: LoraConfig | None) -> dict | None:
+    """The LoRA settings a result depends on; None for full fine-tuning (``lora: null``)."""
+    return None if lora is None else lora.model_dump()
 
 
 def training_fingerprint(training: TrainingConfig) -> dict:

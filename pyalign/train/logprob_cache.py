@@ -121,22 +121,30 @@ class LogprobCache:
 def dataset_logprobs(
     model, dataset: PreferenceDataset, *, batch_size: int, device: torch.device,
     mixed_precision: str, average: bool, progress: str | None = None, fused: bool | str = "auto",
-    indices: list[int] | None = None,
+    indices: list[int] | None = None, min_batches: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Sequence log-probs (chosen ``[N]``, rejected ``[N]``, float32, CPU) of every pair under
     ``model`` (or of the pairs ``indices``, in that order), computed exactly as the trainer
-    computes the policy's (same function, same autocast). ``progress``: a tqdm bar label."""
+    computes the policy's (same function, same autocast). ``progress``: a tqdm bar label.
+    ``min_batches``: run at least this many forwards, the extra ones on the first pair and
+    thrown away (an FSDP-sharded model gathers weights in every forward, so every process must
+    run as many as the busiest one)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     rows = list(range(len(dataset))) if indices is None else list(indices)
-    starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in dataset.batch(rows[start : start + batch_size]).items()}
+    starts = list(range(0, len(rows), batch_size))
+    padding = max(0, min_batches - len(starts))
+    for i in tqdm(range(len(starts) + padding), desc=progress, disable=progress is None, leave=False,
+                  dynamic_ncols=True):
+        chunk = rows[starts[i] : starts[i] + batch_size] if i < len(starts) else [0]
+        batch = {k: v.to(device) for k, v in dataset.batch(chunk).items()}
         with autocast_context(device, mixed_precision):
             logps = policy_sequence_logprobs(model, batch, average=average, fused=fused).float().cpu()
+        if i >= len(starts):
+            continue
         half = logps.shape[0] // 2
         chosen.append(logps[:half])
         rejected.append(logps[half:])

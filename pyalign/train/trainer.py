@@ -14,7 +14,8 @@ processes), evaluation, checkpoints, and the loop that ties them together.
   units summed over every micro-batch and process, and the trainable parameters' gradients are
   summed over processes once per step. A step is thus one step on the union of its micro-batches
   whatever the number of processes, and a checkpoint resumes under any number of them. Only
-  process 0 writes checkpoints, metrics, tensorboard logs and shows a progress bar.
+  process 0 writes checkpoints, metrics, the experiment trackers' logs (``training.report_to``:
+  tensorboard, wandb, mlflow; :mod:`pyalign.train.tracking`) and shows a progress bar.
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ from torch import Tensor
 from pyalign import distributed
 from pyalign.io import write_json_atomic
 from pyalign.models import autocast_context, trainable_parameters
-from pyalign.train.checkpoint import latest_step, load_latest_checkpoint, save_checkpoint
+from pyalign.train import tracking
+from pyalign.train.checkpoint import (
+    latest_format, latest_step, load_latest_checkpoint, load_sharded_checkpoint, read_sharded_progress,
+    save_checkpoint, save_sharded_checkpoint,
+)
 from pyalign.train.config import TrainingConfig
 from pyalign.train.objectives import Objective
+from pyalign.train.sharding import is_sharded
 
 logger = logging.getLogger("pyalign.train")
 SHOWN_METRICS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "nll",
@@ -83,8 +89,14 @@ class Trainer:
         self.callback = callback or (lambda event, info: None)
         self.name = name
         self.round_number = round_number
-        self.device = next(model.parameters()).device
+        self.device = _compute_device(model)
         self.params = trainable_parameters(model)
+        # Under FSDP2 the parameters are DTensor shards: FSDP reduce-scatters (sums) their gradients,
+        # and every process must run the same forwards and backwards, since each one gathers weights.
+        self.sharded = is_sharded(model)
+        # torch.distributed.checkpoint when sharding is asked for, even in one process, so that a run
+        # resumes under any number of processes.
+        self.sharded_checkpoints = getattr(training, "sharding", "none") == "fsdp"
         if not self.params:
             raise ValueError("model: has no trainable parameters (is the LoRA adapter applied?)")
         if len(train) == 0:
@@ -94,6 +106,8 @@ class Trainer:
             objective.check_data(eval, "eval")
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
+        # checked on every process, so a missing tracker client stops them all with one message
+        self.report_to = tracking.report_to_of(training)
 
         micro_batches = math.ceil(len(train) / training.batch_size)
         self.steps_per_epoch = math.ceil(micro_batches / training.grad_accum)
@@ -141,9 +155,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(step_seed(self.cfg.seed, self.round_number, step, self.rank))
         # batch: this process's examples of each micro-batch, and the step's units on every process
-        batches = [self.train_data.batch(mine.tolist())
-                   for mine in map(self.this_process, self.micro_batches_of_step(step)) if len(mine)]
-        units = [self.objective.units(batch) for batch in batches]
+        batches, units = [], []
+        for indices in self.micro_batches_of_step(step):
+            mine = self.this_process(indices)
+            if len(mine):
+                batches.append(self.train_data.batch(mine.tolist()))
+                units.append(self.objective.units(batches[-1]))
+            elif self.sharded:  # no example here: a forward and backward with weight 0 keeps FSDP's
+                batches.append(self.train_data.batch(indices[:1].tolist()))  # gathers in step
+                units.append(0)
         step_units = int(distributed.all_reduce_sum(torch.tensor([float(sum(units))], dtype=torch.float64)).item())
         sums: dict[str, float] = {}
         for batch, batch_units in zip(batches, units):
@@ -152,12 +172,13 @@ class Trainer:
             (out.loss * (batch_units / max(step_units, 1))).backward()
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + value * batch_units
-        # -> gradients summed over processes -> clip -> optimizer -> scheduler
-        distributed.all_reduce_gradients(list(self.params.values()))
+        # -> gradients summed over processes (FSDP reduce-scattered them already) -> clip -> optimizer
+        if not self.sharded:
+            distributed.all_reduce_gradients(list(self.params.values()))
         metrics = _weighted_means(distributed.gather_objects((sums, sum(units))))
         if self.cfg.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
-            metrics["grad_norm"] = float(norm)
+            metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if step_units:
             self.optimizer.step()
@@ -182,12 +203,18 @@ class Trainer:
         self.model.eval()
         batch_size = self.cfg.eval_batch_size or self.cfg.batch_size
         starts = list(range(0, len(data), batch_size))
+        mine = distributed.shard(starts)
+        # Sharded: every process runs as many forwards as the busiest one (FSDP gathers weights in
+        # each); the extra ones repeat the first batch and are dropped.
+        rounds = -(-len(starts) // self.world) if self.sharded else len(mine)
         local = []
-        for start in distributed.shard(starts):
+        for i in range(rounds):
+            start = mine[i] if i < len(mine) else starts[0]
             batch = self._to_device(data.batch(list(range(start, min(start + batch_size, len(data))))))
             with autocast_context(self.device, self.cfg.mixed_precision):
                 rows = self.objective.eval_rows(self.model, batch)
-            local.append({name: value.detach().cpu() for name, value in rows.items()})
+            if i < len(mine):
+                local.append({name: value.detach().cpu() for name, value in rows.items()})
         self.model.train()
         gathered = distributed.gather_in_order(local)
         if not gathered:
@@ -200,29 +227,35 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save(self) -> None:
-        """Write a checkpoint of the current step (process 0 only; every process holds the same
-        weights and optimizer state)."""
-        if not self.is_main:
-            return
+    def _progress_state(self) -> dict:
+        """Everything a checkpoint holds besides the trained weights and the optimizer state."""
         epoch = min(self.step, self.total_steps - 1) // self.steps_per_epoch
-        state = {
+        return {
             "step": self.step,
             "fingerprint": self.fingerprint,
-            "trainable": {name: p.detach().cpu().clone() for name, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
             "data_order": self.epoch_order(epoch),  # recomputable; stored to check and inspect
             "history": self.history,
             "world_size": self.world,  # informative: any number of processes may resume
         }
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step. Every process calls it: with sharding each
+        writes its shards (torch.distributed.checkpoint); without, process 0 writes one file
+        (every process holds the same weights and optimizer state)."""
+        if self.sharded_checkpoints:
+            save_sharded_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer,
+                                    self._progress_state(), keep=self.cfg.keep_checkpoints)
+            return
+        if not self.is_main:
+            return
+        state = {**self._progress_state(),
+                 "trainable": {name: p.detach().cpu().clone() for name, p in self.params.items()},
+                 "optimizer": self.optimizer.state_dict()}
         save_checkpoint(self.checkpoint_dir, self.step, state, keep=self.cfg.keep_checkpoints)
 
-    def restore(self) -> bool:
-        state = load_latest_checkpoint(self.checkpoint_dir)
-        if state is None:
-            return False
+    def _check_checkpoint(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint:
             raise RuntimeError(
                 f"{self.checkpoint_dir}: checkpoint written under different settings "
@@ -232,10 +265,29 @@ class Trainer:
         epoch = min(state["step"], self.total_steps - 1) // self.steps_per_epoch
         if not torch.equal(state["data_order"], self.epoch_order(epoch)):
             raise RuntimeError(f"{self.checkpoint_dir}: data order differs from the checkpoint's")
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(state["trainable"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def restore(self) -> bool:
+        """Load the newest checkpoint, if any (every process calls it). A sharded checkpoint loads
+        under any number of processes, sharded or not; a single-file one into an unsharded model."""
+        kind = latest_format(self.checkpoint_dir)
+        if kind is None:
+            return False
+        if kind == "dcp":
+            state = read_sharded_progress(self.checkpoint_dir)
+            self._check_checkpoint(state)  # before any weight is touched
+            load_sharded_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
+        else:
+            if self.sharded:
+                raise RuntimeError(
+                    f"{self.checkpoint_dir}: a checkpoint written by an unsharded run (training.sharding none); "
+                    "a sharded run resumes torch.distributed.checkpoint checkpoints only. Resume with "
+                    f"sharding: none, or delete {self.checkpoint_dir} to start the stage over")
+            state = load_latest_checkpoint(self.checkpoint_dir)
+            self._check_checkpoint(state)
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    param.copy_(state["trainable"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
         self.step = state["step"]
@@ -252,11 +304,11 @@ class Trainer:
         from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
 
         self.restore()
-        writer = self._summary_writer()
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.name,
                         disable=not (self.cfg.progress_bar and self.is_main), dynamic_ncols=True)
         window = []
-        with logging_redirect_tqdm():
+        # the trackers are closed on the way out, the run marked failed when training raised
+        with self._trackers() as trackers, logging_redirect_tqdm():
             while self.step < self.total_steps:
                 metrics = self.optimizer_step(self.step)
                 self.step += 1
@@ -266,43 +318,39 @@ class Trainer:
                 shown.update({k: f"{metrics[k]:.3g}" for k in self.objective.progress_metrics if k in metrics})
                 progress.set_postfix(shown)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                    self._log("train", _mean_of(window), writer)
+                    self._log("train", _mean_of(window), trackers)
                     window = []
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
-                    self._log("eval", self.evaluate(), writer)
+                    self._log("eval", self.evaluate(), trackers)
                 # before the checkpoint: what the callback changes (e.g. spo alphas) is saved with this step
                 self.callback("step", {"round": self.round_number, "step": self.step,
                                        "total_steps": self.total_steps, "metrics": metrics, "trainer": self})
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
                     self.save()
             progress.close()
-            if self.is_main and latest_step(self.checkpoint_dir) != self.step:
+            if latest_step(self.checkpoint_dir) != self.step:
                 self.save()  # the finished run's state: a crash while saving its outputs resumes here
             final_eval = self.evaluate()
-            self._log("eval", final_eval, writer)
-        if writer is not None:
-            writer.close()
+            self._log("eval", final_eval, trackers)
         result = {"train": self.history[-1] if self.history else {}, "eval": final_eval, "history": self.history}
         if self.is_main:
             write_json_atomic(self.run_dir / "metrics.json", result)
         return result
 
-    def _summary_writer(self):
-        if not (self.cfg.tensorboard and self.is_main):
-            return None
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+    def _trackers(self) -> tracking.Trackers:
+        """The experiment trackers of ``training.report_to``, from the step the run starts at
+        (process 0 only: the other processes log nowhere)."""
+        config = {"training": tracking.plain(self.cfg), "name": self.name, "round": self.round_number,
+                  "total_steps": self.total_steps, "processes": self.world}
+        return tracking.open_trackers(self.report_to if self.is_main else [], self.run_dir, run_name=self.name,
+                                      config=config, fingerprint=self.fingerprint, start_step=self.step)
 
-        # purge_step drops events a killed run logged after its last checkpoint.
-        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
-
-    def _log(self, split: str, metrics: dict[str, float], writer) -> None:
+    def _log(self, split: str, metrics: dict[str, float], trackers: tracking.Trackers) -> None:
         if not metrics:
             return
         if split == "train":
             self.history.append({"step": self.step, **metrics})
-        if writer is not None:
-            for name, value in metrics.items():
-                writer.add_scalar(f"{split}/{name}", value, self.step)
+        trackers.log(split, self.step, metrics)
         if self.is_main:
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN_METRICS if k in metrics)
             logger.info("%s step %d/%d %s: %s", self.name, self.step, self.total_steps, split, shown)
@@ -329,3 +377,13 @@ def _make_scheduler(optimizer, training: TrainingConfig, total_steps: int):
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[training.lr_scheduler]
     warmup = round(training.warmup_ratio * total_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _compute_device(model) -> torch.device:
+    """Where the model computes: its parameters' device, or the sharded parameters' mesh device
+    (parameters offloaded to the CPU under FSDP2 still compute on the GPU)."""
+    parameter = next(model.parameters())
+    mesh = getattr(parameter, "device_mesh", None)
+    if mesh is not None and mesh.device_type != "cpu":
+        return torch.device(mesh.device_type, torch.cuda.current_device())
+    return parameter.device

@@ -166,7 +166,7 @@ class DPAConfig(Section):
     sampling: SamplingConfig = section(SamplingConfig, "rejection sampling")
     loop: LoopConfig = section(LoopConfig, "the iterations")
     method: MethodConfig = section(MethodConfig, "pairwise fine-tune: loss and beta (loop.fine_tune: pairwise)")
-    lora: LoraConfig = section(LoraConfig, "LoRA of each fine-tune")
+    lora: LoraConfig | None = section(LoraConfig, "LoRA of each fine-tune (null: full fine-tuning)")
     training: TrainingConfig = section(TrainingConfig, "optimisation of each fine-tune")
     evaluation: EvaluationConfig = section(EvaluationConfig, "the empirical front")
 

@@ -21,10 +21,7 @@ from pathlib import Path
 
 from pyalign.data.pairs import RowError, prompt_field
 from pyalign.directions import (
-    direction_system_prompt,
-    sample_angle_directions,
-    sample_sphere_directions,
-    weighted_reward,
+    direction_system_prompt, sample_angle_directions, sample_sphere_directions, weighted_reward,
 )
 
 logger = logging.getLogger("pyalign.train")

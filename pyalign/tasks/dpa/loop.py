@@ -43,30 +43,13 @@ from pyalign.io import JsonlAppender, read_json, read_jsonl_rows, write_json_ato
 from pyalign.models import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
 from pyalign.tasks.dpa.config import DPAConfig, resolve_callable
 from pyalign.tasks.dpa.data import (
-    best_worst_pairs,
-    chosen_examples,
-    iteration_prompts,
-    load_prompt_rows,
-    plan_rows,
-    replay_examples,
-    replay_pool,
-    scored_samples,
-    sft_rows,
+    best_worst_pairs, chosen_examples, iteration_prompts, load_prompt_rows, plan_rows, replay_examples, replay_pool,
+    scored_samples, sft_rows,
 )
 from pyalign.tasks.dpa.evaluate import evaluate_policy, front_table, write_fronts
 from pyalign.train import (
-    CacheKey,
-    ConfigError,
-    FrozenLogprobs,
-    LogprobCache,
-    PairsWithFrozenLogprobs,
-    PreferenceObjective,
-    SFTObjective,
-    config_to_dict,
-    dataset_logprobs,
-    load_config,
-    stage_finished,
-    train_lora_stage,
+    CacheKey, ConfigError, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, PreferenceObjective, SFTObjective,
+    config_to_dict, dataset_logprobs, load_config, lora_fingerprint, shard_model, stage_finished, train_lora_stage,
     training_fingerprint,
 )
 
@@ -340,7 +323,7 @@ class DPARun:
             "base_model": self.model_fingerprint(base_index), "train_data": file_fingerprint(train_file),
             "tokenization": tokenization_fingerprint(self.tokenizer, config.training.max_length,
                                                      config.training.max_prompt_length),
-            "lora": config.lora.model_dump(), "training": training_fingerprint(config.training),
+            "lora": lora_fingerprint(config.lora), "training": training_fingerprint(config.training),
             "method": config.method.model_dump() if config.loop.fine_tune == "pairwise" else None,
             "model_dtype": config.model.dtype,
         }
@@ -361,7 +344,8 @@ class DPARun:
         entry = cache.load(key)
         distributed.barrier()  # every process has looked before process 0 writes (see check_plan)
         if entry is None:
-            model = load_model(self.model_dirs[base_index], self.config.model.dtype, self.device)
+            model = shard_model(load_model(self.model_dirs[base_index], self.config.model.dtype, self.device),
+                                training, self.device)
             entry = dataset_logprobs(model, pairs, batch_size=training.eval_batch_size or training.batch_size,
                                      device=self.device, mixed_precision=training.mixed_precision, average=average,
                                      fused=training.fused_lm_head,

@@ -10,12 +10,7 @@ SPO across them (docs/training.md).
 """
 
 from pyalign.tasks.preference.config import (
-    AdaptiveAlphaConfig,
-    MethodConfig,
-    RoundConfig,
-    SequentialConfig,
-    check_sequential,
-    round_dir,
+    AdaptiveAlphaConfig, MethodConfig, RoundConfig, SequentialConfig, check_sequential, round_dir,
 )
 from pyalign.tasks.preference.evaluate import evaluate_model, evaluate_run, format_run_table, preference_metrics
 from pyalign.tasks.preference.rounds import SequentialResult, SequentialRun, run_sequential, summary

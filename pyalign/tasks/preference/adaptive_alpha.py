@@ -39,7 +39,7 @@ from pyalign.io import write_json_atomic
 from pyalign.models import load_model
 from pyalign.tasks.preference.config import AdaptiveAlphaConfig, round_alphas, round_dir
 from pyalign.tasks.preference.evaluate import preference_metrics
-from pyalign.train import dataset_logprobs
+from pyalign.train import dataset_logprobs, shard_model
 
 logger = logging.getLogger("pyalign.train")
 LOG_FILE = "adaptive_alpha.json"
@@ -162,7 +162,8 @@ def _cached_logprobs(run, model_index: int, round_number: int) -> tuple[torch.Te
     if entry is not None:
         return entry
     logger.info("adaptive alpha: log-probs of pi_%d on round %d eval", model_index, round_number)
-    model = load_model(run.model_dirs[model_index], run.config.model.dtype, run.device)
+    model = shard_model(load_model(run.model_dirs[model_index], run.config.model.dtype, run.device), run.training,
+                        run.device)
     chosen, rejected = dataset_logprobs(
         model, run.dataset(round_number, "eval"), batch_size=run.training.eval_batch_size or run.training.batch_size,
         device=run.device, mixed_precision=run.training.mixed_precision, average=False,

@@ -13,8 +13,8 @@ from pyalign.data.sources import check_data_source
 from pyalign.losses import LOSSES, SMOOTHING_RANGES
 from pyalign.train import (
     Boolean, ConfigError, Fraction, LoraConfig, ModelConfig, NonNegativeFloat, PathValue, PositiveFloat,
-    PositiveInt, Section, TrainingConfig, UnitInterval, check_lengths, check_model_folder, checked,
-    config_to_dict, expect, field, float_type, one_of, one_or_list, section,
+    PositiveInt, Section, TrainingConfig, UnitInterval, check_lengths, check_model_folder, checked, config_to_dict,
+    expect, field, float_type, one_of, one_or_list, section,
 )
 
 SMOOTHED_LOSSES = tuple(SMOOTHING_RANGES)  # the losses that take label_smoothing
@@ -72,7 +72,7 @@ class SequentialConfig(Section):
     rounds: Annotated[list[RoundConfig], Field(min_length=1), expect("a non-empty list of {name, train, eval}")] = \
         field(doc="preference dimensions, trained in this order")
     output_dir: PathValue = field(doc="where rounds, checkpoints and caches go")
-    lora: LoraConfig = section(LoraConfig, "LoRA adapter")
+    lora: LoraConfig | None = section(LoraConfig, "LoRA adapter (null: full fine-tuning, every parameter trained)")
     method: MethodConfig = section(MethodConfig, "loss and its coefficients")
     training: TrainingConfig = section(TrainingConfig, "optimisation")
     cache_dir: PathValue | None = field(None, "frozen log-prob cache (default output_dir/logprob_cache)")

@@ -52,16 +52,8 @@ from pyalign.models import load_model, load_tokenizer, model_fingerprint, resolv
 from pyalign.tasks.preference import adaptive_alpha
 from pyalign.tasks.preference.config import SequentialConfig, chain_models, round_alphas, round_dir
 from pyalign.train import (
-    STATE_FILE,
-    CacheKey,
-    FrozenLogprobs,
-    LogprobCache,
-    PairsWithFrozenLogprobs,
-    PreferenceObjective,
-    dataset_logprobs,
-    load_config,
-    stage_finished,
-    train_lora_stage,
+    STATE_FILE, CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, PreferenceObjective,
+    dataset_logprobs, is_sharded, load_config, lora_fingerprint, shard_model, stage_finished, train_lora_stage,
     training_fingerprint,
 )
 
@@ -152,14 +144,19 @@ class SequentialRun:
             return
         if distributed.is_main():
             logger.info("caching log-probs of pi_%d on %d data set(s)", model_index, len(missing))
-        model = load_model(self.model_dirs[model_index], self.config.model.dtype, self.device)
+        # Sharded like the trained model under sharding: fsdp (every process then runs as many
+        # batches as the busiest one); whole on every process otherwise.
+        model = shard_model(load_model(self.model_dirs[model_index], self.config.model.dtype, self.device),
+                            self.training, self.device)
         batch_size = self.training.eval_batch_size or self.training.batch_size
         show = self.training.progress_bar and distributed.is_main()
         for n, split in missing:
             dataset = self.dataset(n, split)
             mine = distributed.shard_indices(len(dataset))
+            busiest = -(-len(dataset) // distributed.world_size())
             chosen, rejected = dataset_logprobs(
                 model, dataset, batch_size=batch_size, device=self.device, indices=mine,
+                min_batches=-(-busiest // batch_size) if is_sharded(model) else 0,
                 mixed_precision=self.training.mixed_precision, average=self.average,
                 fused=self.training.fused_lm_head,
                 progress=f"log-probs of pi_{model_index} on round {n} {split}" if show else None,
@@ -196,7 +193,7 @@ class SequentialRun:
             "base_model": self.model_fingerprint(round_number - 1),
             "train_data": data_fingerprint(self.data_file(round_number, "train")),
             "tokenization": self.tokenization,
-            "lora": config.lora.model_dump(),
+            "lora": lora_fingerprint(config.lora),
             # this round's alphas only: changing a later round's alpha leaves this round valid
             "method": {k: v for k, v in config.method.model_dump().items() if k not in ("alpha", "adaptive_alpha")},
             "alphas": round_alphas(config, round_number),

@@ -59,7 +59,8 @@ class RewardModelConfig(Section):
                                        "0-100; null: min/max of the training ratings)")
     data: RewardDataConfig = section(RewardDataConfig, "the rated examples", required=True)
     output_dir: PathValue = field(doc="where checkpoints and the reward model folder go")
-    lora: LoraConfig = section(LoraConfig, "LoRA on the backbone (the head is trained in full)")
+    lora: LoraConfig | None = section(LoraConfig, "LoRA on the backbone, the head trained in full (null: the whole "
+                                                             "backbone is trained)")
     training: TrainingConfig = section(TrainingConfig, "optimisation")
 
 

@@ -38,7 +38,10 @@ from pyalign.reward_model.metrics import unflatten
 from pyalign.reward_model.model import RewardModel, apply_backbone_lora, load_backbone
 from pyalign.tasks.reward_model.config import RewardModelConfig
 from pyalign.tasks.reward_model.objective import RewardRegressionObjective
-from pyalign.train import ConfigError, Trainer, config_to_dict, load_config, stage_finished, training_fingerprint
+from pyalign.train import (
+    ConfigError, Trainer, check_sharding, config_to_dict, full_state_dict, is_sharded, load_config,
+    lora_fingerprint, shard_model, stage_finished, training_fingerprint,
+)
 
 logger = logging.getLogger("pyalign.train")
 STATE_FILE = "state.json"
@@ -70,7 +73,7 @@ def reward_model_fingerprint(config: RewardModelConfig, scales, tokenization: di
         "train_data": file_fingerprint(config.data.train),
         "objectives": [asdict(s) for s in scales],
         "tokenization": tokenization,
-        "lora": config.lora.model_dump(),
+        "lora": lora_fingerprint(config.lora),
         "training": training_fingerprint(config.training),
         "model_dtype": config.model.dtype,
     }
@@ -124,17 +127,30 @@ def run_reward_model(config, *, callback: Callable[[str, dict], None] | None = N
     spread = targets.std(0) if len(targets) > 1 else torch.ones(len(scales), dtype=torch.float64)
     spread = torch.where(spread > 0, spread, torch.ones_like(spread))
 
-    backbone = load_backbone(config.model.path, config.model.dtype).to(device)
-    if training.gradient_checkpointing:
-        enable_activation_checkpointing(backbone)
-    backbone = apply_backbone_lora(backbone, config.lora, seed=training.seed)
-    model = RewardModel(backbone, scales, tokenizer=tokenizer, offset=targets.mean(0).float(), spread=spread.float(),
-                        max_length=training.max_length, max_prompt_length=training.max_prompt_length)
+    check_sharding(training, device)
+
+    def build(on_device) -> RewardModel:
+        backbone = load_backbone(config.model.path, config.model.dtype).to(on_device)
+        if training.gradient_checkpointing:
+            enable_activation_checkpointing(backbone)
+        if config.lora is not None:
+            backbone = apply_backbone_lora(backbone, config.lora, seed=training.seed)
+        return RewardModel(backbone, scales, tokenizer=tokenizer, offset=targets.mean(0).float(),
+                           spread=spread.float(), max_length=training.max_length,
+                           max_prompt_length=training.max_prompt_length)
+
+    model = shard_model(build(device), training, device)
     trainer = Trainer(model, RewardRegressionObjective(names), train, training, output_dir, eval=evaluation,
                       fingerprint=fingerprint, callback=callback, name="reward_model")
     result.metrics = trainer.train()
+    if is_sharded(model):  # gathered to process 0 and loaded into an unsharded copy there
+        state = full_state_dict(model)
+        model = build(torch.device("cpu")) if distributed.is_main() else None
+        if model is not None:
+            model.load_state_dict(state)
     if distributed.is_main():
-        model.backbone.save_pretrained(output_dir / "adapter")
+        if config.lora is not None:
+            model.backbone.save_pretrained(output_dir / "adapter")
         model.save(result.model_dir, extra={
             "base_model": config.model.path, "train_data": config.data.train,
             "validation": unflatten(result.metrics.get("eval", {})),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pyalign.train import (
-    LoraConfig, ModelConfig, PathValue, Section, TrainingConfig, check_file, check_lengths, check_model_folder, field,
-    section,
+    LoraConfig, ModelConfig, PathValue, Section, TrainingConfig, check_file, check_lengths, check_model_folder,
+    field, section,
 )
 
 
@@ -21,7 +21,7 @@ class SFTConfig(Section):
     model: ModelConfig = section(ModelConfig, "the model to fine-tune", required=True)
     data: SFTDataConfig = section(SFTDataConfig, "the examples", required=True)
     output_dir: PathValue = field(doc="where checkpoints, the adapter and the merged model go")
-    lora: LoraConfig = section(LoraConfig, "LoRA adapter")
+    lora: LoraConfig | None = section(LoraConfig, "LoRA adapter (null: full fine-tuning, every parameter trained)")
     training: TrainingConfig = section(TrainingConfig, "optimisation")
 
 

@@ -34,11 +34,7 @@ from pyalign.models import load_tokenizer, model_fingerprint, resolve_device
 from pyalign.tasks.sft.config import SFTConfig
 from pyalign.tasks.sft.data import SFTDataset
 from pyalign.train import (
-    SFTObjective,
-    config_to_dict,
-    load_config,
-    stage_finished,
-    train_lora_stage,
+    SFTObjective, config_to_dict, load_config, lora_fingerprint, stage_finished, train_lora_stage,
     training_fingerprint,
 )
 
@@ -60,7 +56,7 @@ def sft_fingerprint(config: SFTConfig, tokenization: dict) -> dict:
         "base_model": model_fingerprint(config.model.path),
         "train_data": file_fingerprint(config.data.train),
         "tokenization": tokenization,
-        "lora": config.lora.model_dump(),
+        "lora": lora_fingerprint(config.lora),
         "training": training_fingerprint(config.training),
         "model_dtype": config.model.dtype,
     }
