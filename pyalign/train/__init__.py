@@ -41,6 +41,7 @@ from pyalign.train.registry import (
 )
 from pyalign.train.sharding import SHARDINGS, check_sharding, full_state_dict, is_sharded, shard_model, sharding_active
 from pyalign.train.stage import STATE_FILE, save_trained_model, stage_finished, train_lora_stage, train_stage
+from pyalign.train.startup import start_run
 from pyalign.train.trainer import Trainer
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
     "config_schema", "config_to_dict", "dataset_logprobs", "describe_fields", "device_name", "expect",
     "expected_error", "field", "float_type", "full_state_dict", "get_task", "int_type", "is_sharded", "latest_step", "load_config", "lora_fingerprint",
     "load_latest_checkpoint", "non_empty_list", "one_of", "one_or_list", "path_value", "positive_int",
-    "read_config_source", "register_task", "save_checkpoint", "save_trained_model", "section", "shard_model", "sharding_active", "stage_finished", "task_names", "task_of",
+    "read_config_source", "register_task", "save_checkpoint", "save_trained_model", "section", "shard_model", "sharding_active", "start_run", "stage_finished", "task_names", "task_of",
     "train_lora_stage", "train_stage", "training_fingerprint", "validate",
 ]
 

@@ -34,10 +34,17 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, *, keep: int 
     partial = directory / f".partial_{name}"
     partial.mkdir()
     torch.save(state, partial / "state.pt")
+    return _publish(directory, partial, step, "torch", keep)
+
+
+def _publish(directory: Path, partial: Path, step: int, kind: str, keep: int) -> Path:
+    """The complete checkpoint in ``partial`` becomes the newest: renamed to its final name (new,
+    so the rename is atomic), then ``latest.json`` replaced, then older ones pruned to ``keep``."""
+    name = f"step_{step:06d}"
     final = directory / name
     shutil.rmtree(final, ignore_errors=True)  # a leftover of a run killed after this very rename
     os.replace(partial, final)
-    write_json_atomic(directory / "latest.json", {"step": step, "dir": name, "format": "torch"})
+    write_json_atomic(directory / "latest.json", {"step": step, "dir": name, "format": kind})
     older = sorted(p for p in directory.glob("step_*") if p.is_dir() and p.name != name)
     for stale in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -102,12 +109,7 @@ def save_sharded_checkpoint(directory: str | Path, step: int, model, optimizer, 
     dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(partial))
     if distributed.is_main():
         torch.save(extra, partial / EXTRA_FILE)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover of a run killed after this very rename
-        os.replace(partial, final)
-        write_json_atomic(directory / "latest.json", {"step": step, "dir": name, "format": "dcp"})
-        older = sorted(p for p in directory.glob("step_*") if p.is_dir() and p.name != name)
-        for stale in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(stale, ignore_errors=True)
+        _publish(directory, partial, step, "dcp", keep)
     distributed.barrier()
     return final
 

@@ -49,8 +49,8 @@ from pyalign.tasks.dpa.data import (
 from pyalign.tasks.dpa.evaluate import evaluate_policy, front_table, write_fronts
 from pyalign.train import (
     CacheKey, ConfigError, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, PreferenceObjective, SFTObjective,
-    config_to_dict, dataset_logprobs, load_config, lora_fingerprint, shard_model, stage_finished, train_lora_stage,
-    training_fingerprint,
+    dataset_logprobs, load_config, lora_fingerprint, shard_model, stage_finished, start_run,
+    train_lora_stage, training_fingerprint,
 )
 
 logger = logging.getLogger("pyalign.train")
@@ -384,13 +384,7 @@ def run_dpa(config, *, callback: Callable[[str, dict], None] | None = None) -> D
     ``"generated"``, ``"scored"`` (after each chunk), ``"selected"``, the trainer's ``"step"``,
     ``"fine_tuned"`` and ``"evaluated"`` (tests use it to simulate a crash)."""
     config = load_config(config, task="dpa")
-    if config.training.num_threads:
-        torch.set_num_threads(config.training.num_threads)
-    distributed.init_from_env(distributed.process_device(resolve_device(config.training.device)))
-    output_dir = Path(config.output_dir)
-    if distributed.is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / "config.json", config_to_dict(config))
+    _, output_dir = start_run(config)
     run = DPARun(config, callback)
     evaluate = run.eval_rows is not None
     evaluations = [evaluate_policy(run, 0)] if evaluate else []

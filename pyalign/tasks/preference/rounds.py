@@ -47,14 +47,14 @@ import torch
 
 from pyalign import distributed
 from pyalign.data import PreferenceDataset, data_fingerprint, tokenization_fingerprint
-from pyalign.io import atomic_directory, write_json_atomic
+from pyalign.io import atomic_directory
 from pyalign.models import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
 from pyalign.tasks.preference import adaptive_alpha
 from pyalign.tasks.preference.config import SequentialConfig, chain_models, round_alphas, round_dir
 from pyalign.train import (
     STATE_FILE, CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, PreferenceObjective,
-    dataset_logprobs, is_sharded, load_config, lora_fingerprint, shard_model, stage_finished, train_lora_stage,
-    training_fingerprint,
+    dataset_logprobs, is_sharded, load_config, lora_fingerprint, shard_model, stage_finished, start_run,
+    train_lora_stage, training_fingerprint,
 )
 
 logger = logging.getLogger("pyalign.train")
@@ -277,13 +277,7 @@ def run_sequential(
     config = load_config(config, task="preference")
     if recompute_stale_cache is not None:
         config.recompute_stale_cache = recompute_stale_cache
-    distributed.init_from_env(distributed.process_device(resolve_device(config.training.device)))
-    if config.training.num_threads:
-        torch.set_num_threads(config.training.num_threads)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        write_json_atomic(output_dir / "config.json", config.to_dict())
+    start_run(config)
     run = SequentialRun(config, callback)
     metrics = []
     for n in run.round_numbers:

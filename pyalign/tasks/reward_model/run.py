@@ -32,15 +32,15 @@ import torch
 from pyalign import distributed
 from pyalign.data import file_fingerprint, tokenization_fingerprint
 from pyalign.io import write_json_atomic
-from pyalign.models import enable_activation_checkpointing, load_tokenizer, model_fingerprint, resolve_device
+from pyalign.models import enable_activation_checkpointing, load_tokenizer, model_fingerprint
 from pyalign.reward_model.data import RatingsDataset, check_within_scales, load_rated_examples, resolve_scales
 from pyalign.reward_model.metrics import unflatten
 from pyalign.reward_model.model import RewardModel, apply_backbone_lora, load_backbone
 from pyalign.tasks.reward_model.config import RewardModelConfig
 from pyalign.tasks.reward_model.objective import RewardRegressionObjective
 from pyalign.train import (
-    ConfigError, Trainer, check_sharding, config_to_dict, full_state_dict, is_sharded, load_config,
-    lora_fingerprint, shard_model, stage_finished, training_fingerprint,
+    ConfigError, Trainer, check_sharding, full_state_dict, is_sharded, load_config,
+    lora_fingerprint, shard_model, stage_finished, start_run, training_fingerprint,
 )
 
 logger = logging.getLogger("pyalign.train")
@@ -86,14 +86,7 @@ def run_reward_model(config, *, callback: Callable[[str, dict], None] | None = N
     resuming whatever an earlier run left. ``callback(event, info)``: the trainer's steps."""
     config = load_config(config, task="reward_model")
     training = config.training
-    device = distributed.process_device(resolve_device(training.device))
-    distributed.init_from_env(device)
-    if training.num_threads:
-        torch.set_num_threads(training.num_threads)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        write_json_atomic(output_dir / "config.json", config_to_dict(config))
+    device, output_dir = start_run(config)
 
     names = list(config.objectives)
     tokenizer = load_tokenizer(config.model.path)

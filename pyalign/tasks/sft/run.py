@@ -25,16 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from pyalign import distributed
 from pyalign.data import file_fingerprint, tokenization_fingerprint
-from pyalign.io import write_json_atomic
-from pyalign.models import load_tokenizer, model_fingerprint, resolve_device
+from pyalign.models import load_tokenizer, model_fingerprint
 from pyalign.tasks.sft.config import SFTConfig
 from pyalign.tasks.sft.data import SFTDataset
 from pyalign.train import (
-    SFTObjective, config_to_dict, load_config, lora_fingerprint, stage_finished, train_lora_stage,
+    SFTObjective, load_config, lora_fingerprint, stage_finished, start_run, train_lora_stage,
     training_fingerprint,
 )
 
@@ -67,14 +65,7 @@ def run_sft(config, *, callback: Callable[[str, dict], None] | None = None) -> S
     run left. ``callback(event, info)``: the trainer's ``"step"`` events."""
     config = load_config(config, task="sft")
     training = config.training
-    device = distributed.process_device(resolve_device(training.device))
-    distributed.init_from_env(device)
-    if training.num_threads:
-        torch.set_num_threads(training.num_threads)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        write_json_atomic(output_dir / "config.json", config_to_dict(config))
+    device, output_dir = start_run(config)
     tokenizer = load_tokenizer(config.model.path)
     tokenization = tokenization_fingerprint(tokenizer, training.max_length, training.max_prompt_length)
     fingerprint = sft_fingerprint(config, tokenization)
