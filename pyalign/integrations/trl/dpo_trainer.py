@@ -125,11 +125,13 @@ class DPOTrainer(trl.DPOTrainer):
       fused op on the model's logits, reason logged once), ``True`` (fused lm_head or ValueError),
       ``False`` (always the logits);
     - ``strict``: raise ValueError instead of handing a forward back to TRL's own fused head (MoE
-      auxiliary loss, context-parallel ``shift_labels``, temperature, sharded heads);
+      auxiliary loss, context-parallel ``shift_labels``, temperature, an lm_head sharded by FSDP1
+      or split by tensor parallelism; FSDP2 and DeepSpeed ZeRO-3 are computed by pyalign);
     - ``spo_alphas``, ``spo_chain_models`` for ``loss_type="spo"``; ``kto_kl`` for ``"kto_pair"``.
 
     ``pyalign_routes`` lists the route of the latest fused forwards: ``(model class, route, reason)``
-    with route ``"fused lm_head"``, ``"logits"`` or ``"trl"``.
+    with route ``"fused lm_head"``, ``"fused lm_head (FSDP2 gather)"``, ``"fused lm_head (ZeRO-3
+    gather)"``, ``"logits"`` or ``"trl"`` (:mod:`pyalign.integrations.trl.fused_head`).
     """
 
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None,

@@ -16,13 +16,22 @@ call is answered by pyalign and returns the same ``FusedCausalLMOutput``:
   (``return_stats=True``) come from the same chunks of logits, without gradient. The head
   computes in the model's dtype (autocast included), or in float32 on a CPU without native
   bf16/fp16 matmul (:func:`cpu_half_matmul_is_slow`);
+- **fused lm_head inside the lm_head's forward** when FSDP2 or DeepSpeed ZeRO-3 shards the lm_head
+  (routes :data:`ROUTE_FSDP2`, :data:`ROUTE_ZERO3`): the model's own forward runs (this forward is
+  already inside the model's call, so the root's FSDP / ZeRO-3 hooks have run) with the lm_head's
+  ``forward`` answering token log-probs and statistics for that call
+  (:func:`pyalign.models.fused_head.sharded_token_logprobs`, "gather"): the lm_head module is still
+  called, so FSDP2's or ZeRO-3's own hooks gather its whole weight for it, gather it again for the
+  backward and reduce-scatter its gradient, exactly as for the logits. The statistics need every
+  logit of a row, which is why the weight is gathered rather than split by vocabulary;
 - else the **fused op on the model's own logits** (:func:`pyalign.token_logprobs`): the model
   computes its logits (soft-capping and scaling included) and the statistics are computed from
   them without gradient;
 - **handed back to TRL's own forward**, with the reason logged once, for what pyalign does not
   compute: router logits (MoE auxiliary loss),
-  pre-shifted ``shift_labels`` (context parallelism), ``temperature != 1``, and an lm_head sharded
-  by FSDP or DeepSpeed ZeRO-3. ``strict=True`` raises ValueError instead.
+  pre-shifted ``shift_labels`` (context parallelism), ``temperature != 1``, an lm_head sharded by
+  FSDP1 (``fsdp_version: 1``) or split by tensor parallelism (a DTensor no FSDP2 module of the
+  model manages). ``strict=True`` raises ValueError instead.
 
 ``entropy`` is returned without gradient (TRL's DPOTrainer only logs it), like the other statistics.
 """
@@ -30,6 +39,7 @@ call is answered by pyalign and returns the same ``FusedCausalLMOutput``:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import types
 import weakref
@@ -48,6 +58,13 @@ logger = logging.getLogger(__name__)
 # Per-token fields of FusedCausalLMOutput besides log_probs; pyalign computes all of them.
 STAT_FIELDS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
+# The routes HeadSettings.routes records (docs/integrations.md, "What pyalign computes").
+ROUTE_FUSED = "fused lm_head"
+ROUTE_FSDP2 = "fused lm_head (FSDP2 gather)"
+ROUTE_ZERO3 = "fused lm_head (ZeRO-3 gather)"
+ROUTE_LOGITS = "logits"
+ROUTE_TRL = "trl"
+
 
 @dataclass
 class HeadSettings:
@@ -61,24 +78,47 @@ class HeadSettings:
     _logged: set = field(default_factory=set)
 
     def note(self, model, route: str, reason: str = "") -> None:
-        self.routes.append((type(model).__name__, route, reason))
+        # The model's own class: fully_shard swaps it for an FSDP<Class> subclass.
+        self.routes.append((hf._unwrapped_class(model).__name__, route, reason))
         del self.routes[:-64]
         if reason and (route, reason) not in self._logged:
             self._logged.add((route, reason))
             what = {"trl": "TRL's own fused lm_head", "logits": "the model's full logits"}.get(route, route)
-            logger.warning("pyalign.integrations.trl: %s for %s: %s", what, type(model).__name__, reason)
+            logger.warning("pyalign.integrations.trl: %s for %s: %s", what, hf._unwrapped_class(model).__name__,
+                           reason)
 
 
-def _trainer_reason(settings: HeadSettings) -> str:
-    trainer = settings.trainer() if settings.trainer is not None else None
-    if trainer is not None and getattr(trainer, "is_fsdp_enabled", False):
-        return "FSDP shards the lm_head; pyalign's fused head reads lm_head.weight whole"
+def _fsdp1_modules(model) -> bool:
+    """Whether FSDP1 (``FullyShardedDataParallel``, flat parameters) wraps modules of ``model``."""
     try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # noqa: PLC0415
+        from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415
     except ImportError:
-        return ""
-    if is_deepspeed_zero3_enabled():
-        return "DeepSpeed ZeRO-3 partitions the lm_head; pyalign's fused head reads lm_head.weight whole"
+        return False
+    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+
+
+def _sharding_reason(settings: HeadSettings, model, weight) -> str:
+    """Why a sharded lm_head must go to TRL ("" for the shardings pyalign computes: FSDP2, ZeRO-3)."""
+    trainer = settings.trainer() if settings.trainer is not None else None
+    accelerator = getattr(trainer, "accelerator", None)
+    if (trainer is not None and getattr(trainer, "is_fsdp_enabled", False)
+            and not getattr(accelerator, "is_fsdp2", False)) or _fsdp1_modules(model):
+        # FSDP1 keeps the lm_head in flat parameters whose unsharded views only exist inside the
+        # FSDP1 unit's forward; pyalign's route through the lm_head's own forward is built and tested
+        # on FSDP2's per-parameter DTensors and hooks.
+        return ("FSDP shards the lm_head with FSDP1 (fsdp_version: 1, flat parameters); pyalign's fused head "
+                "handles FSDP2 (fsdp_version: 2)")
+    parallelism = getattr(accelerator, "parallelism_config", None)
+    tp_size = getattr(parallelism, "tp_size", None) or 1
+    if tp_size > 1:
+        return (f"tensor parallelism (parallelism_config tp_size={tp_size}) splits the lm_head; pyalign's fused "
+                "head needs the whole weight inside the lm_head's forward")
+    if hf._is_dtensor(weight) and hf.fsdp_head_param(model, weight) is None:
+        # Inside the model's call FSDP2 has either unsharded the weight (root or tail group) or
+        # will unshard it in the lm_head's forward (its own group, found here): a DTensor that no
+        # FSDP2 group of the model owns is someone else's sharding.
+        return ("the lm_head weight is a DTensor that no FSDP2 module of this model manages (tensor "
+                "parallelism?); pyalign's fused head needs the whole weight inside the lm_head's forward")
     return ""
 
 
@@ -92,10 +132,7 @@ def handback_reason(settings: HeadSettings, model, *, temperature: float, output
     if model_kwargs.get("output_router_logits"):
         return "router logits were requested (MoE auxiliary loss)"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is not None and type(weight).__name__ == "DTensor":
-        return "the lm_head weight is a DTensor (FSDP2/tensor parallel sharding)"
-    return _trainer_reason(settings)
+    return _sharding_reason(settings, model, getattr(head, "weight", None))
 
 
 # --------------------------------------------------------------------------- the two pyalign routes
@@ -161,7 +198,7 @@ def _fused_lm_head_logprobs(head: hf.FusedHead, args, kwargs, labels: Tensor, wa
     # Aligned with every hidden state (the last position is simply not scored): no shifted copy.
     targets = hf.shift_labels(labels.to(head.weight.device), IGNORE_INDEX)
     hidden, weight, bias, reason = head_operands(hidden, head, cast_lm_head_to_fp32)
-    settings.note(model, "fused lm_head", reason)
+    settings.note(model, ROUTE_FUSED, reason)
     if want_stats:
         logp, stats = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX,
                                             return_stats=True)
@@ -170,6 +207,43 @@ def _fused_lm_head_logprobs(head: hf.FusedHead, args, kwargs, labels: Tensor, wa
         logp = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX)
         stats = {}
     return logp[:, :-1], stats
+
+
+def _sharded_lm_head_logprobs(head: hf.FusedHead, trl_forward, args, kwargs, labels: Tensor, want_stats: bool,
+                              cast_lm_head_to_fp32: bool, settings: HeadSettings, model):
+    """Per-token log-probs [B, T-1] (and statistics) of a model whose lm_head FSDP2 or ZeRO-3 shards:
+    the model's own forward (``trl_forward`` without ``fused_lm_head``: no second pass through the
+    root's hooks, which this call is already inside) with the lm_head module's forward computing
+    the fused op on the weight its FSDP2 / ZeRO-3 hooks gathered."""
+    call_kwargs = dict(kwargs)
+    if args:  # TRL passes keywords; name positional inputs so that the glue can pass them on
+        bound = inspect.signature(hf._unwrapped_class(model).forward).bind_partial(model, *args).arguments
+        bound.pop(next(iter(bound)))  # self
+        call_kwargs.update(bound)
+    input_ids = call_kwargs.pop("input_ids", None)
+    attention_mask = call_kwargs.pop("attention_mask", None)
+    weight = head.module.weight
+    targets = hf.shift_labels(labels.to(weight.device), IGNORE_INDEX)
+    # The dtype the lm_head would compute in: autocast's, else the one FSDP2 gathers in (mixed
+    # precision), else the weight's; float32 where TRL asks for it or this CPU lacks a native
+    # half-precision matmul (as in head_operands).
+    device_type = targets.device.type
+    info = hf.fsdp_head_param(model, weight) if head.manager == "fsdp2" else None
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else (info.param_dtype if info is not None and info.param_dtype is not None else weight.dtype))
+    reason = ""
+    if device_type == "cpu" and cpu_half_matmul_is_slow(dtype):
+        reason = f"this CPU has no native {dtype} matmul (oneDNN), so the lm_head runs in float32"
+    compute_dtype = torch.float32 if (cast_lm_head_to_fp32 or reason) and dtype != torch.float32 else None
+    settings.note(model, ROUTE_ZERO3 if head.manager == "zero3" else ROUTE_FSDP2, reason)
+    result = hf.sharded_token_logprobs(
+        model, head, input_ids, attention_mask, targets, sharded_head="gather", ignore_index=IGNORE_INDEX,
+        model_kwargs=call_kwargs, return_stats=want_stats, compute_dtype=compute_dtype, forward=trl_forward)
+    logp, stats = result if want_stats else (result, {})
+    # Fresh tensors, not views: FSDP2 hooks the root's outputs for its pre-backward all-gather, and
+    # an in-place op on a returned view would drop that hook (FSDP warns); [B, T] copies are cheap.
+    return logp[:, :-1].contiguous(), {name: stats[name][:, :-1].contiguous() for name in STAT_FIELDS
+                                       if name in stats}
 
 
 def _logits_logprobs(trl_forward, args, kwargs, labels: Tensor, want_stats: bool):
@@ -209,7 +283,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         if reason:
             if settings.strict:
                 raise ValueError(f"strict: pyalign cannot compute this forward's log-probs: {reason}")
-            settings.note(self, "trl", reason)
+            settings.note(self, ROUTE_TRL, reason)
             result = trl_forward(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels,
                                  num_items_in_batch=num_items_in_batch, **kwargs)
             if settings.recording is not None:
@@ -220,15 +294,20 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         if settings.fused is False:
             head, head_reason = None, "fused=False"
         else:
-            head, head_reason = hf.fused_head_or_reason(self)
+            # sharded / zero3: an lm_head that FSDP2 or ZeRO-3 shards is computed inside its own
+            # forward (_sharded_lm_head_logprobs), never read directly.
+            head, head_reason = hf.fused_head_or_reason(self, sharded=True, zero3=True)
             if head is None and settings.fused is True:
                 raise ValueError(f"fused: the fused lm_head path cannot run this model: {head_reason}")
         kwargs["use_cache"] = False
-        if head is not None:
+        if head is not None and head.sharded:
+            log_probs, stats = _sharded_lm_head_logprobs(head, trl_forward, args, kwargs, labels, want_stats,
+                                                         cast_lm_head_to_fp32, settings, self)
+        elif head is not None:
             log_probs, stats = _fused_lm_head_logprobs(head, args, kwargs, labels, want_stats, cast_lm_head_to_fp32,
                                                        settings, self)
         else:
-            settings.note(self, "logits", head_reason if settings.fused == "auto" else "")
+            settings.note(self, ROUTE_LOGITS, head_reason if settings.fused == "auto" else "")
             log_probs, stats = _logits_logprobs(trl_forward, args, kwargs, labels, want_stats)
         mask = labels[:, 1:].to(log_probs.device) != IGNORE_INDEX
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
