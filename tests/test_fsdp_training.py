@@ -143,7 +143,9 @@ def test_two_processes_under_fsdp_equal_one_process(assets, tmp_path, kind):
     config = task_config(files, kind, tmp_path / "one")
     run_here(with_sharding(config, "none"))
     sharded = with_sharding({**config, "output_dir": str(tmp_path / "two")}, "fsdp")
-    torchrun(sharded, tmp_path)
+    done = torchrun(sharded, tmp_path)
+    if kind != "reward_model":  # the tiny model's lm_head is untied: its own group, vocabulary-parallel
+        assert "fsdp: 2 decoder layers + lm_head + root sharded over 2 processes" in done.stdout + done.stderr
     assert_same_result(tmp_path / "two", tmp_path / "one", kind)
     checkpoints = [p for p in (tmp_path / "two").rglob("checkpoints") if p.is_dir()]
     assert not checkpoints  # removed once each stage finished
@@ -339,3 +341,18 @@ def test_an_accelerate_fsdp_launch_means_sharding_fsdp(monkeypatch):
     training = TrainingConfig()
     check_sharding(training, torch.device("cpu"))
     assert training.sharding == "fsdp" and not training.cpu_offload
+
+
+def test_the_recorded_config_says_what_an_accelerate_fsdp_launch_ran(monkeypatch, tmp_path):
+    # config.json must record the sharding the run adopted from the launcher, not the file's "none".
+    from pyalign.tasks.sft.config import SFTConfig
+    from pyalign.train.startup import start_run
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    config = SFTConfig.model_validate({"model": {"path": str(tmp_path)}, "data": {"train": str(tmp_path / "t.jsonl")},
+                                       "output_dir": str(tmp_path / "run"), "training": {"device": "cpu"}})
+    assert config.training.sharding == "none"
+    start_run(config)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["task"] == "sft" and recorded["training"]["sharding"] == "fsdp"

@@ -9,11 +9,15 @@ all-gathered for its forward (and again for its backward) and freed after; the g
 reduce-scattered (summed: the trainer weights each micro-batch by its share of the step's units, so
 a step's gradient is a sum over processes, see :mod:`pyalign.train.trainer`). The decoder layers
 are the classes transformers names in ``model._no_split_modules`` (what accelerate's FSDP
-auto-wrap uses too); the root group holds the rest: embeddings, final norm, lm_head (tied input and
-output embeddings are one parameter, in that one group).
+auto-wrap uses too); an untied lm_head is a group of its own (so that the fused log-prob op works
+on its vocabulary shards); the root group holds the rest: embeddings, final norm, and a tied
+lm_head (tied input and output embeddings are one parameter, in that one group).
 
 - Mixed precision on CUDA (``training.mixed_precision`` auto or bf16): FSDP2's
-  ``MixedPrecisionPolicy`` (bf16 compute, fp32 gradient reduction) instead of autocast.
+  ``MixedPrecisionPolicy`` all-gathers the parameters in bf16 for compute and reduce-scatters the
+  gradients in fp32 (the sharded fp32 parameters stay the optimizer's); the trainer's autocast
+  stays on over it, so the ops autocast keeps in fp32 (softmax, norms, the fused log-prob op's
+  accumulation) compute as they do without sharding.
 - ``training.cpu_offload``: parameters, gradients and optimizer state live on the CPU between uses
   (FSDP2's ``CPUOffloadPolicy``), for CUDA runs.
 - Activation checkpointing (``training.gradient_checkpointing``) is set on the layers before they
@@ -57,6 +61,21 @@ def _inner_model(model):
                 model = inner
                 break
     return model
+
+
+def _untied_output_head(model) -> torch.nn.Module | None:
+    """The lm_head when it is a plain Linear with a weight of its own (not tied to the input
+    embeddings), else None. Its own FSDP group keeps its weight sharded up to the head, where the
+    fused log-prob op computes over the vocabulary shards without gathering it ("vocab_parallel",
+    :mod:`pyalign.models.fused_head`; measured faster and smaller than gathering it with the root
+    by ``python -m bench.sharded_head``). A tied weight stays in the root group with the embeddings."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    get_input = getattr(model, "get_input_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    embeddings = get_input() if callable(get_input) else None
+    if type(head) is not torch.nn.Linear or embeddings is None:
+        return None
+    return None if head.weight is getattr(embeddings, "weight", None) else head
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -116,6 +135,9 @@ def shard_model(model, training, device: torch.device):
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, **options)
+    head = _untied_output_head(model)
+    if head is not None:
+        fully_shard(head, **options)
     fully_shard(model, **options)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
@@ -125,8 +147,9 @@ def shard_model(model, training, device: torch.device):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     if distributed.is_main():
-        logger.info("fsdp: %d decoder layers + root sharded over %d processes%s", len(layers),
-                    distributed.world_size(), ", parameters offloaded to the CPU" if training.cpu_offload else "")
+        logger.info("fsdp: %d decoder layers%s + root sharded over %d processes%s", len(layers),
+                    " + lm_head" if head is not None else "", distributed.world_size(),
+                    ", parameters offloaded to the CPU" if training.cpu_offload else "")
     return model
 
 
