@@ -1,18 +1,12 @@
 """pyalign.distributed with two real gloo processes: strided shards, ordered gather, sums."""
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from helpers_processes import free_port
 
 from pyalign import distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out_dir):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers_processes import free_port  # noqa: E402
 from helpers_tiny_lm import (  # noqa: E402
     Crash,
     make_model,
@@ -42,19 +42,15 @@ from helpers_tiny_lm import (  # noqa: E402
 
 from pyalign import distributed  # noqa: E402
 from pyalign.data import IGNORE_INDEX  # noqa: E402
-from pyalign.train import LoraConfig, TrainingConfig  # noqa: E402
 from pyalign.models import apply_lora  # noqa: E402
-from pyalign.train.objectives import SFTObjective  # noqa: E402
 from pyalign.tasks.sft.data import SFTDataset, SFTExample  # noqa: E402
+from pyalign.train import LoraConfig, TrainingConfig  # noqa: E402
+from pyalign.train.objectives import SFTObjective  # noqa: E402
 from pyalign.train.trainer import Trainer  # noqa: E402
 
 TOLERANCE = dict(atol=1e-6, rtol=1e-5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import struct
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_processes import free_port  # noqa: E402
 from helpers_tiny_lm import Crash, crash_at, make_model, make_tokenizer, one_thread, random_sentence
 
 from pyalign import distributed
@@ -386,10 +386,6 @@ def test_report_to_names_are_checked():
 
 # ----------------------------------------------------------------------------- two processes
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, run_dir):
