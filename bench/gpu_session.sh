@@ -11,7 +11,8 @@
 #   run(command="bash bench/gpu_session.sh part2", carry=[".whl"], timeout_s=420)   # ~5-6 min
 #
 #   part1 = setup (wheels, pyalign with its CUDA kernels for sm_90: ~2 min)
-#           + test (make test-gpu: the kernel/op test files on CUDA, large shapes included: ~3-4 min)
+#           + test (make test-gpu: the kernel/op test files on CUDA, large shapes included, the logit
+#             transforms and extreme offsets on triton and cuda among them: ~4-5 min)
 #           + sweep (python -m bench.kernel_sweep: Triton settings, Triton vs CUDA by kind: ~1-2 min)
 #   part2 = logprobs (python -m bench.logprobs, bf16 + fp32, 8x1024x{32000,50257,128256} and
 #           8x4096x152064, every method, kernels alone: ~3-4 min)

@@ -72,8 +72,8 @@ def sweep(cases, device, repeats, copy_gbs):
     for seqs, time, vocab, dtype_name in cases:
         logits, labels = make_case(seqs, time, vocab, common.DTYPES[dtype_name], device)
         fwd_bytes, bwd_bytes = bytes_moved(logits, labels)
-        logp, lse = tk.triton_forward(logits, labels, IGNORE_INDEX)
-        grad = torch.ones_like(lse)
+        logp, norm = tk.triton_forward(logits, labels, IGNORE_INDEX)
+        grad = torch.ones_like(logp)
         out = torch.empty_like(logits)
         for stages, (block_v, warps) in itertools.product(STAGES, SHAPES if device.type == "cuda" else SHAPES[:1]):
             settings = {"num_stages": stages, "block_v": block_v, "num_warps": warps}
@@ -81,7 +81,7 @@ def sweep(cases, device, repeats, copy_gbs):
             try:
                 fwd = timed_ms(functools.partial(tk._launch_forward, logits, labels, IGNORE_INDEX, **settings),
                                device, repeats)
-                bwd = timed_ms(functools.partial(tk._launch_backward, logits, labels, lse, grad, IGNORE_INDEX, out,
+                bwd = timed_ms(functools.partial(tk._launch_backward, logits, labels, norm, grad, IGNORE_INDEX, out,
                                                  **settings), device, repeats)
             except Exception as err:  # noqa: BLE001 - e.g. too much shared memory for one setting
                 row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
@@ -113,11 +113,11 @@ def kinds(cases, device, repeats, dtype):
         out = torch.empty_like(logits)
         for name in names:
             backend = get_backend(name)
-            logp, lse = backend.forward(logits, labels, IGNORE_INDEX)
-            grad = torch.ones_like(lse)
+            logp, norm = backend.forward(logits, labels, IGNORE_INDEX)
+            grad = torch.ones_like(logp)
             row[f"{name}_ms"] = (
                 timed_ms(functools.partial(backend.forward, logits, labels, IGNORE_INDEX), device, repeats)
-                + timed_ms(functools.partial(backend.backward, logits, labels, lse, grad, IGNORE_INDEX, out),
+                + timed_ms(functools.partial(backend.backward, logits, labels, norm, grad, IGNORE_INDEX, out),
                            device, repeats))
         timed = {name: row[f"{name}_ms"] for name in names}
         row["faster"] = min(timed, key=timed.get) if timed else None

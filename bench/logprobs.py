@@ -187,7 +187,7 @@ def kernel_backends(device: torch.device) -> list[str]:
 
 def time_kernels(case: LogitsCase, floor_ms: float, copy_bytes_per_s: float, args) -> list[dict]:
     """The backend kernels alone, without autograd, the loss or any allocation the size of the
-    logits: forward (``logp, lse``), backward into a gradient buffer allocated once (one read +
+    logits: forward (``logp, norm``), backward into a gradient buffer allocated once (one read +
     one write), backward in place, and a copy of the logits into that buffer (one read + one
     write), timed in interleaved rounds so that a load that drifts (a shared machine) hits all
     alike. ``x_floor`` = (forward + backward) / the 3-pass floor of the run's copy bandwidth;
@@ -204,17 +204,17 @@ def time_kernels(case: LogitsCase, floor_ms: float, copy_bytes_per_s: float, arg
         backend = get_backend(name)
         row = {"backend": name}
         try:
-            logp, lse = backend.forward(x3, labels2, IGNORE_INDEX)
-            grad2 = torch.ones_like(lse)
+            logp, norm = backend.forward(x3, labels2, IGNORE_INDEX)
+            grad2 = torch.ones_like(logp)
             out = torch.empty_like(x3)
 
-            def in_place(backend=backend, lse=lse, grad2=grad2):
-                backend.backward(x3, labels2, lse, grad2, IGNORE_INDEX, x3)
+            def in_place(backend=backend, norm=norm, grad2=grad2):
+                backend.backward(x3, labels2, norm, grad2, IGNORE_INDEX, x3)
                 case.dirty = True
 
             entries = [(functools.partial(out.copy_, x3), case.restore),
                        (functools.partial(backend.forward, x3, labels2, IGNORE_INDEX), case.restore),
-                       (functools.partial(backend.backward, x3, labels2, lse, grad2, IGNORE_INDEX, out),
+                       (functools.partial(backend.backward, x3, labels2, norm, grad2, IGNORE_INDEX, out),
                         case.restore),
                        (in_place, case.restore)]
             for run_once, before in entries:

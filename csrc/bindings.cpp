@@ -26,12 +26,15 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyalign's compiled kernels: fused log-softmax + gather of the label, and its backward";
 
   m.def("cpu_forward", &pyalign::cpu::forward, py::arg("logits3"), py::arg("labels2"),
-        py::arg("ignore_index"), py::call_guard<py::gil_scoped_release>(),
-        "(logp2, lse2) of logits3 [B, T, V] at labels2 [B, T]; one pass over the logits.");
-  m.def("cpu_backward", &pyalign::cpu::backward, py::arg("logits3"), py::arg("labels2"),
-        py::arg("lse2"), py::arg("grad2"), py::arg("ignore_index"), py::arg("grad_out3"),
+        py::arg("ignore_index"), py::arg("logit_scale") = 1.0, py::arg("softcap") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
-        "grad_out3 <- grad2 * (onehot(labels2) - softmax(logits3)); grad_out3 may be logits3.");
+        "(logp2 [B, T], norm2 [B, T, 2]) of the transformed logits3 [B, T, V] at labels2 [B, T]; "
+        "norm2 holds each row's (max, log-sum). One pass over the logits.");
+  m.def("cpu_backward", &pyalign::cpu::backward, py::arg("logits3"), py::arg("labels2"),
+        py::arg("norm2"), py::arg("grad2"), py::arg("ignore_index"), py::arg("grad_out3"),
+        py::arg("logit_scale") = 1.0, py::arg("softcap") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        "grad_out3 <- grad2 * (onehot(labels2) - softmax(z)) * dz/dx; grad_out3 may be logits3.");
   m.def("cpu_capability", &pyalign::cpu::capability,
         "Instruction-set variant of the CPU kernels in use: DEFAULT, AVX2 or AVX512.");
   m.def("cpu_capabilities", &pyalign::cpu::capabilities,

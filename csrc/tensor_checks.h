@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <optional>
 #include <utility>
 
 namespace pyalign::checks {
@@ -32,6 +34,30 @@ inline void check_rows(const at::Tensor& t, const char* name, const at::Tensor& 
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
                     t.scalar_type());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+// A contiguous [B, T, 2] tensor of `dtype` on the logits' device: each row's normaliser (M, L).
+inline void check_norm(const at::Tensor& t, const char* name, const at::Tensor& logits3,
+                       at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == logits3.size(0) && t.size(1) == logits3.size(1) &&
+                        t.size(2) == 2,
+                    name, ": expected shape [", logits3.size(0), ", ", logits3.size(1),
+                    ", 2] (the forward's row maximum and log-sum), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == logits3.device(), name, ": expected it on ", logits3.device(),
+                    " like logits3, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+// logit_scale finite and > 0; softcap absent or finite and > 0. Returns softcap, 0 for none.
+inline double check_transform(double logit_scale, const std::optional<double>& softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0,
+                    "logit_scale: expected a finite positive float, got ", logit_scale);
+  if (!softcap.has_value()) return 0.0;
+  TORCH_CHECK_VALUE(std::isfinite(*softcap) && *softcap > 0,
+                    "softcap: expected None or a finite positive float, got ", *softcap);
+  return *softcap;
 }
 
 // Byte range [first, last] that a tensor's elements span in its storage.

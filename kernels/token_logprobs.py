@@ -2,17 +2,21 @@
 
 Backend contract (docs/DESIGN.md):
 
-    triton_forward(logits3, labels2, ignore_index) -> (logp2, lse2)
-    triton_backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3) -> None
+    triton_forward(logits3, labels2, ignore_index, logit_scale=1.0, softcap=None) -> (logp2, norm2)
+    triton_backward(logits3, labels2, norm2, grad2, ignore_index, grad_out3, logit_scale=1.0,
+                    softcap=None) -> None
+
+norm2 [B, T, 2] holds each row's (maximum, log-sum) of the transformed logits (pyalign/reference.py).
 
 Traffic: the forward reads every logit once (online max / sum-exp, the label's logit fetched by
 pointer in the same program); the backward reads every logit once and writes the gradient once,
 elementwise, so that it may write into the logits' own storage (in-place backward). Rows whose
-label is `ignore_index` are read by neither: the forward writes logp = lse = 0 for them (lse is
-unspecified there by the contract) and the backward writes zeros.
+label is `ignore_index` are read by neither: the forward writes logp = norm = 0 for them (norm is
+unspecified there by the contract) and the backward writes zeros. The logit transform is applied
+in registers: with a softcap, one tanh (one more exp2) per element each way.
 
 Layout: one program per (row, vocabulary split). With many rows there is one split per row and
-the forward writes lse/logp directly. With few rows and a large vocabulary (a handful of long
+the forward writes norm/logp directly. With few rows and a large vocabulary (a handful of long
 rows cannot fill the GPU) the vocabulary is split: each program writes a partial (max, sum-exp)
 pair and a tiny merge kernel finishes the rows; the backward is elementwise and needs no merge.
 
@@ -36,6 +40,7 @@ from pyalign.kernels.token_logprobs_jit import (  # noqa: F401  (re-exported for
     _exp2,
     _forward_kernel,
     _forward_merge_kernel,
+    transform_args,
 )
 from pyalign.tensor_checks import has_self_overlap
 
@@ -162,19 +167,20 @@ def _describe(x):
     return type(x).__name__
 
 
-def _launch_forward(logits3, labels2, ignore_index, num_splits=None, block_v=None,
-                    num_warps=None, num_stages=None):
-    """Forward; the keyword arguments override the heuristics (tests and tuning sweeps)."""
+def _launch_forward(logits3, labels2, ignore_index, logit_scale=1.0, softcap=None, num_splits=None,
+                    block_v=None, num_warps=None, num_stages=None):
+    """Forward; the keyword arguments after softcap override the heuristics (tests and tuning)."""
     _check_logits("logits3", logits3)
     B, T, V = logits3.shape
     _check_rows("labels2", labels2, (B, T), torch.int64, logits3.device)
+    a, cap_k, cap, softcapped = transform_args(logit_scale, softcap)
     rows = B * T
     logp2 = torch.empty((B, T), dtype=torch.float32, device=logits3.device)
-    lse2 = torch.empty((B, T), dtype=torch.float32, device=logits3.device)
+    norm2 = torch.empty((B, T, 2), dtype=torch.float32, device=logits3.device)
     if rows == 0:
-        return logp2, lse2
+        return logp2, norm2
     if V == 0:  # every label must then be ignored (the dispatcher checks labels)
-        return logp2.zero_(), lse2.fill_(float("-inf"))
+        return logp2.zero_(), norm2.fill_(float("-inf"))
 
     block_v, num_warps = _launch_config(V, block_v, num_warps)
     if num_splits is None:
@@ -185,36 +191,37 @@ def _launch_forward(logits3, labels2, ignore_index, num_splits=None, block_v=Non
         part_max = torch.empty((rows, num_splits), dtype=torch.float32, device=logits3.device)
         part_sum = torch.empty_like(part_max)
     else:
-        part_max = part_sum = lse2  # not touched when SPLIT is False
+        part_max = part_sum = norm2  # not touched when SPLIT is False
     stride_b, stride_t = logits3.stride(0), logits3.stride(1)
     aligned = _fully_aligned(logits3)
     base, offset, vec = (logits3, 0, _vec(logits3)) if aligned else _storage_base(logits3)
     with _on_device(logits3.device):
         _forward_kernel[(rows, num_splits)](
-            base, offset, labels2, logp2, lse2, part_max, part_sum,
-            T, V, stride_b, stride_t, chunk_len, num_splits, ignore_index,
+            base, offset, labels2, logp2, norm2, part_max, part_sum,
+            T, V, stride_b, stride_t, chunk_len, num_splits, ignore_index, a, cap_k, cap,
             BLOCK_V=block_v, SPLIT=split, VEC=vec, ALIGNED=aligned, NUM_STAGES=num_stages or NUM_STAGES,
-            num_warps=num_warps,
+            SOFTCAP=softcapped, num_warps=num_warps,
         )
         if split:
             _forward_merge_kernel[(rows,)](
-                base, offset, labels2, logp2, lse2, part_max, part_sum,
-                T, V, stride_b, stride_t, num_splits, ignore_index,
-                BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=1,
+                base, offset, labels2, logp2, norm2, part_max, part_sum,
+                T, V, stride_b, stride_t, num_splits, ignore_index, a, cap_k, cap,
+                BLOCK_SPLITS=triton.next_power_of_2(num_splits), SOFTCAP=softcapped, num_warps=1,
             )
-    return logp2, lse2
+    return logp2, norm2
 
 
-def _launch_backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3, num_splits=None,
-                     block_v=None, num_warps=None, num_stages=None):
-    """Backward; the keyword arguments override the heuristics (tests and tuning sweeps)."""
+def _launch_backward(logits3, labels2, norm2, grad2, ignore_index, grad_out3, logit_scale=1.0, softcap=None,
+                     num_splits=None, block_v=None, num_warps=None, num_stages=None):
+    """Backward; the keyword arguments after softcap override the heuristics (tests and tuning)."""
     _check_logits("logits3", logits3)
     B, T, V = logits3.shape
     device = logits3.device
     _check_rows("labels2", labels2, (B, T), torch.int64, device)
-    _check_rows("lse2", lse2, (B, T), torch.float32, device)
+    _check_rows("norm2", norm2, (B, T, 2), torch.float32, device)
     _check_rows("grad2", grad2, (B, T), torch.float32, device)
     _check_logits("grad_out3", grad_out3)
+    a, cap_k, cap, softcapped = transform_args(logit_scale, softcap)
     if grad_out3.shape != logits3.shape or grad_out3.dtype != logits3.dtype:
         raise ValueError(f"grad_out3 must match logits3 in shape and dtype "
                          f"({tuple(logits3.shape)}, {logits3.dtype}), got "
@@ -239,15 +246,16 @@ def _launch_backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3, num
         out_base, out_offset, vec = _storage_base(grad_out3)
         # The input's rows share the output's 16-byte phase: both bodies can be vector accesses.
         same_phase = in_vec == vec and all(
-            (a - b) % vec == 0 for a, b in ((in_offset, out_offset), (logits3.stride(0), grad_out3.stride(0)),
+            (first - second) % vec == 0 for first, second in ((in_offset, out_offset), (logits3.stride(0), grad_out3.stride(0)),
                                             (logits3.stride(1), grad_out3.stride(1))))
     with _on_device(device):
         _backward_kernel[(rows, num_splits)](
-            in_base, in_offset, labels2, lse2, grad2, out_base, out_offset,
+            in_base, in_offset, labels2, norm2, grad2, out_base, out_offset,
             T, V, logits3.stride(0), logits3.stride(1),
-            grad_out3.stride(0), grad_out3.stride(1), chunk_len, ignore_index,
+            grad_out3.stride(0), grad_out3.stride(1), chunk_len, ignore_index, a, cap_k, cap,
+            float(logit_scale),
             BLOCK_V=block_v, VEC=vec, ALIGNED=aligned, SAME_PHASE=same_phase,
-            NUM_STAGES=num_stages or NUM_STAGES, num_warps=num_warps,
+            NUM_STAGES=num_stages or NUM_STAGES, SOFTCAP=softcapped, num_warps=num_warps,
         )
 
 
@@ -278,11 +286,12 @@ def _on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def triton_forward(logits3, labels2, ignore_index):
-    """(logp2, lse2), float32 [B, T]: log p(label) (0 where ignored) and each row's log-sum-exp."""
-    return _launch_forward(logits3, labels2, int(ignore_index))
+def triton_forward(logits3, labels2, ignore_index, logit_scale=1.0, softcap=None):
+    """(logp2 [B, T], norm2 [B, T, 2]), float32: log p(label) (0 where ignored) and each row's
+    (maximum, log-sum) of the transformed logits."""
+    return _launch_forward(logits3, labels2, int(ignore_index), logit_scale, softcap)
 
 
-def triton_backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3):
+def triton_backward(logits3, labels2, norm2, grad2, ignore_index, grad_out3, logit_scale=1.0, softcap=None):
     """Write d(sum grad2 * logp2)/d logits3 into grad_out3 (which may be logits3 itself)."""
-    _launch_backward(logits3, labels2, lse2, grad2, int(ignore_index), grad_out3)
+    _launch_backward(logits3, labels2, norm2, grad2, int(ignore_index), grad_out3, logit_scale, softcap)

@@ -1,6 +1,13 @@
-"""The @triton.jit code of the token log-prob op: the forward (online log-sum-exp), its split-V
-merge and the backward, and their helpers. kernels/token_logprobs.py launches them and documents
-the design; bench/NOTES_triton.md has the machine code they compile to on sm_90.
+"""The @triton.jit code of the token log-prob op: the forward (online maximum and sum of
+exponentials), its split-V merge and the backward, and their helpers. kernels/token_logprobs.py
+launches them and documents the design; bench/NOTES_triton.md has the machine code they compile to
+on sm_90.
+
+Logit transforms (pyalign/reference.py): rows are normalised through y (the logits, or with
+SOFTCAP the soft-capped logits ``cap * tanh(cap_k * x)``, ``cap_k = logit_scale / cap``) with
+``z - z' = a (y - y')``; each row's result is the pair (M, L) = (max y, log sum exp(a (y - M))),
+never one log-sum-exp, and ``y - M`` is formed before anything multiplies it, so any finite offset
+of a row stays exact.
 """
 
 import torch
@@ -37,6 +44,44 @@ else:
                                          dtype=tl.float32, is_pure=True, pack=1)
 
 
+def transform_args(logit_scale, softcap):
+    """(a, cap_k, cap, SOFTCAP) of the kernels: y = x, a = logit_scale without a softcap; else
+    y = cap * tanh(cap_k * x), cap_k = logit_scale / softcap, a = 1."""
+    logit_scale = float(logit_scale)
+    if not (logit_scale > 0 and logit_scale != float("inf")):
+        raise ValueError(f"logit_scale: expected a finite positive float, got {logit_scale!r}")
+    if softcap is None:
+        return logit_scale, 0.0, 0.0, False
+    softcap = float(softcap)
+    if not (softcap > 0 and softcap != float("inf")):
+        raise ValueError(f"softcap: expected None or a finite positive float, got {softcap!r}")
+    return 1.0, logit_scale / softcap, softcap, True
+
+
+@triton.jit
+def _tanh(u):
+    """tanh(u) from one exp2: (1 - e) / (1 + e), e = 2^(-2 |u| log2 e), with u's sign; below
+    |u| = 0.25, where 1 - e would cancel, the odd Taylor polynomial to u^11 (error < 1e-9
+    relative). The same code on the GPU and under the interpreter (which has no tanh)."""
+    au = tl.abs(u)
+    e = _exp2(au * (-2.0 * LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    us = tl.minimum(au, 0.25)  # the branch not taken stays finite
+    u2 = us * us
+    small = us * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 + u2 * (
+        -0.05396825396825397 + u2 * (0.021869488536155203 + u2 * -0.008863235529902197)))))
+    t = tl.where(au < 0.25, small, big)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _monotone(x, cap_k, cap, SOFTCAP: tl.constexpr):
+    """y of the logits x: x itself, or cap * tanh(cap_k * x)."""
+    if SOFTCAP:
+        return cap * _tanh(x * cap_k)
+    return x
+
+
 @triton.jit
 def _row_start(row, T, stride_b, stride_t):
     """Element offset (int64) of the first logit of flattened row `row` = b * T + t."""
@@ -47,25 +92,34 @@ def _row_start(row, T, stride_b, stride_t):
 
 
 @triton.jit
-def _online_update(m, s, x):
-    """Fold one block `x` into the per-lane running max `m` and sum `s` of exp(x - m):
-    x > m: s = s * exp(m - x) + 1, m = x;  otherwise: s = s + exp(x - m); both with
-    e = exp(-|x - m|), one exp2 per element. `m` starts at -FLT_MAX, not -inf, so that x - m is
+def _online_update(m, s, y, a_log2e):
+    """Fold one block `y` into the per-lane running max `m` and sum `s` of exp(a (y - m)):
+    y > m: s = s * exp(a (m - y)) + 1, m = y;  otherwise: s = s + exp(a (y - m)); both with
+    e = exp(-a |y - m|), one exp2 per element. `m` starts at -FLT_MAX, not -inf, so that y - m is
     never -inf - (-inf) = nan: a -inf logit (or a masked lane) gives e = 0 and leaves s unchanged."""
-    e = _exp2(-tl.abs(x - m) * LOG2E)
-    s = tl.where(x > m, s * e + 1.0, s + e)
-    return tl.maximum(m, x), s
+    e = _exp2(-tl.abs(y - m) * a_log2e)
+    s = tl.where(y > m, s * e + 1.0, s + e)
+    return tl.maximum(m, y), s
 
 
 @triton.jit
-def _merge_lanes(m, s):
-    """Merge per-lane running maxima `m` and sums `s` (sum of exp(x - m)) into one (max, sum).
+def _masked_y(x, mask, cap_k, cap, SOFTCAP: tl.constexpr):
+    """y of loaded logits whose masked lanes hold -inf; with SOFTCAP those lanes stay -inf (a
+    real -inf logit maps to -cap and counts)."""
+    if SOFTCAP:
+        return tl.where(mask, _monotone(x, cap_k, cap, SOFTCAP), float("-inf"))
+    return x
 
-    Lanes that saw no finite logit have s == 0 and contribute nothing; a row of -inf gives
-    (-FLT_MAX, 0), whose log-sum-exp is -inf, as torch gives.
+
+@triton.jit
+def _merge_lanes(m, s, a_log2e):
+    """Merge per-lane running maxima `m` and sums `s` (sum of exp(a (y - m))) into one (max, sum).
+
+    Lanes that saw no finite y have s == 0 and contribute nothing; a row of -inf gives
+    (-FLT_MAX, 0), whose log-sum is -inf and log-probs NaN, as torch gives.
     """
     row_max = tl.max(m, axis=0)
-    return row_max, tl.sum(s * _exp2((m - row_max) * LOG2E), axis=0)
+    return row_max, tl.sum(s * _exp2((m - row_max) * a_log2e), axis=0)
 
 
 @triton.jit
@@ -94,29 +148,32 @@ def _edge_lanes(lanes, v_begin, head, body_end, v_end, VEC: tl.constexpr):
 
 
 @triton.jit
-def _finish_row(row_ptr, logp_ptr, lse_ptr, row, label, valid, V, row_max, row_sum):
-    """Store lse and logp of one row, reading the label's logit by pointer.
+def _finish_row(row_ptr, logp_ptr, norm_ptr, row, label, valid, V, row_max, row_sum, a, cap_k, cap,
+                SOFTCAP: tl.constexpr):
+    """Store the normaliser (M, L) and logp of one row, reading the label's logit by pointer.
 
-    logp = (x_label - max) - log(sum) rather than x_label - lse: the subtraction of nearby large
-    numbers happens first, exactly, as in torch's log_softmax. An ignored row (not `valid`) reads
-    nothing and gets logp = lse = 0. A label outside [0, V) (not checked on the host for CUDA
-    tensors: that would synchronise) reads nothing either and gets logp = NaN.
+    logp = a (y_label - M) - L: the subtraction of nearby large numbers happens first, exactly,
+    and M + L is never formed (it would round L away at large offsets). An ignored row (not
+    `valid`) reads nothing and gets logp = M = L = 0. A label outside [0, V) (not checked on the
+    host for CUDA tensors: that would synchronise) reads nothing either and gets logp = NaN.
     """
     label_ok = (label >= 0) & (label < V)
     log_sum = tl.log(tl.where(valid, row_sum, 1.0))
     label_logit = tl.load(row_ptr + tl.where(valid & label_ok, label, 0), mask=valid & label_ok, other=0.0)
-    label_logit = label_logit.to(tl.float32)
-    logp = tl.where(label_ok, (label_logit - row_max) - log_sum, float("nan"))
-    tl.store(lse_ptr + row, tl.where(valid, row_max + log_sum, 0.0))
+    label_y = _monotone(label_logit.to(tl.float32), cap_k, cap, SOFTCAP)
+    logp = tl.where(label_ok, (label_y - row_max) * a - log_sum, float("nan"))
+    norm_at = norm_ptr + row.to(tl.int64) * 2
+    tl.store(norm_at, tl.where(valid, row_max, 0.0))
+    tl.store(norm_at + 1, tl.where(valid, log_sum, 0.0))
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
 
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr, base_offset, labels_ptr, logp_ptr, lse_ptr, part_max_ptr, part_sum_ptr,
-    T, V, stride_b, stride_t, chunk_len, num_splits, ignore_index,
+    logits_ptr, base_offset, labels_ptr, logp_ptr, norm_ptr, part_max_ptr, part_sum_ptr,
+    T, V, stride_b, stride_t, chunk_len, num_splits, ignore_index, a, cap_k, cap,
     BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Program (row, split): one read of logits[row, split*chunk_len : (split+1)*chunk_len].
 
@@ -134,6 +191,7 @@ def _forward_kernel(
     lanes = tl.arange(0, BLOCK_V)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
+    a_log2e = a * LOG2E
 
     m = tl.full([BLOCK_V], -FLT_MAX, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
@@ -142,28 +200,30 @@ def _forward_kernel(
     body_begin, body_len, head = _body_and_edges(offset, v_begin, v_end, VEC, ALIGNED)
     if not ALIGNED:
         v, edge = _edge_lanes(lanes, v_begin, head, body_begin + body_len, v_end, VEC)
-        m, s = _online_update(m, s, tl.load(row_ptr + v, mask=edge, other=float("-inf")).to(tl.float32))
+        x = tl.load(row_ptr + v, mask=edge, other=float("-inf")).to(tl.float32)
+        m, s = _online_update(m, s, _masked_y(x, edge, cap_k, cap, SOFTCAP), a_log2e)
         body_ptr = logits_ptr + tl.multiple_of(offset + body_begin, VEC)
     else:
         body_ptr = row_ptr + body_begin
     for k in tl.range(0, body_len, BLOCK_V, num_stages=NUM_STAGES):
-        x = tl.load(body_ptr + k + lanes, mask=k + lanes < body_len, other=float("-inf")).to(tl.float32)
-        m, s = _online_update(m, s, x)
-    row_max, row_sum = _merge_lanes(m, s)
+        inside = k + lanes < body_len
+        x = tl.load(body_ptr + k + lanes, mask=inside, other=float("-inf")).to(tl.float32)
+        m, s = _online_update(m, s, _masked_y(x, inside, cap_k, cap, SOFTCAP), a_log2e)
+    row_max, row_sum = _merge_lanes(m, s, a_log2e)
 
     if SPLIT:
         part = row.to(tl.int64) * num_splits + split
         tl.store(part_max_ptr + part, row_max)
         tl.store(part_sum_ptr + part, row_sum)
     else:
-        _finish_row(row_ptr, logp_ptr, lse_ptr, row, label, valid, V, row_max, row_sum)
+        _finish_row(row_ptr, logp_ptr, norm_ptr, row, label, valid, V, row_max, row_sum, a, cap_k, cap, SOFTCAP)
 
 
 @triton.jit
 def _forward_merge_kernel(
-    logits_ptr, base_offset, labels_ptr, logp_ptr, lse_ptr, part_max_ptr, part_sum_ptr,
-    T, V, stride_b, stride_t, num_splits, ignore_index,
-    BLOCK_SPLITS: tl.constexpr,
+    logits_ptr, base_offset, labels_ptr, logp_ptr, norm_ptr, part_max_ptr, part_sum_ptr,
+    T, V, stride_b, stride_t, num_splits, ignore_index, a, cap_k, cap,
+    BLOCK_SPLITS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Program per row: merge the row's partial (max, sum) pairs, gather the label's logit.
     An ignored row reads neither its partials nor its logits."""
@@ -175,28 +235,35 @@ def _forward_merge_kernel(
     in_row = splits < tl.where(valid, num_splits, 0)  # ignored rows: every load masked off
     m = tl.load(part_max_ptr + part, mask=in_row, other=-FLT_MAX)
     s = tl.load(part_sum_ptr + part, mask=in_row, other=0.0)
-    row_max, row_sum = _merge_lanes(m, s)
+    row_max, row_sum = _merge_lanes(m, s, a * LOG2E)
     row_ptr = logits_ptr + base_offset + _row_start(row, T, stride_b, stride_t)
-    _finish_row(row_ptr, logp_ptr, lse_ptr, row, label, valid, V, row_max, row_sum)
+    _finish_row(row_ptr, logp_ptr, norm_ptr, row, label, valid, V, row_max, row_sum, a, cap_k, cap, SOFTCAP)
 
 
 @triton.jit
-def _grad_block(x, v, label_lane, g, lse2, active):
-    """g * (1[v == label] - exp(x - lse)), as -g * exp2(x log2e - lse log2e) plus g on the label;
-    0 on ignored rows."""
-    minus_g_p = -g * _exp2(x * LOG2E - lse2)
+def _grad_block(x, v, label_lane, g, row_max, log_sum2, a_log2e, cap_k, cap, active, SOFTCAP: tl.constexpr):
+    """g * (1[v == label] - p) * dz/dx with p = exp2((y - M) a log2e - L log2e), as -g p plus g on
+    the label (g already carries logit_scale); with SOFTCAP times 1 - tanh^2. 0 on ignored rows."""
+    if SOFTCAP:
+        t = _tanh(x * cap_k)
+        minus_g_p = -g * _exp2((cap * t - row_max) * a_log2e - log_sum2)
+    else:
+        minus_g_p = -g * _exp2((x - row_max) * a_log2e - log_sum2)
     grad = tl.where(v == label_lane, minus_g_p + g, minus_g_p)
+    if SOFTCAP:
+        grad = grad * (1.0 - t * t)
     return tl.where(active, grad, 0.0)
 
 
 @triton.jit
 def _backward_kernel(
-    logits_ptr, in_base, labels_ptr, lse_ptr, grad_ptr, grad_out_ptr, out_base,
-    T, V, stride_b, stride_t, out_stride_b, out_stride_t, chunk_len, ignore_index,
+    logits_ptr, in_base, labels_ptr, norm_ptr, grad_ptr, grad_out_ptr, out_base,
+    T, V, stride_b, stride_t, out_stride_b, out_stride_t, chunk_len, ignore_index, a, cap_k, cap,
+    grad_scale,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr, SAME_PHASE: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """Program (row, split): grad_out = g * (1[v == label] - exp(x - lse)) over one chunk.
+    """Program (row, split): grad_out = g * (1[v == label] - softmax(z)) * dz/dx over one chunk.
 
     Each element is loaded before it is stored by the same lane, and no lane touches another
     lane's elements, so grad_out may alias logits (the next block's loads, issued before the
@@ -218,8 +285,11 @@ def _backward_kernel(
     label_ok = (label >= 0) & (label < V)
     # compared with every int32 lane index: in [0, V) when active, and -1 never matches
     label_lane = tl.where(active & label_ok, label, -1).to(tl.int32)
-    lse2 = tl.load(lse_ptr + row) * LOG2E
-    g = tl.where(label_ok, tl.load(grad_ptr + row), float("nan"))  # a label outside [0, V): NaN row
+    a_log2e = a * LOG2E
+    row_max = tl.load(norm_ptr + row.to(tl.int64) * 2)
+    log_sum2 = tl.load(norm_ptr + row.to(tl.int64) * 2 + 1) * LOG2E
+    # dz/dx's constant factor logit_scale rides on g; a label outside [0, V): a NaN row.
+    g = tl.where(label_ok, tl.load(grad_ptr + row) * grad_scale, float("nan"))
     v_begin = split * chunk_len
     v_end = tl.minimum(v_begin + chunk_len, V)
     body_begin, body_len, head = _body_and_edges(out_offset, v_begin, v_end, VEC, ALIGNED)
@@ -227,7 +297,7 @@ def _backward_kernel(
     if not ALIGNED:
         v, edge = _edge_lanes(lanes, v_begin, head, body_begin + body_len, v_end, VEC)
         x = tl.load(in_ptr + v, mask=edge & (v < tl.where(active, v_end, 0)), other=0.0).to(tl.float32)
-        grad = _grad_block(x, v, label_lane, g, lse2, active)
+        grad = _grad_block(x, v, label_lane, g, row_max, log_sum2, a_log2e, cap_k, cap, active, SOFTCAP)
         tl.store(out_ptr + v, grad.to(grad_out_ptr.dtype.element_ty), mask=edge)
         out_body = grad_out_ptr + tl.multiple_of(out_offset + body_begin, VEC)
         if SAME_PHASE:
@@ -239,5 +309,6 @@ def _backward_kernel(
         in_body = in_ptr + body_begin
     for k in tl.range(0, body_len, BLOCK_V, num_stages=NUM_STAGES):
         x = tl.load(in_body + k + lanes, mask=k + lanes < read_len, other=0.0).to(tl.float32)
-        grad = _grad_block(x, body_begin + k + lanes, label_lane, g, lse2, active)
+        grad = _grad_block(x, body_begin + k + lanes, label_lane, g, row_max, log_sum2, a_log2e, cap_k, cap,
+                           active, SOFTCAP)
         tl.store(out_body + k + lanes, grad.to(grad_out_ptr.dtype.element_ty), mask=k + lanes < body_len)

@@ -269,6 +269,15 @@ def test_custom_ignore_index():
     (dict(grad_filter=1.5), "grad_filter: expected None or a threshold"),
     (dict(backend="nope"), "backend: expected one of"),
     (dict(ignore_index=None), "ignore_index: expected an int"),
+    (dict(ignore_index=False), "ignore_index: expected an int, got bool False"),
+    (dict(ignore_index=-100.0), "ignore_index: expected an int, got float"),
+    (dict(return_stats=1), "return_stats: expected True or False, got int 1"),
+    (dict(chunk_size=True), "chunk_size: expected a positive int"),
+    (dict(memory_budget=True), "memory_budget: expected a positive number"),
+    (dict(grad_filter=True), "grad_filter: expected None or a threshold"),
+    (dict(mode=["default"]), "mode: expected one of"),
+    (dict(logit_scale=0.0), "logit_scale: expected a finite positive float"),
+    (dict(softcap=True), "softcap: expected None or a finite positive float"),
     (dict(weight_grad_dtype=torch.float16), "weight_grad_dtype: expected None, torch.float32"),
 ])
 def test_bad_input_names_the_argument(bad, message):

@@ -317,6 +317,27 @@ def test_error_label_shape():
         pyalign.token_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(ignore_index=True), "ignore_index: expected an int, got bool True"),
+    (dict(ignore_index=-100.0), "ignore_index: expected an int, got float"),
+    (dict(ignore_index=None), "ignore_index: expected an int, got NoneType"),
+    (dict(ignore_index=torch.tensor(-100)), "ignore_index: expected an int, got Tensor"),
+    (dict(inplace_backward=1), "inplace_backward: expected True or False, got int 1"),
+    (dict(inplace_backward="yes"), "inplace_backward: expected True or False"),
+    (dict(average=1), "average: expected True or False, got int 1"),
+    (dict(average=None), "average: expected True or False, got NoneType"),
+    (dict(average=torch.tensor(True)), "average: expected True or False, got Tensor"),
+])
+def test_error_argument_types(bad, message):
+    """Options are of their exact type: True is not an ignore index, 1 or "yes" not a flag."""
+    logits, labels = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=message):
+        pyalign.sequence_logprobs(logits, labels, **bad)
+    if "average" not in bad:
+        with pytest.raises(ValueError, match=message):
+            pyalign.token_logprobs(logits, labels, **bad)
+
+
 def test_error_integer_logits_and_bad_backend():
     with pytest.raises(ValueError, match="logits: expected a floating dtype"):
         pyalign.token_logprobs(torch.zeros(2, 3, 5, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))

@@ -170,33 +170,38 @@ void set_capability(const std::string& name) {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits3, const at::Tensor& labels2,
-                                           int64_t ignore_index) {
+                                           int64_t ignore_index, double logit_scale,
+                                           std::optional<double> softcap) {
   check_logits(logits3);
   checks::check_rows(labels2, "labels2", logits3, at::kLong);
+  const Transform transform{logit_scale, checks::check_transform(logit_scale, softcap)};
   const int64_t vocab = logits3.size(2);
   check_label_values(labels2, vocab, ignore_index);
 
   const auto out_options = logits3.options().dtype(acc_type_of(logits3));
   at::Tensor logp2 = at::empty({logits3.size(0), logits3.size(1)}, out_options);
-  at::Tensor lse2 = at::empty({logits3.size(0), logits3.size(1)}, out_options);
+  at::Tensor norm2 = at::empty({logits3.size(0), logits3.size(1), 2}, out_options);
   const int64_t rows = logp2.numel();
-  if (rows == 0) return {logp2, lse2};
+  if (rows == 0) return {logp2, norm2};
 
   const ForwardArgs args{dtype_of(logits3), logits3.const_data_ptr(), logits3.size(1), vocab,
                          logits3.stride(0), logits3.stride(1), labels2.const_data_ptr<int64_t>(),
-                         ignore_index, logp2.mutable_data_ptr(), lse2.mutable_data_ptr()};
+                         ignore_index, transform, logp2.mutable_data_ptr(),
+                         norm2.mutable_data_ptr()};
   const ForwardRowsFn forward_rows = row_kernels().forward;
   parallel_rows(rows, grain_rows(vocab), [&](int64_t begin, int64_t end) { forward_rows(args, begin, end); });
-  return {logp2, lse2};
+  return {logp2, norm2};
 }
 
-void backward(const at::Tensor& logits3, const at::Tensor& labels2, const at::Tensor& lse2,
-              const at::Tensor& grad2, int64_t ignore_index, const at::Tensor& grad_out3) {
+void backward(const at::Tensor& logits3, const at::Tensor& labels2, const at::Tensor& norm2,
+              const at::Tensor& grad2, int64_t ignore_index, const at::Tensor& grad_out3,
+              double logit_scale, std::optional<double> softcap) {
   check_logits(logits3);
   checks::check_rows(labels2, "labels2", logits3, at::kLong);
-  checks::check_rows(lse2, "lse2", logits3, acc_type_of(logits3));
+  checks::check_norm(norm2, "norm2", logits3, acc_type_of(logits3));
   checks::check_rows(grad2, "grad2", logits3, acc_type_of(logits3));
   checks::check_grad_out(logits3, grad_out3);
+  const Transform transform{logit_scale, checks::check_transform(logit_scale, softcap)};
   const int64_t vocab = logits3.size(2);
   check_label_values(labels2, vocab, ignore_index);
   const int64_t rows = labels2.numel();
@@ -210,7 +215,8 @@ void backward(const at::Tensor& logits3, const at::Tensor& labels2, const at::Te
                           logits3.stride(1),
                           labels2.const_data_ptr<int64_t>(),
                           ignore_index,
-                          lse2.const_data_ptr(),
+                          transform,
+                          norm2.const_data_ptr(),
                           grad2.const_data_ptr(),
                           grad_out3.mutable_data_ptr(),
                           grad_out3.stride(0),

@@ -12,9 +12,17 @@ namespace pyalign::cpu {
 
 enum class DType : int { Float32, BFloat16, Float16, Float64 };
 
+// The logit transform (pyalign/reference.py): z = logit_scale * x, or with softcap > 0,
+// z = softcap * tanh(logit_scale * x / softcap). Rows are normalised through y (x, or the
+// soft-capped z) with z - z' = a * (y - y').
+struct Transform {
+  double logit_scale;  // > 0
+  double softcap;      // > 0, or 0 for none
+};
+
 // Logits row r = b * seq_len + t starts at element b * stride_batch + t * stride_time of
-// `logits`; its vocab elements are contiguous. Outputs are contiguous [rows] arrays of the
-// accumulation type: double for Float64 logits, float otherwise.
+// `logits`; its vocab elements are contiguous. Outputs are contiguous arrays of the accumulation
+// type: double for Float64 logits, float otherwise.
 struct ForwardArgs {
   DType dtype;
   const void* logits;
@@ -24,8 +32,9 @@ struct ForwardArgs {
   int64_t stride_time;
   const int64_t* labels;
   int64_t ignore_index;
-  void* logp;  // out: logits[label] - lse, 0 where the label is ignored
-  void* lse;   // out: log-sum-exp of the row; 0 where the label is ignored (row not read)
+  Transform transform;
+  void* logp;  // out [rows]: a * (y[label] - M) - L, 0 where the label is ignored
+  void* norm;  // out [rows, 2]: M = max y, L = log sum exp(a (y - M)); 0 where ignored (not read)
 };
 
 // grad_out row r starts at b * out_stride_batch + t * out_stride_time of `grad_out`, which has
@@ -39,7 +48,8 @@ struct BackwardArgs {
   int64_t stride_time;
   const int64_t* labels;
   int64_t ignore_index;
-  const void* lse;   // [rows], accumulation type
+  Transform transform;
+  const void* norm;  // [rows, 2], accumulation type: the forward's (M, L)
   const void* grad;  // [rows], accumulation type
   void* grad_out;
   int64_t out_stride_batch;

@@ -2,21 +2,26 @@
 //
 // Memory-bound by design: the forward reads each logit once, the backward reads each once and
 // writes each gradient once, so the floor is 3 passes over the logits at copy bandwidth. Rows
-// whose label is ignored are never read: the forward writes logp = lse = 0 for them and the
+// whose label is ignored are never read: the forward writes logp = norm = 0 for them and the
 // backward writes zeros.
 // - One CTA per row; the block size grows with the vocabulary (32..512 threads).
 // - 16-byte loads and stores: a scalar head up to the first 16-byte boundary of the row (rows of
 //   odd V, or of logits[:, :-1], start anywhere), a vectorised body, a scalar tail; kUnroll
 //   loads are issued before the first use so that enough bytes are in flight.
-// - Per thread, an online (max, sum of 2^((x - max) * log2 e)) in float32, rescaled only when a
-//   16-byte pack raises the max; then warp shuffles and one shared-memory step per block.
-// - exp is ex2.approx on a pre-scaled argument (one FFMA + one MUFU per element).
+// - Per thread, an online (max, sum of 2^((y - max) * a log2 e)) in float32, rescaled only when a
+//   16-byte pack raises the max; then warp shuffles and one shared-memory step per block. y is
+//   the logit, or with a softcap the soft-capped logit (one tanhf per element, kSoftcap).
+// - Each row's result is the pair (M, L) = (max y, log of the sum), never one log-sum-exp M + L
+//   (at |M| >= 2^24 it rounds L away); y - M is formed first, exact where exp does not
+//   underflow, so any finite offset of a row is harmless (pyalign/reference.py).
+// - exp is ex2.approx on a scaled difference (one FADD + one FMUL/FFMA + one MUFU per element).
 // - Offsets are 64-bit (N * V exceeds 2^31 on real shapes); indices within a row are 32-bit.
 #include "token_logprobs.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace pyalign::cuda {
@@ -98,54 +103,81 @@ __device__ __forceinline__ const void* row_start(const void* base, int64_t row, 
   return static_cast<const char*>(base) + (b * stride_batch + t * stride_time) * elem_bytes;
 }
 
-// Running max `m` and sum `s` of 2^((x - m) * log2 e) over the values seen.
+// The transform's constants (token_logprobs.h): y = x, a = logit_scale without a softcap; with
+// one, y = cap * tanh(cap_k * x), cap_k = logit_scale / cap, a = 1. dz/dx = grad_scale (times
+// 1 - tanh^2 with a softcap).
+struct Transform {
+  float a;
+  float a_log2e;
+  float cap_k;
+  float cap;
+  float grad_scale;
+};
+
+Transform transform_of(LogitTransform t) {
+  const bool softcap = t.softcap > 0.f;
+  const float a = softcap ? 1.f : t.logit_scale;
+  return {a, a * kLog2e, softcap ? t.logit_scale / t.softcap : 0.f, t.softcap, t.logit_scale};
+}
+
+template <bool kSoftcap>
+__device__ __forceinline__ float monotone(float x, const Transform& tr) {
+  if constexpr (kSoftcap) return tr.cap * tanhf(x * tr.cap_k);
+  return x;
+}
+
+// Running max `m` and sum `s` of 2^((y - m) * a log2 e) over the values y seen.
 struct MaxSum {
   float m;
   float s;
 
-  __device__ __forceinline__ void add(float x) {
-    if (x > m) {
-      s *= fast_exp2((m - x) * kLog2e);  // m = -inf: scale 0, and s was 0
-      m = x;
+  __device__ __forceinline__ void add(float y, float a_log2e) {
+    if (y > m) {
+      s *= fast_exp2((m - y) * a_log2e);  // m = -inf: scale 0, and s was 0
+      m = y;
     }
-    s += fast_exp2(fmaf(x, kLog2e, m == neg_inf() ? 0.f : -m * kLog2e));
+    // y - m first: exact for nearby values at any offset. m still -inf means y is -inf (adds 0).
+    s += fast_exp2((y - (m == neg_inf() ? 0.f : m)) * a_log2e);
   }
 
-  template <typename T>
-  __device__ __forceinline__ void add(const Pack<T>& pack) {
-    float pack_max = pack.get(0);
+  template <bool kSoftcap, typename T>
+  __device__ __forceinline__ void add(const Pack<T>& pack, const Transform& tr) {
+    float y[Pack<T>::kSize];
 #pragma unroll
-    for (int k = 1; k < Pack<T>::kSize; ++k) pack_max = fmaxf(pack_max, pack.get(k));
+    for (int k = 0; k < Pack<T>::kSize; ++k) y[k] = monotone<kSoftcap>(pack.get(k), tr);
+    float pack_max = y[0];
+#pragma unroll
+    for (int k = 1; k < Pack<T>::kSize; ++k) pack_max = fmaxf(pack_max, y[k]);
     if (pack_max > m) {
-      s *= fast_exp2((m - pack_max) * kLog2e);
+      s *= fast_exp2((m - pack_max) * tr.a_log2e);
       m = pack_max;
     }
-    // A pack of only -inf with m still -inf adds 2^-inf = 0 (shift 0); NaN propagates into s.
-    const float shift = m == neg_inf() ? 0.f : -m * kLog2e;
+    // A pack of only -inf with m still -inf adds 2^-inf = 0 (base 0); NaN propagates into s.
+    const float base = m == neg_inf() ? 0.f : m;
 #pragma unroll
-    for (int k = 0; k < Pack<T>::kSize; ++k) s += fast_exp2(fmaf(pack.get(k), kLog2e, shift));
+    for (int k = 0; k < Pack<T>::kSize; ++k) s += fast_exp2((y[k] - base) * tr.a_log2e);
   }
 };
 
-__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b, float a_log2e) {
   const float m = fmaxf(a.m, b.m);
   if (m == neg_inf()) return {m, 0.f};
-  return {m, a.s * fast_exp2((a.m - m) * kLog2e) + b.s * fast_exp2((b.m - m) * kLog2e)};
+  return {m, a.s * fast_exp2((a.m - m) * a_log2e) + b.s * fast_exp2((b.m - m) * a_log2e)};
 }
 
-__device__ __forceinline__ MaxSum warp_reduce(MaxSum v) {
+__device__ __forceinline__ MaxSum warp_reduce(MaxSum v, float a_log2e) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     MaxSum other{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)};
-    v = combine(v, other);
+    v = combine(v, other, a_log2e);
   }
   return v;
 }
 
 // Result is valid in thread 0. `scratch` holds kThreads / 32 entries.
 template <int kThreads>
-__device__ __forceinline__ MaxSum block_reduce(MaxSum v, MaxSum* scratch) {
-  v = warp_reduce(v);
+__device__ __forceinline__ MaxSum block_reduce(MaxSum v, MaxSum* scratch, float a_log2e) {
+  v = warp_reduce(v, a_log2e);
   constexpr int kWarps = kThreads / 32;
   if constexpr (kWarps > 1) {
     const int warp = threadIdx.x / 32;
@@ -154,28 +186,28 @@ __device__ __forceinline__ MaxSum block_reduce(MaxSum v, MaxSum* scratch) {
     __syncthreads();
     if (warp == 0) {
       v = lane < kWarps ? scratch[lane] : MaxSum{neg_inf(), 0.f};
-      v = warp_reduce(v);
+      v = warp_reduce(v, a_log2e);
     }
   }
   return v;
 }
 
-template <typename T, int kThreads>
+template <typename T, int kThreads, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ logits, RowLayout layout, const int64_t* __restrict__ labels,
-                   int64_t ignore_index, float* __restrict__ logp, float* __restrict__ lse) {
+                   int64_t ignore_index, Transform tr, float* __restrict__ logp, float* __restrict__ norm) {
   __shared__ MaxSum scratch[kThreads / 32];
   constexpr int kVec = Pack<T>::kSize;
   const int vocab = static_cast<int>(layout.vocab);
   const int64_t rows = layout.batch * layout.seq_len;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t label = labels[row];
-    // An ignored row is not read (lse is unspecified there by the contract). The branch is
+    // An ignored row is not read (norm is unspecified there by the contract). The branch is
     // uniform over the block, whose threads all work on this row, so skipping the reduction's
     // barriers is safe; the barrier at the end of the previous row already protects scratch.
     if (label == ignore_index) {
       if (threadIdx.x == 0) {
-        lse[row] = 0.f;
+        norm[2 * row] = norm[2 * row + 1] = 0.f;
         logp[row] = 0.f;
       }
       continue;
@@ -188,7 +220,9 @@ __global__ void __launch_bounds__(kThreads)
 
     MaxSum state{neg_inf(), 0.f};
     const int head = head_elements(x, vocab);
-    for (int i = threadIdx.x; i < head; i += kThreads) state.add(Elem<T>::to_float(x[i]));
+    for (int i = threadIdx.x; i < head; i += kThreads) {
+      state.add(monotone<kSoftcap>(Elem<T>::to_float(x[i]), tr), tr.a_log2e);
+    }
     const T* body = x + head;
     const int packs = (vocab - head) / kVec;
     for (int base = threadIdx.x; base < packs; base += kThreads * kUnroll) {
@@ -200,40 +234,57 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (base + u * kThreads < packs) state.add(loaded[u]);
+        if (base + u * kThreads < packs) state.add<kSoftcap>(loaded[u], tr);
       }
     }
     for (int i = head + packs * kVec + threadIdx.x; i < vocab; i += kThreads) {
-      state.add(Elem<T>::to_float(x[i]));
+      state.add(monotone<kSoftcap>(Elem<T>::to_float(x[i]), tr), tr.a_log2e);
     }
 
-    state = block_reduce<kThreads>(state, scratch);
+    state = block_reduce<kThreads>(state, scratch, tr.a_log2e);
     if (threadIdx.x == 0) {
-      const float row_lse = state.m + log2f(state.s) * kLn2;
-      lse[row] = row_lse;
-      logp[row] = label_ok ? label_logit - row_lse : __int_as_float(0x7fc00000);
+      const float log_sum = log2f(state.s) * kLn2;
+      norm[2 * row] = state.m;
+      norm[2 * row + 1] = log_sum;
+      const float label_y = monotone<kSoftcap>(label_logit, tr);
+      logp[row] = label_ok ? (label_y - state.m) * tr.a - log_sum : __int_as_float(0x7fc00000);
     }
     __syncthreads();  // scratch is reused by the next row
   }
 }
 
-__device__ __forceinline__ float grad_value(float x, int v, int label, float g, float neg_g,
-                                            float lse_log2) {
-  const float p = fast_exp2(fmaf(x, kLog2e, -lse_log2));
-  return v == label ? g * (1.f - p) : neg_g * p;
+// One row's constants in the backward: g carries dz/dx's constant factor (logit_scale).
+struct RowGrad {
+  float g;
+  float neg_g;
+  float row_max;
+  float log_sum_log2;
+};
+
+template <bool kSoftcap>
+__device__ __forceinline__ float grad_value(float x, int v, int label, const RowGrad& r,
+                                            const Transform& tr) {
+  float y = x;
+  float tanh_kx = 0.f;
+  if constexpr (kSoftcap) {
+    tanh_kx = tanhf(x * tr.cap_k);
+    y = tr.cap * tanh_kx;
+  }
+  const float p = fast_exp2(fmaf(y - r.row_max, tr.a_log2e, -r.log_sum_log2));
+  const float grad = v == label ? r.g * (1.f - p) : r.neg_g * p;
+  if constexpr (kSoftcap) return grad * (1.f - tanh_kx * tanh_kx);
+  return grad;
 }
 
 // kVectorStore: grad_out's row has the same offset from a 16-byte boundary as the logits' row
 // (always true in place), so the packs of both line up; otherwise packs are stored elementwise.
-template <typename T, int kThreads, bool kVectorStore>
+template <typename T, int kThreads, bool kVectorStore, bool kSoftcap>
 __device__ __forceinline__ void backward_row(const T* __restrict__ x, T* __restrict__ out, int vocab,
-                                             int label, float g, float lse_value) {
+                                             int label, const RowGrad& r, const Transform& tr) {
   constexpr int kVec = Pack<T>::kSize;
-  const float neg_g = -g;
-  const float lse_log2 = lse_value * kLog2e;
   const int head = head_elements(x, vocab);
   for (int i = threadIdx.x; i < head; i += kThreads) {
-    out[i] = Elem<T>::from_float(grad_value(Elem<T>::to_float(x[i]), i, label, g, neg_g, lse_log2));
+    out[i] = Elem<T>::from_float(grad_value<kSoftcap>(Elem<T>::to_float(x[i]), i, label, r, tr));
   }
   const int packs = (vocab - head) / kVec;
   for (int base = threadIdx.x; base < packs; base += kThreads * kUnroll) {
@@ -251,7 +302,7 @@ __device__ __forceinline__ void backward_row(const T* __restrict__ x, T* __restr
       Pack<T> result;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        result.set(k, grad_value(loaded[u].get(k), first + k, label, g, neg_g, lse_log2));
+        result.set(k, grad_value<kSoftcap>(loaded[u].get(k), first + k, label, r, tr));
       }
       if constexpr (kVectorStore) {
         store_pack(out + first, result);
@@ -262,7 +313,7 @@ __device__ __forceinline__ void backward_row(const T* __restrict__ x, T* __restr
     }
   }
   for (int i = head + packs * kVec + threadIdx.x; i < vocab; i += kThreads) {
-    out[i] = Elem<T>::from_float(grad_value(Elem<T>::to_float(x[i]), i, label, g, neg_g, lse_log2));
+    out[i] = Elem<T>::from_float(grad_value<kSoftcap>(Elem<T>::to_float(x[i]), i, label, r, tr));
   }
 }
 
@@ -280,11 +331,11 @@ __device__ __forceinline__ void zero_row(T* out, int vocab) {
   for (int i = head + packs * kVec + threadIdx.x; i < vocab; i += kThreads) out[i] = zero;
 }
 
-template <typename T, int kThreads>
+template <typename T, int kThreads, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* logits, RowLayout layout, const int64_t* __restrict__ labels,
-                    const float* __restrict__ lse, const float* __restrict__ grad,
-                    int64_t ignore_index, T* grad_out, int64_t out_stride_batch,
+                    const float* __restrict__ norm, const float* __restrict__ grad,
+                    int64_t ignore_index, Transform tr, T* grad_out, int64_t out_stride_batch,
                     int64_t out_stride_time) {
   // logits and grad_out are not __restrict__: they may be the same memory (in-place backward).
   const int vocab = static_cast<int>(layout.vocab);
@@ -300,14 +351,15 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     const bool label_ok = label >= 0 && label < vocab;
-    const float g = label_ok ? grad[row] : __int_as_float(0x7fc00000);  // bad label: NaN row
+    const float g = label_ok ? grad[row] * tr.grad_scale : __int_as_float(0x7fc00000);  // bad label: NaN row
+    const RowGrad r{g, -g, norm[2 * row], norm[2 * row + 1] * kLog2e};
     const int label_index = label_ok ? static_cast<int>(label) : -1;
     const bool same_alignment =
         ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(out)) & 15u) == 0;
     if (same_alignment) {
-      backward_row<T, kThreads, true>(x, out, vocab, label_index, g, lse[row]);
+      backward_row<T, kThreads, true, kSoftcap>(x, out, vocab, label_index, r, tr);
     } else {
-      backward_row<T, kThreads, false>(x, out, vocab, label_index, g, lse[row]);
+      backward_row<T, kThreads, false, kSoftcap>(x, out, vocab, label_index, r, tr);
     }
   }
 }
@@ -326,32 +378,37 @@ unsigned int grid_for(int64_t rows) {
   return static_cast<unsigned int>(rows < kMaxGrid ? rows : kMaxGrid);
 }
 
-template <typename T>
+template <typename T, bool kSoftcap>
 cudaError_t forward_typed(const void* logits, RowLayout layout, const int64_t* labels,
-                          int64_t ignore_index, float* logp, float* lse, cudaStream_t stream) {
+                          int64_t ignore_index, Transform tr, float* logp, float* norm,
+                          cudaStream_t stream) {
   const T* x = static_cast<const T*>(logits);
   const dim3 grid(grid_for(layout.batch * layout.seq_len));
+#define PYALIGN_LAUNCH_FORWARD(threads)                          \
+  forward_kernel<T, threads, kSoftcap><<<grid, threads, 0, stream>>>( \
+      x, layout, labels, ignore_index, tr, logp, norm)
   switch (threads_for(layout.vocab, sizeof(T))) {
-    case 32: forward_kernel<T, 32><<<grid, 32, 0, stream>>>(x, layout, labels, ignore_index, logp, lse); break;
-    case 64: forward_kernel<T, 64><<<grid, 64, 0, stream>>>(x, layout, labels, ignore_index, logp, lse); break;
-    case 128: forward_kernel<T, 128><<<grid, 128, 0, stream>>>(x, layout, labels, ignore_index, logp, lse); break;
-    case 256: forward_kernel<T, 256><<<grid, 256, 0, stream>>>(x, layout, labels, ignore_index, logp, lse); break;
-    default: forward_kernel<T, 512><<<grid, 512, 0, stream>>>(x, layout, labels, ignore_index, logp, lse); break;
+    case 32: PYALIGN_LAUNCH_FORWARD(32); break;
+    case 64: PYALIGN_LAUNCH_FORWARD(64); break;
+    case 128: PYALIGN_LAUNCH_FORWARD(128); break;
+    case 256: PYALIGN_LAUNCH_FORWARD(256); break;
+    default: PYALIGN_LAUNCH_FORWARD(512); break;
   }
+#undef PYALIGN_LAUNCH_FORWARD
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool kSoftcap>
 cudaError_t backward_typed(const void* logits, RowLayout layout, const int64_t* labels,
-                           const float* lse, const float* grad, int64_t ignore_index,
+                           const float* norm, const float* grad, int64_t ignore_index, Transform tr,
                            void* grad_out, int64_t out_stride_batch, int64_t out_stride_time,
                            cudaStream_t stream) {
   const T* x = static_cast<const T*>(logits);
   T* out = static_cast<T*>(grad_out);
   const dim3 grid(grid_for(layout.batch * layout.seq_len));
 #define PYALIGN_LAUNCH_BACKWARD(threads)                                                 \
-  backward_kernel<T, threads><<<grid, threads, 0, stream>>>(                             \
-      x, layout, labels, lse, grad, ignore_index, out, out_stride_batch, out_stride_time)
+  backward_kernel<T, threads, kSoftcap><<<grid, threads, 0, stream>>>(                   \
+      x, layout, labels, norm, grad, ignore_index, tr, out, out_stride_batch, out_stride_time)
   switch (threads_for(layout.vocab, sizeof(T))) {
     case 32: PYALIGN_LAUNCH_BACKWARD(32); break;
     case 64: PYALIGN_LAUNCH_BACKWARD(64); break;
@@ -363,6 +420,35 @@ cudaError_t backward_typed(const void* logits, RowLayout layout, const int64_t* 
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t forward_dispatch(const void* logits, RowLayout layout, const int64_t* labels,
+                             int64_t ignore_index, LogitTransform transform, float* logp,
+                             float* norm, cudaStream_t stream) {
+  const Transform tr = transform_of(transform);
+  if (transform.softcap > 0.f) {
+    return forward_typed<T, true>(logits, layout, labels, ignore_index, tr, logp, norm, stream);
+  }
+  return forward_typed<T, false>(logits, layout, labels, ignore_index, tr, logp, norm, stream);
+}
+
+template <typename T>
+cudaError_t backward_dispatch(const void* logits, RowLayout layout, const int64_t* labels,
+                              const float* norm, const float* grad, int64_t ignore_index,
+                              LogitTransform transform, void* grad_out, int64_t out_stride_batch,
+                              int64_t out_stride_time, cudaStream_t stream) {
+  const Transform tr = transform_of(transform);
+  if (transform.softcap > 0.f) {
+    return backward_typed<T, true>(logits, layout, labels, norm, grad, ignore_index, tr, grad_out,
+                                   out_stride_batch, out_stride_time, stream);
+  }
+  return backward_typed<T, false>(logits, layout, labels, norm, grad, ignore_index, tr, grad_out,
+                                  out_stride_batch, out_stride_time, stream);
+}
+
+bool valid_transform(const LogitTransform& t) {
+  return std::isfinite(t.logit_scale) && t.logit_scale > 0.f && std::isfinite(t.softcap) && t.softcap >= 0.f;
+}
+
 bool valid_layout(const RowLayout& layout) {
   return layout.batch >= 0 && layout.seq_len >= 0 && layout.vocab >= 0 &&
          layout.vocab <= 0x7fffffff;
@@ -371,37 +457,39 @@ bool valid_layout(const RowLayout& layout) {
 }  // namespace
 
 cudaError_t launch_forward(DType dtype, const void* logits, RowLayout layout,
-                           const int64_t* labels, int64_t ignore_index, float* logp, float* lse,
-                           cudaStream_t stream) {
-  if (!valid_layout(layout)) return cudaErrorInvalidValue;
+                           const int64_t* labels, int64_t ignore_index, LogitTransform transform,
+                           float* logp, float* norm, cudaStream_t stream) {
+  if (!valid_layout(layout) || !valid_transform(transform)) return cudaErrorInvalidValue;
   if (layout.batch * layout.seq_len == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:
-      return forward_typed<float>(logits, layout, labels, ignore_index, logp, lse, stream);
+      return forward_dispatch<float>(logits, layout, labels, ignore_index, transform, logp, norm, stream);
     case DType::BFloat16:
-      return forward_typed<__nv_bfloat16>(logits, layout, labels, ignore_index, logp, lse, stream);
+      return forward_dispatch<__nv_bfloat16>(logits, layout, labels, ignore_index, transform, logp,
+                                             norm, stream);
     case DType::Float16:
-      return forward_typed<__half>(logits, layout, labels, ignore_index, logp, lse, stream);
+      return forward_dispatch<__half>(logits, layout, labels, ignore_index, transform, logp, norm, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_backward(DType dtype, const void* logits, RowLayout layout,
-                            const int64_t* labels, const float* lse, const float* grad,
-                            int64_t ignore_index, void* grad_out, int64_t out_stride_batch,
-                            int64_t out_stride_time, cudaStream_t stream) {
-  if (!valid_layout(layout)) return cudaErrorInvalidValue;
+                            const int64_t* labels, const float* norm, const float* grad,
+                            int64_t ignore_index, LogitTransform transform, void* grad_out,
+                            int64_t out_stride_batch, int64_t out_stride_time, cudaStream_t stream) {
+  if (!valid_layout(layout) || !valid_transform(transform)) return cudaErrorInvalidValue;
   if (layout.batch * layout.seq_len == 0 || layout.vocab == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:
-      return backward_typed<float>(logits, layout, labels, lse, grad, ignore_index, grad_out,
-                                   out_stride_batch, out_stride_time, stream);
+      return backward_dispatch<float>(logits, layout, labels, norm, grad, ignore_index, transform,
+                                      grad_out, out_stride_batch, out_stride_time, stream);
     case DType::BFloat16:
-      return backward_typed<__nv_bfloat16>(logits, layout, labels, lse, grad, ignore_index,
-                                           grad_out, out_stride_batch, out_stride_time, stream);
+      return backward_dispatch<__nv_bfloat16>(logits, layout, labels, norm, grad, ignore_index,
+                                              transform, grad_out, out_stride_batch,
+                                              out_stride_time, stream);
     case DType::Float16:
-      return backward_typed<__half>(logits, layout, labels, lse, grad, ignore_index, grad_out,
-                                    out_stride_batch, out_stride_time, stream);
+      return backward_dispatch<__half>(logits, layout, labels, norm, grad, ignore_index, transform,
+                                       grad_out, out_stride_batch, out_stride_time, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,8 +1,9 @@
 """Backend registry for the fused token log-prob op.
 
 Each backend is a pair of functions following the contract in docs/DESIGN.md:
-``forward(logits3, labels2, ignore_index) -> (logp2, lse2)`` and
-``backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3) -> None``.
+``forward(logits3, labels2, ignore_index, logit_scale=1.0, softcap=None) -> (logp2, norm2)`` and
+``backward(logits3, labels2, norm2, grad2, ignore_index, grad_out3, logit_scale=1.0, softcap=None)
+-> None``, ``norm2 [B, T, 2]`` holding each row's maximum and log-sum (pyalign/reference.py).
 Implementations are imported lazily so that a missing optional piece (Triton, the CUDA build)
 only matters when it is asked for.
 """

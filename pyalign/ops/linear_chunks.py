@@ -12,6 +12,8 @@ import functools
 import torch
 from torch import Tensor
 
+from pyalign.reference import exponent_scale, normalised_logprobs, transform_derivative
+
 MIB = 1 << 20
 FILTER_BLOCK = 2048  # vocabulary columns per gradient-filter decision
 _ACCUMULATE_TEMP_BYTES = 32 * MIB  # bound on the half-precision product when fp32-accumulating
@@ -174,36 +176,46 @@ def _triton_stats():
     return triton_token_stats
 
 
-def chunk_stats_into(stats: dict[str, Tensor], rows: slice, logits: Tensor, lse: Tensor,
-                     labels: Tensor) -> None:
-    """Per-token statistics of one chunk of logits ``[n, V]`` (any float dtype) whose log-sum-exp
-    per row is ``lse`` [n], written into ``stats[name][rows]``.
+def chunk_stats_into(stats: dict[str, Tensor], rows: slice, logits: Tensor, norm: Tensor,
+                     labels: Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> None:
+    """Per-token statistics of one chunk of logits ``[n, V]`` (any float dtype) whose rows'
+    normaliser is ``norm`` [n, 2] (the backend's (M, L) of the transformed logits z), written into
+    ``stats[name][rows]``.
 
     entropy = -sum_v p_v log p_v; mean_logits = sum_v z_v / V; log_sum_sq_probs = log sum_v p_v^2;
     argmax = the first index of the largest logit; is_top1 = (argmax == label). On CUDA one Triton
-    kernel reads the chunk once; elsewhere torch ops in ``lse``'s dtype, in slices of rows so that
+    kernel reads the chunk once; elsewhere torch ops in ``norm``'s dtype, in slices of rows so that
     every temporary stays under 32 MiB. The chunk itself is only read.
     """
     n, vocab = logits.shape
-    math_dtype = lse.dtype
+    math_dtype = norm.dtype
     if logits.is_cuda and math_dtype == torch.float32 and _triton_stats() is not None:
         # One read of the chunk, one exp per element (kernels/token_stats.py).
         out = slice(rows.start, rows.start + n)
-        values = _triton_stats()(logits, lse)
+        values = _triton_stats()(logits, norm, logit_scale, softcap)
         for name, value in zip(("entropy", "mean_logits", "log_sum_sq_probs", "argmax"), values):
             stats[name][out] = value
         stats["is_top1"][out] = values[3] == labels
         return
+    a = exponent_scale(logit_scale, softcap)
     step = max(1, _STATS_TEMP_BYTES // max(1, vocab * torch.empty((), dtype=math_dtype).element_size()))
     for start in range(0, n, step):
         end = min(n, start + step)
         out = slice(rows.start + start, rows.start + end)
-        z = logits[start:end].to(math_dtype, copy=True)
-        stats["mean_logits"][out] = z.sum(1) / vocab
-        argmax = z.argmax(1)
+        y = logits[start:end].to(math_dtype, copy=True)
+        # The transforms are increasing: the logits' argmax is z's, without the ties that
+        # rounding a saturated tanh would add.
+        argmax = y.argmax(1)
         stats["argmax"][out] = argmax
         stats["is_top1"][out] = argmax == labels[start:end]
-        log_p = z.sub_(lse[start:end].unsqueeze(1))
+        if softcap is not None:  # y = softcap * tanh(logit_scale * x / softcap), in place
+            y.mul_(logit_scale / softcap).tanh_().mul_(softcap)
+        stats["mean_logits"][out] = y.sum(1) * (a / vocab)
+        # log p = a (y - M) - L (pyalign.reference.normalised_logprobs), in place.
+        log_p = y.sub_(norm[start:end, 0:1])
+        if a != 1.0:
+            log_p.mul_(a)
+        log_p.sub_(norm[start:end, 1:2])
         # p log p with p = 0 (a -inf logit) is 0, not 0 * -inf = nan.
         p_log_p = log_p.exp().mul_(log_p).nan_to_num_(nan=0.0)
         stats["entropy"][out] = -p_log_p.sum(1)
@@ -220,15 +232,26 @@ def vocab_block_columns(budget_bytes: int, rows: int, dtype: torch.dtype, vocab:
     return rows_for_budget(budget_bytes, rows, dtype, vocab) if rows else max(1, vocab)
 
 
+def non_label_gradient(logit: Tensor, norm: Tensor, grad: Tensor, logit_scale: float = 1.0,
+                       softcap: float | None = None) -> Tensor:
+    """``-g * p * dz/dx`` of one column of logits ``[n]`` that is not the label's, in ``norm``'s
+    dtype: what the backend kernels write there (``p = exp(a (y - M) - L)``)."""
+    x = logit.to(norm.dtype)
+    p = normalised_logprobs(x.unsqueeze(1), norm, logit_scale, softcap).squeeze(1).exp_()
+    return -grad * p * transform_derivative(x, logit_scale, softcap)
+
+
 def vocab_major_backward(grad_kept: Tensor, hidden_kept: Tensor, weight: Tensor, bias: Tensor | None,
-                         labels_kept: Tensor, lse_kept: Tensor, backend,
+                         labels_kept: Tensor, norm_kept: Tensor, backend,
                          block_cols: int, needs: tuple[bool, bool, bool],
-                         grad_filter: float | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                         grad_filter: float | None = None, logit_scale: float = 1.0,
+                         softcap: float | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of ``sum_t g_t * logp_t`` over K kept tokens, one vocabulary block at a time.
 
     Per block of ``block_cols`` columns ``[v0, v1)``: the block's logits ``hidden_kept @
     weight[v0:v1].T (+ bias)`` for all K tokens, overwritten in place by the backend kernel with
-    ``d = g * (onehot - exp(z - lse))`` (``lse`` saved by the forward), then
+    ``d = g * (onehot - softmax(z)) * dz/dx`` (``norm_kept [K, 2]``, each row's normaliser, saved
+    by the forward; z the logits after ``logit_scale`` / ``softcap``), then
 
     - ``grad_weight[v0:v1] = d.T @ hidden_kept`` and ``grad_bias[v0:v1] = d.sum(0)``: written once,
       one matmul over all tokens (fp32 accumulation inside it, one rounding), so no [V, H] float32
@@ -237,7 +260,7 @@ def vocab_major_backward(grad_kept: Tensor, hidden_kept: Tensor, weight: Tensor,
 
     A token whose label lies outside the block has no one-hot term there. The kernels take one
     label per row in ``[0, block)``, so such rows are given label 0 and their column 0 is then
-    rewritten from the logit saved before the kernel ran: ``-g * exp(z_0 - lse)``, fp32, one
+    rewritten from the logit saved before the kernel ran (:func:`non_label_gradient`), fp32, one
     rounding, exactly what the kernel writes for a non-label column.
 
     Returns ``(grad_hidden [K, H] in hidden's dtype, grad_weight [V, H], grad_bias [V])``, None
@@ -246,7 +269,7 @@ def vocab_major_backward(grad_kept: Tensor, hidden_kept: Tensor, weight: Tensor,
     need_hidden, need_weight, need_bias = needs
     rows, width = hidden_kept.shape
     vocab = weight.shape[0]
-    math_dtype = lse_kept.dtype
+    math_dtype = norm_kept.dtype
     acc_dtype = torch.promote_types(hidden_kept.dtype, torch.float32)
     hidden_acc = torch.zeros(rows, width, dtype=acc_dtype, device=hidden_kept.device) if need_hidden else None
     # Every row of grad_weight is written once, unless the filter drops its block: zeros then.
@@ -258,7 +281,7 @@ def vocab_major_backward(grad_kept: Tensor, hidden_kept: Tensor, weight: Tensor,
     block_cols = max(1, min(block_cols, vocab))
     flat = hidden_kept.new_empty(rows * block_cols)
     grad2 = grad_kept.to(math_dtype).unsqueeze(0).contiguous()
-    lse2 = lse_kept.unsqueeze(0).contiguous()
+    norm2 = norm_kept.unsqueeze(0).contiguous()
     limit_scale = grad_kept.abs().max().item() if grad_filter is not None else 1.0
     for v0 in range(0, vocab, block_cols):
         v1 = min(vocab, v0 + block_cols)
@@ -268,9 +291,9 @@ def vocab_major_backward(grad_kept: Tensor, hidden_kept: Tensor, weight: Tensor,
         in_block = (local >= 0) & (local < v1 - v0)
         first_logit = logits[:, 0].to(math_dtype, copy=True)
         # Local labels are >= 0, so -1 never marks a row as ignored (the caller's ignore_index might).
-        backend.backward(logits.unsqueeze(0), torch.where(in_block, local, 0).unsqueeze(0), lse2, grad2,
-                         -1, logits.unsqueeze(0))
-        not_label = -grad2[0] * torch.exp(first_logit - lse2[0])
+        backend.backward(logits.unsqueeze(0), torch.where(in_block, local, 0).unsqueeze(0), norm2, grad2,
+                         -1, logits.unsqueeze(0), logit_scale, softcap)
+        not_label = non_label_gradient(first_logit, norm_kept, grad2[0], logit_scale, softcap)
         logits[:, 0] = torch.where(in_block, logits[:, 0].to(math_dtype), not_label).to(logits.dtype)
         runs = kept_vocab_runs(logits, grad_filter, limit_scale)
         for start, end in runs:

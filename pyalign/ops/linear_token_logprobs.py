@@ -50,8 +50,8 @@ from pyalign.ops.linear_chunks import (  # noqa: F401  (re-exported: tests and l
     vocab_block_columns,
     vocab_major_backward,
 )
-from pyalign.ops.token_logprobs import labels_checked_on_host
-from pyalign.reference import IGNORE_INDEX, output_dtype
+from pyalign.ops.token_logprobs import check_flag, check_ignore_index, labels_checked_on_host
+from pyalign.reference import IGNORE_INDEX, output_dtype, validate_logit_transform
 
 DEFAULT_BUDGETS = {"default": 256 * MIB, "low_memory": 32 * MIB}
 MODES = tuple(DEFAULT_BUDGETS)
@@ -71,14 +71,22 @@ class LinearPlan:
     grad_filter: float | None
     precompute_grad_hidden: bool  # default mode with only hidden needing a gradient
     weight_grad_dtype: torch.dtype | None = None  # None: fp32 accumulation for half weights
+    # The logit transform (pyalign.reference): z = logit_scale * logits, then softcap * tanh(z / softcap).
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def transform(self) -> tuple[float, float | None]:
+        return self.logit_scale, self.softcap
 
 
 def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: Tensor, plan: LinearPlan,
                  with_stats: bool = False):
     """Chunked forward over the kept tokens.
 
-    Returns ``(logp [N], keep_idx [K], labels_kept [K], lse_kept [K], unscaled_grad_hidden [K, H] or
-    None, stats)``; ``unscaled_grad_hidden`` is ``(onehot - softmax) @ weight`` per kept token,
+    Returns ``(logp [N], keep_idx [K], labels_kept [K], norm_kept [K, 2], unscaled_grad_hidden [K, H]
+    or None, stats)``; ``norm_kept`` is each row's normaliser (the backend contract's maximum and
+    log-sum); ``unscaled_grad_hidden`` is ``((onehot - softmax) * dz/dx) @ weight`` per kept token,
     formed only when ``plan.precompute_grad_hidden``; ``stats`` (``with_stats``, else None) maps
     each of :data:`STAT_NAMES` to an [N] tensor, computed from the same chunks of logits.
     """
@@ -87,7 +95,7 @@ def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: 
     labels_kept = labels1.index_select(0, keep_idx).to(torch.int64).contiguous()
     kept = keep_idx.numel()
     logp_kept = torch.empty(kept, dtype=out_dtype, device=hidden2.device)
-    lse_kept = torch.empty(kept, dtype=out_dtype, device=hidden2.device)
+    norm_kept = torch.empty(kept, 2, dtype=out_dtype, device=hidden2.device)
     unscaled = None
     if plan.precompute_grad_hidden:
         unscaled = torch.empty(kept, hidden2.shape[1], dtype=hidden2.dtype, device=hidden2.device)
@@ -99,15 +107,16 @@ def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: 
         hidden_rows = hidden2.index_select(0, keep_idx[start:end])
         logits = linear_into(buffer[: end - start], hidden_rows, weight, bias)
         labels2 = labels_kept[start:end].unsqueeze(0)
-        logp2, lse2 = plan.backend.forward(logits.unsqueeze(0), labels2, plan.ignore_index)
+        logp2, norm2 = plan.backend.forward(logits.unsqueeze(0), labels2, plan.ignore_index, *plan.transform)
         logp_kept[start:end] = logp2[0]
-        lse_kept[start:end] = lse2[0]
+        norm_kept[start:end] = norm2[0]
         if stats_kept is not None:  # before the chunk may be overwritten below
-            chunk_stats_into(stats_kept, slice(start, end), logits, lse2[0], labels_kept[start:end])
+            chunk_stats_into(stats_kept, slice(start, end), logits, norm2[0], labels_kept[start:end],
+                             *plan.transform)
         if unscaled is not None:
-            ones = torch.ones_like(lse2)
-            plan.backend.backward(logits.unsqueeze(0), labels2, lse2, ones, plan.ignore_index,
-                                  logits.unsqueeze(0))
+            ones = torch.ones_like(logp2)
+            plan.backend.backward(logits.unsqueeze(0), labels2, norm2, ones, plan.ignore_index,
+                                  logits.unsqueeze(0), *plan.transform)
             runs = kept_vocab_runs(logits, plan.grad_filter, 1.0)
             unscaled[start:end] = grad_hidden_from_runs(logits, weight, runs)
     logp = torch.zeros(labels1.shape[0], dtype=out_dtype, device=hidden2.device)
@@ -117,11 +126,11 @@ def forward_pass(hidden2: Tensor, weight: Tensor, bias: Tensor | None, labels1: 
         stats = empty_stats(labels1.shape, out_dtype, hidden2.device)
         for name in STAT_NAMES:
             stats[name].index_copy_(0, keep_idx, stats_kept[name])
-    return logp, keep_idx, labels_kept, lse_kept, unscaled, stats
+    return logp, keep_idx, labels_kept, norm_kept, unscaled, stats
 
 
 def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tensor | None,
-                  keep_idx: Tensor, labels_kept: Tensor, lse_kept: Tensor, plan: LinearPlan,
+                  keep_idx: Tensor, labels_kept: Tensor, norm_kept: Tensor, plan: LinearPlan,
                   needs: tuple[bool, bool, bool]):
     """Recomputing backward: (grad_hidden, grad_weight, grad_bias), None where not needed.
 
@@ -131,14 +140,14 @@ def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tens
     """
     need_hidden, need_weight, need_bias = needs
     kept = keep_idx.numel()
-    grad_kept = grad_logp.index_select(0, keep_idx).to(lse_kept.dtype)
+    grad_kept = grad_logp.index_select(0, keep_idx).to(norm_kept.dtype)
     if need_weight or (need_bias and bias is not None):
         hidden_kept = hidden2.index_select(0, keep_idx)
         columns = vocab_block_columns(plan.chunk * weight.shape[0] * hidden2.element_size(), kept,
                                       hidden2.dtype, weight.shape[0])
         grad_kept_hidden, grad_weight, grad_bias = vocab_major_backward(
-            grad_kept, hidden_kept, weight, bias, labels_kept, lse_kept, plan.backend, columns, needs,
-            plan.grad_filter)
+            grad_kept, hidden_kept, weight, bias, labels_kept, norm_kept, plan.backend, columns, needs,
+            plan.grad_filter, *plan.transform)
         grad_hidden = None
         if need_hidden:
             grad_hidden = torch.zeros_like(hidden2).index_copy_(0, keep_idx, grad_kept_hidden)
@@ -153,8 +162,8 @@ def backward_pass(grad_logp: Tensor, hidden2: Tensor, weight: Tensor, bias: Tens
         grad_rows = grad_kept[start:end]
         # In place: the chunk's logits become its d_logits (no second [chunk, V] buffer).
         plan.backend.backward(logits.unsqueeze(0), labels_kept[start:end].unsqueeze(0),
-                              lse_kept[start:end].unsqueeze(0), grad_rows.unsqueeze(0),
-                              plan.ignore_index, logits.unsqueeze(0))
+                              norm_kept[start:end].unsqueeze(0), grad_rows.unsqueeze(0),
+                              plan.ignore_index, logits.unsqueeze(0), *plan.transform)
         scale = grad_rows.abs().max().item() if plan.grad_filter is not None else 1.0
         runs = kept_vocab_runs(logits, plan.grad_filter, scale)
         grad_hidden.index_copy_(0, rows, grad_hidden_from_runs(logits, weight, runs))
@@ -179,7 +188,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2, weight, bias, labels1, plan, with_stats):
-        logp, keep_idx, labels_kept, lse_kept, unscaled, stats = forward_pass(
+        logp, keep_idx, labels_kept, norm_kept, unscaled, stats = forward_pass(
             hidden2, weight, bias, labels1, plan, with_stats)
         ctx.plan = plan
         if unscaled is not None:
@@ -187,7 +196,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             ctx.hidden_shape = hidden2.shape
             ctx.save_for_backward(keep_idx, unscaled)
         else:
-            ctx.save_for_backward(hidden2, weight, bias, keep_idx, labels_kept, lse_kept)
+            ctx.save_for_backward(hidden2, weight, bias, keep_idx, labels_kept, norm_kept)
         if stats is None:
             return logp
         ctx.mark_non_differentiable(*stats.values())
@@ -200,12 +209,12 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             keep_idx, unscaled = ctx.saved_tensors
             grad_hidden = scale_unscaled_grad_hidden(grad_logp, unscaled, keep_idx, ctx.hidden_shape, plan.chunk)
             return grad_hidden, None, None, None, None, None
-        hidden2, weight, bias, keep_idx, labels_kept, lse_kept = ctx.saved_tensors
+        hidden2, weight, bias, keep_idx, labels_kept, norm_kept = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         # The backward may run where autocast is on (CPU autocast, same thread): the matmuls
         # must stay in the inputs' dtype, like the forward's.
         with torch.autocast(hidden2.device.type, enabled=False):
-            grads = backward_pass(grad_logp, hidden2, weight, bias, keep_idx, labels_kept, lse_kept,
+            grads = backward_pass(grad_logp, hidden2, weight, bias, keep_idx, labels_kept, norm_kept,
                                   plan, needs)
         return (*grads, None, None, None)
 
@@ -249,8 +258,7 @@ def validate_linear_inputs(hidden, weight, labels, bias, ignore_index, backend="
             f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden's shape without H), "
             f"got {tuple(labels.shape)}"
         )
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     vocab = weight.shape[0]
     named = os.environ.get(ENV_VAR, "") if backend == "auto" else backend
     if labels.numel() and labels_checked_on_host(labels, named):  # on a GPU: no sync unless asked
@@ -264,15 +272,19 @@ def validate_linear_inputs(hidden, weight, labels, bias, ignore_index, backend="
 
 
 def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, mode, grad_filter,
-              backend, num_rows, wants_grad, weight_grad_dtype=None) -> LinearPlan:
+              backend, num_rows, wants_grad, weight_grad_dtype=None, logit_scale=1.0,
+              softcap=None) -> LinearPlan:
     """Check the options and decide the chunk size and whether the forward pre-forms grad_hidden."""
-    if mode not in MODES:
+    logit_scale, softcap = validate_logit_transform(logit_scale, softcap)
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 1):
         raise ValueError(f"memory_budget: expected a positive number of bytes or None, got {memory_budget!r}")
-    if grad_filter is not None and not (isinstance(grad_filter, (int, float)) and 0 < grad_filter < 1):
+    if grad_filter is not None and (isinstance(grad_filter, bool) or not isinstance(grad_filter, (int, float))
+                                    or not 0 < grad_filter < 1):
         raise ValueError(f"grad_filter: expected None or a threshold in (0, 1), got {grad_filter!r}")
     if weight_grad_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(
@@ -288,7 +300,8 @@ def make_plan(hidden, weight, bias, *, ignore_index, chunk_size, memory_budget, 
     frozen_params = not weight.requires_grad and (bias is None or not bias.requires_grad)
     precompute = mode == "default" and wants_grad and hidden.requires_grad and frozen_params
     return LinearPlan(chosen, chunk_size, ignore_index,
-                      None if grad_filter is None else float(grad_filter), precompute, weight_grad_dtype)
+                      None if grad_filter is None else float(grad_filter), precompute, weight_grad_dtype,
+                      logit_scale, softcap)
 
 
 def linear_token_logprobs(
@@ -305,6 +318,8 @@ def linear_token_logprobs(
     backend: str = "auto",
     weight_grad_dtype: torch.dtype | None = None,
     return_stats: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """``token_logprobs(hidden @ weight.T + bias, labels)`` without materialising the [N, V] logits.
 
@@ -320,6 +335,11 @@ def linear_token_logprobs(
     the weight's dtype) is accepted for symmetry with the loss; the op's vocabulary-major backward
     writes each block of the weight gradient once, so it changes nothing here.
 
+    ``logit_scale`` and ``softcap``: the logit transform of :func:`pyalign.token_logprobs`, applied
+    to each chunk inside the kernels: the log-probs (and the statistics) are those of
+    ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (without softcap:
+    ``z = logit_scale * (...)``), with gradients through the transform.
+
     ``return_stats=True`` returns ``(logp, stats)``: ``stats`` maps each name to a tensor shaped
     like ``labels``, computed from the same chunks of logits as the log-probs (no extra matmul),
     without gradient, on the positions whose label is kept (the fields of TRL's
@@ -332,9 +352,10 @@ def linear_token_logprobs(
     - ``"is_top1"`` (bool): ``argmax == label``.
 
     On ignored positions: 0.0 for the float statistics, -1 for ``argmax``, False for ``is_top1``.
+    The statistics are those of z; ``argmax`` is that of the logits before the transform (the
+    same index: the transforms are increasing).
     """
-    if not isinstance(return_stats, bool):
-        raise ValueError(f"return_stats: expected True or False, got {return_stats!r}")
+    check_flag("return_stats", return_stats)
     validate_linear_inputs(hidden, weight, labels, bias, ignore_index, backend)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -342,7 +363,7 @@ def linear_token_logprobs(
     plan = make_plan(hidden, weight, bias, ignore_index=ignore_index, chunk_size=chunk_size,
                      memory_budget=memory_budget, mode=mode, grad_filter=grad_filter,
                      backend=backend, num_rows=num_rows, wants_grad=wants_grad,
-                     weight_grad_dtype=weight_grad_dtype)
+                     weight_grad_dtype=weight_grad_dtype, logit_scale=logit_scale, softcap=softcap)
     out_dtype = output_dtype(hidden.dtype)
     if num_rows == 0 or weight.shape[0] == 0:
         # Still connected to the graph so that .backward() through an empty batch works.

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pyalign.ops.backends import Backend, resolve_backend
-from pyalign.reference import IGNORE_INDEX, output_dtype
+from pyalign.reference import IGNORE_INDEX, output_dtype, validate_logit_transform
 from pyalign.tensor_checks import has_self_overlap
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -47,8 +47,19 @@ def validate_logits_labels(logits: Tensor, labels: Tensor, ignore_index: int) ->
         )
     if labels.device != logits.device:
         raise ValueError(f"labels: expected device {logits.device} like logits, got {labels.device}")
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
+
+
+def check_ignore_index(ignore_index) -> None:
+    """An int, not a bool (True would silently mean label 1)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index: expected an int, got {type(ignore_index).__name__} {ignore_index!r}")
+
+
+def check_flag(name: str, value) -> None:
+    """A boolean option must be True or False: 0, 1, "yes" or a tensor would be read as one."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
 
 
 def labels_checked_on_host(labels: Tensor, backend_name: str) -> bool:
@@ -107,18 +118,20 @@ def as_3d(logits: Tensor) -> tuple[Tensor, bool]:
 # --------------------------------------------------------------------------- custom ops
 
 
-def _run_forward(chosen: Backend, logits: Tensor, labels: Tensor, ignore_index: int):
+def _run_forward(chosen: Backend, logits: Tensor, labels: Tensor, ignore_index: int,
+                 logit_scale: float, softcap: float | None):
+    """(logp [...], norm [..., 2]): the backend's forward on a 3-D view."""
     if labels_checked_on_host(labels, chosen.name):
         validate_label_values(labels, logits.shape[-1], ignore_index)
     logits3, _ = as_3d(logits)
     labels2 = labels.reshape(logits3.shape[:2]).to(torch.int64).contiguous()
-    logp2, lse2 = chosen.forward(logits3, labels2, ignore_index)
-    return logp2.view(labels.shape), lse2.view(labels.shape)
+    logp2, norm2 = chosen.forward(logits3, labels2, ignore_index, logit_scale, softcap)
+    return logp2.view(labels.shape), norm2.view(*labels.shape, 2)
 
 
 def _run_backward(
-    chosen: Backend, grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
-    ignore_index: int, inplace: bool,
+    chosen: Backend, grad: Tensor, logits: Tensor, labels: Tensor, norm: Tensor,
+    ignore_index: int, inplace: bool, logit_scale: float, softcap: float | None,
 ) -> Tensor:
     """The gradient w.r.t. ``logits``: written into the logits themselves when ``inplace`` and
     the logits did not have to be copied to reach the kernel, else into a new tensor."""
@@ -126,13 +139,13 @@ def _run_backward(
     shape2 = logits3.shape[:2]
     labels2 = labels.reshape(shape2).to(torch.int64).contiguous()
     grad2 = grad.reshape(shape2).to(output_dtype(logits.dtype)).contiguous()
-    lse2 = lse.reshape(shape2).contiguous()
+    norm2 = norm.reshape(*shape2, 2).contiguous()
     if inplace and not copied:
         result, grad_out3 = logits, logits3
     else:
         result = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_out3 = result.view(logits3.shape)
-    chosen.backward(logits3, labels2, lse2, grad2, ignore_index, grad_out3)
+    chosen.backward(logits3, labels2, norm2, grad2, ignore_index, grad_out3, logit_scale, softcap)
     return result
 
 
@@ -142,38 +155,43 @@ def _run_backward(
 # modules (~2 s, ~150 MB) in a process that never compiles anything. Dynamo never traces into an
 # operator's implementation anyway: under torch.compile the op is one opaque node whose shapes
 # come from the fake implementation.
+# The second output, ``norm [..., 2]``, is each row's normaliser (maximum, log-sum) of the
+# backend contract: saved for the backward, never differentiated.
 torch.library.define(
     "pyalign::token_logprobs_fwd",
-    "(Tensor logits, Tensor labels, int ignore_index, str backend) -> (Tensor, Tensor)",
+    "(Tensor logits, Tensor labels, int ignore_index, str backend, float logit_scale, float? softcap)"
+    " -> (Tensor, Tensor)",
 )
 torch.library.define(
     "pyalign::token_logprobs_bwd",
-    "(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index, str backend) -> Tensor",
+    "(Tensor grad, Tensor logits, Tensor labels, Tensor norm, int ignore_index, str backend,"
+    " float logit_scale, float? softcap) -> Tensor",
 )
 
 
 @torch.library.impl("pyalign::token_logprobs_fwd", "CompositeExplicitAutograd")
-def _token_logprobs_fwd_impl(logits: Tensor, labels: Tensor, ignore_index: int,
-                             backend: str) -> tuple[Tensor, Tensor]:
+def _token_logprobs_fwd_impl(logits: Tensor, labels: Tensor, ignore_index: int, backend: str,
+                             logit_scale: float, softcap: float | None) -> tuple[Tensor, Tensor]:
     chosen = resolve_backend(backend, logits)
-    return _run_forward(chosen, logits, labels, ignore_index)
+    return _run_forward(chosen, logits, labels, ignore_index, logit_scale, softcap)
 
 
 @torch.library.register_fake("pyalign::token_logprobs_fwd")
-def _(logits, labels, ignore_index, backend):
+def _(logits, labels, ignore_index, backend, logit_scale, softcap):
     dtype = output_dtype(logits.dtype)
-    return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty(labels.shape, dtype=dtype)
+    return labels.new_empty(labels.shape, dtype=dtype), labels.new_empty((*labels.shape, 2), dtype=dtype)
 
 
 @torch.library.impl("pyalign::token_logprobs_bwd", "CompositeExplicitAutograd")
-def _token_logprobs_bwd_impl(grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
-                             ignore_index: int, backend: str) -> Tensor:
+def _token_logprobs_bwd_impl(grad: Tensor, logits: Tensor, labels: Tensor, norm: Tensor,
+                             ignore_index: int, backend: str, logit_scale: float,
+                             softcap: float | None) -> Tensor:
     chosen = resolve_backend(backend, logits)
-    return _run_backward(chosen, grad, logits, labels, lse, ignore_index, inplace=False)
+    return _run_backward(chosen, grad, logits, labels, norm, ignore_index, False, logit_scale, softcap)
 
 
 @torch.library.register_fake("pyalign::token_logprobs_bwd")
-def _(grad, logits, labels, lse, ignore_index, backend):
+def _(grad, logits, labels, norm, ignore_index, backend, logit_scale, softcap):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -182,17 +200,17 @@ token_logprobs_bwd = torch.ops.pyalign.token_logprobs_bwd.default
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, backend = inputs
-    _, lse = output
-    ctx.save_for_backward(logits, labels, lse)
-    ctx.ignore_index = ignore_index
-    ctx.backend = backend
+    logits, labels, ignore_index, backend, logit_scale, softcap = inputs
+    _, norm = output
+    ctx.save_for_backward(logits, labels, norm)
+    ctx.options = (ignore_index, backend, logit_scale, softcap)
 
 
-def _backward(ctx, grad_logp, grad_lse):
-    logits, labels, lse = ctx.saved_tensors
-    grad_logits = token_logprobs_bwd(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.backend)
-    return grad_logits, None, None, None
+def _backward(ctx, grad_logp, grad_norm):
+    logits, labels, norm = ctx.saved_tensors
+    ignore_index, backend, logit_scale, softcap = ctx.options
+    grad_logits = token_logprobs_bwd(grad_logp, logits, labels, norm, ignore_index, backend, logit_scale, softcap)
+    return grad_logits, None, None, None, None, None
 
 
 torch.library.register_autograd("pyalign::token_logprobs_fwd", _backward, setup_context=_setup_context)
@@ -202,28 +220,28 @@ class _InplaceBackwardTokenLogprobs(torch.autograd.Function):
     """Eager path whose backward overwrites the logits with their gradient (saves N*V memory)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, backend):
+    def forward(ctx, logits, labels, ignore_index, backend, logit_scale, softcap):
         chosen = resolve_backend(backend, logits)
-        logp, lse = _run_forward(chosen, logits, labels, ignore_index)
-        ctx.save_for_backward(labels, lse)
+        logp, norm = _run_forward(chosen, logits, labels, ignore_index, logit_scale, softcap)
+        ctx.save_for_backward(labels, norm)
         ctx.logits = logits  # saved raw on purpose: it is overwritten in backward
         ctx.chosen = chosen
-        ctx.ignore_index = ignore_index
+        ctx.options = (ignore_index, logit_scale, softcap)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        labels, lse = ctx.saved_tensors
+        labels, norm = ctx.saved_tensors
         logits = ctx.logits
         del ctx.logits
+        ignore_index, logit_scale, softcap = ctx.options
         with torch.no_grad():
-            grad_logits = _run_backward(
-                ctx.chosen, grad_logp, logits, labels, lse, ctx.ignore_index, inplace=True
-            )
+            grad_logits = _run_backward(ctx.chosen, grad_logp, logits, labels, norm, ignore_index, True,
+                                        logit_scale, softcap)
         if grad_logits is logits:
             # Whoever saved these logits for its own backward must now see that they changed.
             torch.autograd.graph.increment_version(logits)
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -236,6 +254,8 @@ def token_logprobs(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     inplace_backward: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
     """Per-token ``log p(label | logits)``: logits [..., T, V], labels [..., T] -> float32 [..., T].
 
@@ -247,8 +267,16 @@ def token_logprobs(
     PYALIGN_BACKEND environment variable overrides it), "cpu", "triton", "cuda" or "torch"
     (the float64 eager reference). ``inplace_backward=True`` writes the gradient into the
     logits' own storage: use it only when nothing else needs the logits after this op.
+
+    Logit transforms, applied inside the kernels (no transformed copy of the logits):
+    ``z = logit_scale * logits``, then with ``softcap``, ``z = softcap * tanh(z / softcap)``; the
+    result is ``log_softmax(z)[label]`` and the gradient flows through the transform. Cohere:
+    ``logit_scale=config.logit_scale``; Granite: ``logit_scale=1 / config.logits_scaling``;
+    Gemma 2/3: ``softcap=config.final_logit_softcapping``.
     """
     validate_logits_labels(logits, labels, ignore_index)
+    check_flag("inplace_backward", inplace_backward)
+    logit_scale, softcap = validate_logit_transform(logit_scale, softcap)
     if not torch.compiler.is_compiling():
         resolve_backend(backend, logits)  # fail here, with the user's argument names
     if labels.numel() == 0:
@@ -266,8 +294,8 @@ def token_logprobs(
                 f"overlapping view, strides {tuple(logits.stride())}); one gradient element per "
                 "logit cannot be written into them — pass inplace_backward=False"
             )
-        return _InplaceBackwardTokenLogprobs.apply(logits, labels, ignore_index, backend)
-    logp, _ = token_logprobs_fwd(logits, labels, ignore_index, backend)
+        return _InplaceBackwardTokenLogprobs.apply(logits, labels, ignore_index, backend, logit_scale, softcap)
+    logp, _ = token_logprobs_fwd(logits, labels, ignore_index, backend, logit_scale, softcap)
     return logp
 
 
@@ -279,13 +307,18 @@ def sequence_logprobs(
     average: bool = False,
     backend: str = "auto",
     inplace_backward: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
     """Sum over T of :func:`token_logprobs` (``average=True``: mean over non-ignored tokens).
 
     A sequence whose labels are all ignored gives 0.0 (and zero gradient), not NaN.
+    ``logit_scale`` and ``softcap``: as for :func:`token_logprobs`.
     """
+    check_flag("average", average)
     logp = token_logprobs(
-        logits, labels, ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward
+        logits, labels, ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward,
+        logit_scale=logit_scale, softcap=softcap,
     )
     total = logp.sum(-1)
     if not average:

@@ -12,23 +12,27 @@ Forward, on every process:
    and all-gather the kept hidden states and labels of every process: ``[K_all, H]``;
 2. per chunk of those rows, the logits of this process's vocabulary slice ``[chunk, V_r]`` (one
    reused buffer, as in :mod:`pyalign.ops.linear_token_logprobs`); the backend kernel gives the
-   slice's log-sum-exp ``lse_r``, and the label's logit is read from the same chunk where this
-   process owns the label (0 elsewhere);
-3. two all-reductions: ``M = max_r lse_r``, then the sum of ``[exp(lse_r - M), label logit]``:
-   ``lse = M + log(sum)``, and the label logit arrives from the one process that owns it;
-4. ``logp = label logit - lse``; each process keeps the rows of its own tokens.
+   slice's normaliser ``(M_r, L_r)`` (its maximum and log-sum, pyalign/reference.py), and the
+   label's logit is read from the same chunk where this process owns the label (0 elsewhere);
+3. two all-reductions: ``M = max_r M_r``, then the sum of ``[exp(a (M_r - M) + L_r), label y]``:
+   ``L = log(sum)``, and the label's y arrives from the one process that owns it;
+4. ``logp = a (label y - M) - L``; each process keeps the rows of its own tokens.
+
+The logit transform (``logit_scale``, ``softcap``) is elementwise, so each process applies it to
+its own slice inside the kernels; ``y`` and ``a`` are the reference's (``y`` the logits, or the
+soft-capped logits).
 
 Backward: the upstream gradient of every kept token is all-gathered (``K_all`` numbers), then
 :func:`pyalign.ops.linear_chunks.vocab_major_backward` recomputes this slice's logits block by block
-with the global ``lse``: the weight (and bias) gradient of the slice is the sum over the tokens of
+with the global normaliser: the weight (and bias) gradient of the slice is the sum over the tokens of
 every process, written once, with no communication; the hidden states' gradient ``[K_all, H]`` is
 reduce-scattered (summed) back to the process that owns each token.
 
 With a frozen weight (and bias) in the default mode (LoRA), as in
 :mod:`pyalign.ops.linear_token_logprobs`, the forward also forms, from the same chunks of logits,
 this process's share of ``(onehot - softmax) @ W`` per token: ``w * (onehot_r - softmax_r) @ W_r +
-(1 - w) * onehot_r @ W_r`` with ``softmax_r`` the slice's own softmax and ``w = exp(lse_r - lse)``
-the slice's share of the probability mass; the shares of all processes sum to the whole. The
+(1 - w) * onehot_r @ W_r`` (each term times ``dz/dx``) with ``softmax_r`` the slice's own softmax
+and ``w = exp(a (M_r - M) + L_r - L)`` the slice's share of the probability mass; the shares of all processes sum to the whole. The
 backward then only scales it by the upstream gradient and reduce-scatters it: 4*N*H*V flops in all
 over the processes instead of 6, and nothing but that ``[K_all, H]`` share saved.
 
@@ -56,10 +60,12 @@ from torch import Tensor
 
 from pyalign import distributed as pdist
 from pyalign.ops.backends import ENV_VAR
-from pyalign.ops.linear_chunks import linear_into, rows_for_budget, vocab_block_columns, vocab_major_backward
+from pyalign.ops.linear_chunks import (
+    linear_into, non_label_gradient, rows_for_budget, vocab_block_columns, vocab_major_backward,
+)
 from pyalign.ops.linear_token_logprobs import DEFAULT_BUDGETS, MODES, make_plan
 from pyalign.ops.token_logprobs import labels_checked_on_host
-from pyalign.reference import IGNORE_INDEX, output_dtype
+from pyalign.reference import IGNORE_INDEX, exponent_scale, monotone_logits, output_dtype, transform_derivative
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 # Columns of the per-process record exchanged before any large collective.
@@ -327,6 +333,7 @@ class _Run:
     grad_filter: float | None
     weight_grad_scale: float
     precompute_grad_hidden: bool = False  # default mode, a frozen weight (and bias), hidden needs a gradient
+    transform: tuple[float, float | None] = (1.0, None)  # (logit_scale, softcap)
 
     @property
     def offset(self) -> int:
@@ -334,65 +341,78 @@ class _Run:
 
 
 def _forward(hidden_all: Tensor, labels_all: Tensor, weight: Tensor, bias: Tensor | None, run: _Run):
-    """``(logp_all, lse_all, grad_hidden_part)`` over every process's kept tokens ``[K_all]``: the
-    log-probs and log-sum-exps (the same on every process) and, with ``run.precompute_grad_hidden``,
-    this process's share of ``(onehot - softmax) @ W`` per token ``[K_all, H]`` (else None)."""
+    """``(logp_all, norm_all, grad_hidden_part)`` over every process's kept tokens ``[K_all]``: the
+    log-probs and row normalisers ``[K_all, 2]`` (the same on every process) and, with
+    ``run.precompute_grad_hidden``, this process's share of ``(onehot - softmax) dz/dx @ W`` per
+    token ``[K_all, H]`` (else None)."""
     shard = run.shard
     out_dtype = output_dtype(hidden_all.dtype)
+    a = exponent_scale(*run.transform)
     rows, local_vocab = hidden_all.shape[0], weight.shape[0]
-    local_lse = torch.full((rows,), float("-inf"), dtype=out_dtype, device=hidden_all.device)
-    label_logit = torch.zeros(rows, dtype=out_dtype, device=hidden_all.device)
+    # An empty slice: maximum -inf and log-sum -inf (exp of it is 0) add nothing to the merge.
+    local_norm = torch.full((rows, 2), float("-inf"), dtype=out_dtype, device=hidden_all.device)
+    label_y = torch.zeros(rows, dtype=out_dtype, device=hidden_all.device)
     local_labels = labels_all - shard.vocab_start
     owned = (local_labels >= 0) & (local_labels < local_vocab)
-    # (onehot_local - exp(z - lse_local)) @ W_r per token, formed from the same chunk of logits as
+    # (onehot_local - softmax_local) dz/dx @ W_r per token, formed from the same chunk of logits as
     # the forward (only with a frozen weight: then nothing else needs the logits in the backward).
     local_part = hidden_all.new_zeros(rows, hidden_all.shape[1]) if run.precompute_grad_hidden else None
+    label_derivative = None
     if rows and local_vocab:
         # The kernels take one label in [0, V_r) per row; a row whose label lies in another slice
-        # gets 0 here, its log-prob output is not used (only the slice's log-sum-exp is).
+        # gets 0 here, its log-prob output is not used (only the slice's normaliser is).
         kernel_labels = torch.where(owned, local_labels, 0)
         buffer = hidden_all.new_empty(min(run.rows_per_chunk, rows), local_vocab)
+        label_logit = torch.zeros(rows, dtype=out_dtype, device=hidden_all.device)
         for start in range(0, rows, run.rows_per_chunk):
             end = min(rows, start + run.rows_per_chunk)
             logits = linear_into(buffer[: end - start], hidden_all[start:end], weight, bias)
             labels2 = kernel_labels[start:end].unsqueeze(0)
-            _, lse2 = run.backend.forward(logits.unsqueeze(0), labels2, -1)
-            local_lse[start:end] = lse2[0]
+            _, norm2 = run.backend.forward(logits.unsqueeze(0), labels2, -1, *run.transform)
+            local_norm[start:end] = norm2[0]
             # The label's logit read from this very chunk: the same rounding as the unsharded op's.
             picked = logits.gather(1, labels2.t()).squeeze(1).to(out_dtype)
             label_logit[start:end] = torch.where(owned[start:end], picked, 0)
             if local_part is not None:
-                # In place: the chunk becomes onehot - exp(z - lse_local). A row whose label is
+                # In place: the chunk becomes (onehot - softmax_local) dz/dx. A row whose label is
                 # elsewhere got label 0: its column 0 is rewritten as a non-label column.
                 first = logits[:, 0].to(out_dtype, copy=True)
-                run.backend.backward(logits.unsqueeze(0), labels2, lse2, torch.ones_like(lse2), -1,
-                                     logits.unsqueeze(0))
-                not_label = -torch.exp(first - lse2[0])
+                ones = torch.ones(1, end - start, dtype=out_dtype, device=logits.device)
+                run.backend.backward(logits.unsqueeze(0), labels2, norm2, ones, -1, logits.unsqueeze(0),
+                                     *run.transform)
+                not_label = non_label_gradient(first, norm2[0], ones[0], *run.transform)
                 logits[:, 0] = torch.where(owned[start:end], logits[:, 0].to(out_dtype), not_label).to(logits.dtype)
                 torch.mm(logits, weight, out=local_part[start:end])
+        label_y = torch.where(owned, monotone_logits(label_logit, *run.transform), 0)
+        label_derivative = transform_derivative(label_logit, *run.transform)
     if shard.world == 1 or rows == 0:
-        lse = local_lse
-        logp = label_logit - local_lse
+        norm = local_norm
+        label_y_all = label_y
     else:
-        # Keep the maximum and the sum of exponentials apart (SPEC 3.8's numerics): lse = M + log S.
-        row_max = local_lse.clone()
+        # The maximum and the sum of exponentials stay apart (no log-sum-exp M + L is formed).
+        row_max = local_norm[:, 0].clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
-        sums = torch.stack([torch.exp(local_lse - row_max), label_logit])
+        sums = torch.stack([torch.exp((local_norm[:, 0] - row_max) * a + local_norm[:, 1]), label_y])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)  # one owner per label: exact
-        lse = row_max + torch.log(sums[0])
-        logp = sums[1] - lse
+        norm = torch.stack([row_max, torch.log(sums[0])], dim=1)
+        label_y_all = sums[1]
+    logp = (label_y_all - norm[:, 0]) * a - norm[:, 1]
     if local_part is None:
-        return logp, lse, None
-    # This slice's share of onehot - softmax is w * (onehot_local - local softmax) + (1 - w) *
-    # onehot_local with w = exp(lse_local - lse): the slice's softmax mass. The shares of all
-    # processes sum (reduce-scatter, in the backward) to (onehot - softmax) @ W.
-    mass = torch.exp(local_lse - lse).unsqueeze(1)
+        return logp, norm, None
+    # This slice's share of (onehot - softmax) dz/dx is w * (onehot_local - local softmax) dz/dx +
+    # (1 - w) * onehot_local dz/dx(label) with w = exp(a (M_r - M) + L_r - L): the slice's softmax
+    # mass. The shares of all processes sum (reduce-scatter, in the backward) to the whole.
+    mass = torch.exp((local_norm[:, 0] - norm[:, 0]) * a + local_norm[:, 1] - norm[:, 1]).unsqueeze(1)
     math_dtype = torch.promote_types(hidden_all.dtype, torch.float32)
     part = local_part.to(math_dtype).mul_(mass)
     if bool(owned.any()):
         label_rows = weight.index_select(0, local_labels.clamp(0, max(0, local_vocab - 1))).to(math_dtype)
-        part.addcmul_(label_rows, ((1 - mass) * owned.unsqueeze(1)).to(math_dtype))
-    return logp, lse, part.to(hidden_all.dtype)
+        label_weight = (1 - mass) * owned.unsqueeze(1)
+        if label_derivative is not None:
+            label_weight = label_weight * (label_derivative.unsqueeze(1) if isinstance(label_derivative, Tensor)
+                                           else label_derivative)
+        part.addcmul_(label_rows, label_weight.to(math_dtype))
+    return logp, norm, part.to(hidden_all.dtype)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -418,19 +438,20 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             grad_hidden = torch.zeros(ctx.hidden_shape, dtype=part.dtype, device=part.device)
             grad_hidden.index_copy_(0, keep_idx, mine)
             return grad_hidden, None, None, None, None
-        keep_idx, hidden_all, labels_all, lse_all, weight, bias = ctx.saved_tensors
+        keep_idx, hidden_all, labels_all, norm_all, weight, bias = ctx.saved_tensors
         if not ctx.has_bias:
             bias = None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_kept = grad_logp.index_select(0, keep_idx).to(lse_all.dtype)
+        grad_kept = grad_logp.index_select(0, keep_idx).to(norm_all.dtype)
         grad_all = _all_gather_rows(grad_kept, run.counts, shard.group)
         # The backward runs where autocast may be on (CPU autocast, same thread): keep the dtype.
         with torch.autocast(hidden_all.device.type, enabled=False):
             columns = vocab_block_columns(run.column_budget, hidden_all.shape[0], hidden_all.dtype,
                                           weight.shape[0])
             grad_hidden_all, grad_weight, grad_bias = vocab_major_backward(
-                grad_all, hidden_all, weight, bias, labels_all - shard.vocab_start, lse_all, run.backend,
-                columns, (need_hidden, need_weight, need_bias and bias is not None), run.grad_filter)
+                grad_all, hidden_all, weight, bias, labels_all - shard.vocab_start, norm_all, run.backend,
+                columns, (need_hidden, need_weight, need_bias and bias is not None), run.grad_filter,
+                *run.transform)
         grad_hidden = None
         if need_hidden:
             if grad_hidden_all is None:  # no rows anywhere
@@ -453,7 +474,7 @@ def _forward_all(hidden2, weight, bias, labels1, run: _Run):
     labels_kept = labels1.index_select(0, keep_idx).to(torch.int64)
     hidden_all = _all_gather_rows(hidden_kept, run.counts, shard.group)
     labels_all = _all_gather_rows(labels_kept, run.counts, shard.group)
-    logp_all, lse_all, part = _forward(hidden_all, labels_all, weight, bias, run)
+    logp_all, norm_all, part = _forward(hidden_all, labels_all, weight, bias, run)
     out_dtype = output_dtype(hidden2.dtype)
     logp = torch.zeros(labels1.shape[0], dtype=out_dtype, device=hidden2.device)
     mine = logp_all[run.offset : run.offset + run.counts[shard.rank]]
@@ -462,7 +483,7 @@ def _forward_all(hidden2, weight, bias, labels1, run: _Run):
         return logp, keep_idx, (part,)
     # save_for_backward takes tensors only: an absent bias travels as an empty one.
     saved_bias = bias if bias is not None else hidden2.new_empty(0)
-    return logp, keep_idx, (hidden_all, labels_all, lse_all, weight, saved_bias)
+    return logp, keep_idx, (hidden_all, labels_all, norm_all, weight, saved_bias)
 
 
 def vocab_parallel_token_logprobs(
@@ -481,6 +502,8 @@ def vocab_parallel_token_logprobs(
     grad_filter: float | None = None,
     backend: str = "auto",
     weight_grad_scale: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
     """``token_logprobs(hidden @ W.T + b, labels)`` with ``W [V, H]`` split along V over ``group``.
 
@@ -495,7 +518,8 @@ def vocab_parallel_token_logprobs(
     process, multiplied by ``weight_grad_scale`` (FSDP2 averages the gradients of its data-parallel
     ranks: the caller passes ``1 / divide factor`` to produce what FSDP's reduce-scatter would).
     ``mode``, ``chunk_size``, ``memory_budget`` (bytes of logits per chunk, over this process's
-    slice), ``grad_filter`` and ``backend``: as for :func:`pyalign.linear_token_logprobs`.
+    slice), ``grad_filter``, ``backend``, ``logit_scale`` and ``softcap``: as for
+    :func:`pyalign.linear_token_logprobs`.
     """
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
@@ -517,7 +541,8 @@ def vocab_parallel_token_logprobs(
         try:  # the options' own checks (same on every process) and the backend
             plan = make_plan(hidden2, shard.weight, shard.bias, ignore_index=ignore_index, chunk_size=chunk_size,
                              memory_budget=memory_budget, mode=mode, grad_filter=grad_filter, backend=backend,
-                             num_rows=max(1, num_rows), wants_grad=False)
+                             num_rows=max(1, num_rows), wants_grad=False, logit_scale=logit_scale,
+                             softcap=softcap)
         except ValueError as err:
             problem = str(err)
     records = _exchange_meta(shard, hidden, kept if not problem else 0, wants_grad, problem)
@@ -530,7 +555,8 @@ def vocab_parallel_token_logprobs(
                rows_per_chunk * max(1, shard.weight.shape[0]) * hidden.element_size(), ignore_index,
                plan.grad_filter, float(weight_grad_scale),
                precompute_grad_hidden=(mode == "default" and wants_grad and hidden.requires_grad and frozen
-                                       and plan.grad_filter is None))
+                                       and plan.grad_filter is None),
+               transform=plan.transform)
     with torch.autocast(hidden.device.type, enabled=False):
         if wants_grad:
             logp = _VocabParallelLogprobs.apply(hidden2, shard.weight, shard.bias, labels1, run)
