@@ -1,11 +1,11 @@
 """The transformers integration: a tiny random Llama (tied and untied embeddings, with and without
-peft LoRA) through the fused lm_head against the model's own logits — values and gradients —, the
-fallbacks (lm_head adapted, soft-capped logits), and a LoRA training step both ways. The peak
+peft LoRA; LoRA, modules_to_save and trainable tokens on the lm_head) through the fused lm_head
+against the model's own logits — values and gradients —, soft-capped logits, forwards that do
+something else (refused with the reason), the check's cache, and a LoRA training step both ways.
+Every causal-LM family of the installed transformers: tests/test_model_families.py. The peak
 memory comparison needs CUDA."""
 
-import inspect
 import logging
-import re
 
 import pytest
 import torch
@@ -72,24 +72,6 @@ def assert_same_grads(grads, expected, atol=1e-5, rtol=1e-4):
         torch.testing.assert_close(grads[name], expected[name], atol=atol, rtol=rtol, msg=name)
 
 
-@pytest.mark.parametrize("model_type", sorted(hf.FUSED_MODEL_TYPES))
-def test_listed_model_types_compute_plain_logits(model_type):
-    """Each listed model's forward is ``logits = self.lm_head(hidden_states)`` from
-    ``self.<base_model_prefix>(...).last_hidden_state`` and changes the logits no further."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if name is None or not hasattr(transformers, name):
-        pytest.skip(f"{model_type} is not in this transformers {transformers.__version__}")
-    cls = getattr(transformers, name)
-    source = inspect.getsource(cls.forward)
-    assignments = [line.strip() for line in source.splitlines()  # not the `logits=logits,` keyword
-                   if re.match(r"\s*logits\s*(=|\*=|/=|\+=|-=)", line) and not line.rstrip().endswith(",")]
-    assert assignments == ["logits = self.lm_head(hidden_states)"], assignments
-    assert f"self.{cls.base_model_prefix}(" in source and "last_hidden_state" in source
-    assert "softcap" not in source and "tanh" not in source
-
-
 @pytest.mark.parametrize("tie, average", [(True, False), (False, False), (True, True)])
 def test_fused_equals_logits_path(tie, average):
     model = tiny_llama(tie)
@@ -117,35 +99,53 @@ def test_lora_fused_equals_logits_path(tie, mode):
 
 @pytest.mark.parametrize("wrap", [
     dict(target_modules=["q_proj", "lm_head"]),
+    dict(target_modules=["q_proj", "lm_head"], lora_bias=True),
     dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
 ])
-def test_fallback_when_lm_head_is_adapted(wrap, caplog):
+def test_adapted_lm_head_is_fused_exactly(wrap):
+    """LoRA on the lm_head (the effective weight W + scaling B A, gradients reaching A and B through
+    autograd) and peft's modules_to_save (the copy in use): fused, equal to peft's own forward."""
     model = with_lora(tiny_llama(False), **wrap)
     head, reason = hf.fused_head_or_reason(model)
-    assert head is None and "lm_head is" in reason
+    assert head is not None, reason
+    batch = make_batch(seed=2)
+    fused = sequence_logps_and_grads(model, batch, True)
+    eager = sequence_logps_and_grads(model, batch, False)
+    torch.testing.assert_close(fused[0], eager[0], atol=1e-5, rtol=1e-5)
+    assert any("lm_head" in name for name in fused[1])
+    assert_same_grads(fused[1], eager[1])
+    with model.disable_adapter():  # the base head again: checked for this state too
+        assert hf.fused_head_or_reason(model)[0] is not None
+        torch.testing.assert_close(hf.causal_lm_sequence_logprobs(model, *batch, fused=True),
+                                   hf.causal_lm_sequence_logprobs(model, *batch, fused=False), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_dropout_on_the_lm_head_is_refused_in_training(caplog):
+    model = with_lora(tiny_llama(False), target_modules=["lm_head"])
+    model.base_model.model.lm_head.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    model.train()
+    head, reason = hf.fused_head_or_reason(model)
+    assert head is None and "lora_dropout=0.5" in reason
     batch = make_batch(seed=2)
     hf._warned.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        auto = sequence_logps_and_grads(model, batch, "auto")
-    assert any("instead of the fused lm_head" in r.getMessage() and "lm_head is" in r.getMessage()
+        hf.causal_lm_sequence_logprobs(model, *batch)
+    assert any("instead of the fused lm_head" in r.getMessage() and "lora_dropout" in r.getMessage()
                for r in caplog.records)
-    eager = sequence_logps_and_grads(model, batch, False)
-    torch.testing.assert_close(auto[0], eager[0])
-    assert_same_grads(auto[1], eager[1], atol=0, rtol=0)
-    with pytest.raises(ValueError, match="fused: the fused lm_head path cannot run this model"):
+    with pytest.raises(ValueError, match="fused: the fused lm_head path cannot run this model: lm_head is LoRA"):
         hf.causal_lm_sequence_logprobs(model, *batch, fused=True)
+    model.eval()  # no dropout: linear in the effective weight again
+    assert hf.fused_head_or_reason(model)[0] is not None
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_trainable_token_indices(tie):
-    """peft's trainable_token_indices wraps the lm_head too when it is tied (fallback); untied,
-    only the input embeddings change and the fused path stays exact."""
+    """peft's trainable_token_indices wraps the lm_head too when it is tied: its merged weight is
+    fused; untied, only the input embeddings change."""
     model = with_lora(tiny_llama(tie), trainable_token_indices=[3, 5])
     head, reason = hf.fused_head_or_reason(model)
-    if tie:
-        assert head is None and "TrainableTokensWrapper" in reason
-    else:
-        assert head is not None, reason
+    assert head is not None, reason
+    assert (type(head.module).__name__ == "TrainableTokensWrapper") == tie
     batch = make_batch(seed=3)
     auto = sequence_logps_and_grads(model, batch, "auto")
     eager = sequence_logps_and_grads(model, batch, False)
@@ -154,25 +154,115 @@ def test_trainable_token_indices(tie):
     assert_same_grads(auto[1], eager[1])
 
 
-def test_fallback_for_soft_capped_logits():
+def test_soft_capped_logits_fused_or_refused_never_wrong():
+    """Gemma 2 soft-caps its logits: fused with the cap where the op takes one, else refused."""
     config = transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0,
     )
     torch.manual_seed(0)
     model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # logits past the cap, so that the cap matters
     head, reason = hf.fused_head_or_reason(model)
-    assert head is None and "gemma2" in reason
+    if hf.op_takes_transform():
+        assert head is not None and head.transform == hf.HeadTransform(softcap=5.0), reason
+    else:
+        assert head is None and "soft-cap 5 of lm_head(h)" in reason and "takes no logit_scale" in reason
     batch = make_batch(seed=4)
-    auto = hf.causal_lm_sequence_logprobs(model, *batch)
-    logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
-    import pyalign
-    expected = pyalign.sequence_logprobs(logits[:, :-1], batch[2][:, 1:])
-    torch.testing.assert_close(auto, expected)
-    # Even a listed type is refused when its config asks for logit post-processing.
+    auto = sequence_logps_and_grads(model, batch, "auto")
+    eager = sequence_logps_and_grads(model, batch, False)
+    torch.testing.assert_close(auto[0], eager[0], atol=1e-5, rtol=1e-5)
+    assert_same_grads(auto[1], eager[1])
+
+
+def test_a_config_field_the_forward_ignores_changes_nothing():
+    """The check reads what the forward does: Llama ignores a logit_scale set on its config."""
     llama = tiny_llama(False)
     llama.config.logit_scale = 0.5
-    assert "config.logit_scale" in hf.fused_head_or_reason(llama)[1]
+    head, reason = hf.fused_head_or_reason(llama)
+    assert head is not None and head.transform.identity, reason
+
+
+class DecoderThenHead(transformers.LlamaForCausalLM):
+    """A Llama whose own forward does ``change`` between its decoder and its returned logits."""
+
+    change = "none"
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if self.change == "hidden":
+            hidden = hidden * 0.5
+        logits = self.lm_head(hidden)
+        if self.change == "twice":
+            logits = logits + self.lm_head(hidden)
+        elif self.change == "add":
+            logits = logits + 1.0
+        elif self.change == "slice":
+            logits = logits[..., : VOCAB - 4]
+        elif self.change == "mask":
+            logits = logits.masked_fill(torch.arange(logits.shape[-1]) >= VOCAB - 4, -1e4)
+        return CausalLMOutputWithPast(logits=logits)
+
+
+@pytest.mark.parametrize("change, why", [
+    ("none", ""),
+    ("hidden", "is not its decoder's last_hidden_state"),
+    ("twice", "called its lm_head 2 times"),
+    ("add", "computes something else after the lm_head"),
+    ("slice", "sliced or reshaped after the lm_head"),
+    ("mask", "computes something else after the lm_head"),
+])
+def test_a_forward_that_does_something_else_is_refused(change, why):
+    """Never wrong: what a forward does after the decoder that is not a scale or a soft-cap of
+    lm_head(last hidden state) is refused with the reason, and "auto" gives the logits' numbers."""
+    import pyalign
+
+    torch.manual_seed(0)
+    model = DecoderThenHead(tiny_llama(False).config)
+    model.change = change
+    head, reason = hf.fused_head_or_reason(model)
+    input_ids, attention_mask, labels = make_batch(seed=4)
+    labels = torch.where(labels >= 0, labels % (VOCAB - 4), labels)  # within the sliced vocabulary too
+    batch = (input_ids, attention_mask, labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    if why:
+        assert head is None and why in reason, reason
+    else:
+        assert head is not None, reason
+    torch.testing.assert_close(hf.causal_lm_sequence_logprobs(model, *batch),
+                               pyalign.sequence_logprobs(logits[:, :-1], batch[2][:, 1:]), atol=1e-5, rtol=1e-5)
+
+
+def test_the_check_runs_once_per_model_state():
+    model = tiny_llama(False)
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: None)
+    head, reason = hf.fused_head_or_reason(model)
+    assert head is None and "forward hooks" in reason  # refused before any check runs
+    handle.remove()
+    calls = []
+    model.model.register_forward_pre_hook(lambda module, args: calls.append(module.training))
+    for _ in range(3):
+        assert hf.fused_head_or_reason(model)[0] is not None
+    assert len(calls) == 2  # the model's forward (with the probe) and the decoder alone, once
+    model.eval()
+    assert hf.fused_head_or_reason(model)[0] is not None
+    assert calls == [True, True, False, False]  # a new state (eval): checked again
+
+
+def test_causal_lm_token_logprobs_matches_the_logits():
+    import pyalign
+
+    model = tiny_llama(True)
+    batch = make_batch(seed=8)
+    logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
+    expected = pyalign.token_logprobs(logits[:, :-1], batch[2][:, 1:])
+    for fused in (True, False):
+        got = hf.causal_lm_token_logprobs(model, *batch, fused=fused)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss, kwargs", [("dpo", {}), ("ipo", {}), ("kto_pair", {}),

@@ -21,18 +21,13 @@ not finish (a collective waiting forever); inside, gloo's own timeout backs that
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pyalign.ops.linear_token_logprobs import linear_token_logprobs
 from pyalign.reference import IGNORE_INDEX, reference_token_logprobs
@@ -43,39 +38,13 @@ COLLECTIVE_TIMEOUT_S = 60
 HIDDEN = 16
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers_tiny_lm, in the spawned processes too
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, port: int, out_dir: str, scenario: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    torch.set_num_threads(1)
-    try:
-        result = SCENARIOS[scenario](rank, *args)
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # neither process tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
+from helpers_processes import run_gloo  # noqa: E402
 
 
 def run_two(tmp_path, scenario: str, *args) -> list:
-    """Run ``SCENARIOS[scenario](rank, *args)`` in two gloo processes; their results, by rank."""
-    context = mp.start_processes(_entry, args=(free_port(), str(tmp_path), scenario, args), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"{scenario}{args}: the {WORLD} gloo processes did not finish within {JOIN_TIMEOUT_S} s "
-                        "(a collective waiting forever?)")
-    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+    """``SCENARIOS[scenario](rank, *args)`` in two gloo processes; their results, by rank."""
+    return run_gloo(tmp_path, SCENARIOS[scenario], *args, world=WORLD, join_timeout_s=JOIN_TIMEOUT_S,
+                    collective_timeout_s=COLLECTIVE_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------- the op alone
@@ -433,8 +402,9 @@ class PathRecorder:
     instrumentation of FSDP2's FSDPParamGroup.unshard)."""
 
     def __init__(self):
-        import pyalign.models.fused_head as glue
         from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        import pyalign.models.fused_head as glue
 
         self.vp_calls = 0
         self.unsharded: set[str] = set()

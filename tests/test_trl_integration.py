@@ -8,7 +8,6 @@ the same log-probs; gradient accumulation and a short training run match TRL's.
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import pytest
@@ -266,32 +265,82 @@ def test_gradient_accumulation_and_training_match_trl(tmp_path):
     assert any((our_weights[n] - trl_weights[n]).abs().max() < 1e-6 for n in trl_weights)
 
 
-def test_hand_back_to_trl_and_strict(tmp_path, caplog):
-    """What pyalign does not compute goes to TRL's own forward (logged), or raises with strict=True."""
-    ours = build(DPOTrainer, tmp_path / "ours", "full")
-    batch = first_batch(ours)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    shifted = hf.shift_labels(labels)
-    with caplog.at_level(logging.WARNING, logger="pyalign.integrations.trl.fused_head"), torch.no_grad():
-        out = ours.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         shift_labels=shifted, fused_lm_head=True)
-    assert ours.pyalign_routes[-1][1:] == ("trl", "pre-shifted shift_labels (context/sequence parallelism)")
-    assert "TRL's own fused lm_head" in caplog.text
-    with torch.no_grad():
-        expected = ours.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              labels=labels, fused_lm_head=True).log_probs
-    torch.testing.assert_close(out.log_probs[:, :-1], expected, rtol=1e-5, atol=1e-5)
+ALL_OUTPUTS = ("log_probs", *fused_head.STAT_FIELDS)
 
-    strict = build(DPOTrainer, tmp_path / "strict", "full", strict=True)
-    with pytest.raises(ValueError, match="strict: .*shift_labels"):
-        strict.model(input_ids=batch["input_ids"], labels=labels, shift_labels=shifted, fused_lm_head=True)
 
-    model = make_model(len(TOKENIZER))
+def twin_heads(temperature: float, make=lambda: make_model(len(TOKENIZER))):
+    """The same model twice, one with TRL's own fused forward, one with pyalign's."""
+    theirs, ours = make(), make()
+    trl.trainer.utils.add_fused_lm_head(theirs, temperature=temperature, outputs=ALL_OUTPUTS)
     settings = fused_head.HeadSettings()
-    fused_head.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs",),
+    fused_head.add_fused_lm_head(ours, temperature=temperature, outputs=ALL_OUTPUTS,
                                  trl_add_fused_lm_head=trl.trainer.utils.add_fused_lm_head, settings=settings)
-    model(input_ids=batch["input_ids"], labels=labels, fused_lm_head=True)
-    assert settings.routes[-1][1] == "trl" and "temperature=0.7" in settings.routes[-1][2]
+    return theirs, ours, settings
+
+
+def assert_same_fused_outputs(got, expected):
+    assert torch.equal(got.label_mask, expected.label_mask)
+    for name in ("loss", *ALL_OUTPUTS):
+        a, b = getattr(got, name), getattr(expected, name)
+        if b.dtype == torch.bool:
+            # a tie between the two top logits may round either way; the rest must agree
+            assert (a != b).float().mean() <= 0.05, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_temperature_and_pre_shifted_labels_are_answered(temperature):
+    """TRL's temperature is a logit scale, and pre-shifted ``shift_labels`` (context parallelism) are
+    labels aligned with the hidden states: pyalign answers both, with TRL's numbers."""
+    theirs, ours, settings = twin_heads(temperature)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, len(TOKENIZER), (2, 9), generator=gen)
+    labels = input_ids.masked_fill(torch.arange(9) < 3, -100)
+    for kwargs in (dict(labels=labels), dict(shift_labels=hf.shift_labels(labels))):
+        with torch.no_grad():
+            got = ours(input_ids=input_ids, fused_lm_head=True, **kwargs)
+            expected = theirs(input_ids=input_ids, fused_lm_head=True, **kwargs)
+        assert settings.routes[-1][1] == "fused lm_head", settings.routes[-1]
+        assert got.log_probs.shape == expected.log_probs.shape == (2, 9 if "shift_labels" in kwargs else 8)
+        assert_same_fused_outputs(got, expected)
+
+
+def test_temperature_on_a_soft_capped_model():
+    """Gemma 2 under a temperature: TRL's softcap(logits) / T is the op's (c/T) tanh((x/T) / (c/T))."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM  # noqa: PLC0415
+
+    def make():
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
+        return model
+
+    theirs, ours, settings = twin_heads(0.7, make)
+    input_ids = torch.randint(3, len(TOKENIZER), (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = ours(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+        expected = theirs(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+    if hf.op_takes_transform():
+        assert settings.routes[-1][1] == "fused lm_head", settings.routes[-1]
+    assert_same_fused_outputs(got, expected)
+
+
+def test_hand_back_to_trl_and_strict(tmp_path):
+    """What pyalign does not compute goes to TRL's own forward, or raises with strict=True: here
+    router logits of a model with no load-balancing loss of its own (the MoE case is answered,
+    test_moe_auxiliary_loss_matches_trl; FSDP1 and tensor parallelism: test_sharded_heads_are_handed_back)."""
+    model = make_model(len(TOKENIZER))
+    assert fused_head.handback_reason(fused_head.HeadSettings(), model, temperature=0.7, outputs=("log_probs",),
+                                      shift_labels=torch.zeros(1, 3), model_kwargs={"output_router_logits": True}) == ""
+    strict = build(DPOTrainer, tmp_path / "strict", "full", strict=True)
+    batch = first_batch(strict)
+    with pytest.raises(ValueError, match="strict: .*router logits were requested .*load_balancing_loss_func"):
+        strict.model(input_ids=batch["input_ids"], labels=batch["input_ids"], output_router_logits=True,
+                     fused_lm_head=True)
 
 
 def test_logits_token_stats_match_the_reference():
@@ -341,9 +390,10 @@ def test_trl_path_is_restored_after_construction(tmp_path):
     assert not hasattr(theirs.model, "_pyalign_fused_head")
 
 
-def test_moe_auxiliary_loss_is_handed_back_to_trl(tmp_path):
-    """TRL adds the router's load-balancing loss from its own forward: the policy forward goes to
-    TRL's fused head (the reference, which needs no router logits, stays with pyalign)."""
+def test_moe_auxiliary_loss_matches_trl(tmp_path):
+    """The router's load-balancing loss: pyalign computes the model's own recipe from the decoder's
+    router logits (checked once against the model's aux_loss), so the policy forward stays fused
+    and gives TRL's loss, gradients and aux_loss metric."""
     from transformers import MixtralConfig, MixtralForCausalLM  # noqa: PLC0415
 
     def mixtral(seed):
@@ -363,7 +413,7 @@ def test_moe_auxiliary_loss_is_handed_back_to_trl(tmp_path):
     assert_same(results[1], results[0])
     assert "aux_loss" in results[1][2]
     routes = {(route, reason) for _, route, reason in trainer.pyalign_routes}
-    assert routes == {("trl", "router logits were requested (MoE auxiliary loss)"), ("fused lm_head", "")}
+    assert routes == {("fused lm_head", "")}
 
 
 def test_sharded_heads_are_handed_back():

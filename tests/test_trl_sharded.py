@@ -36,12 +36,9 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -51,10 +48,11 @@ trl = pytest.importorskip("trl", reason="trl is not installed (pip install 'pyal
 peft = pytest.importorskip("peft", reason="peft is not installed")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # helpers_tiny_lm, in the spawned and launched processes too
+
+from helpers_processes import free_port, run_gloo  # noqa: E402
 
 WORLD = 2
 STEPS = 3
@@ -64,12 +62,6 @@ JOIN_TIMEOUT_S = 400  # hang guard; the FSDP2 run takes ~1 min on 2 shared cores
 COLLECTIVE_TIMEOUT_S = 120
 ZERO3_TIMEOUT_S = 600  # the whole launch (DeepSpeed's shm op is compiled once, on first use)
 LOG_KEYS_SKIPPED = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pairs_dataset():
@@ -107,35 +99,11 @@ def assert_close_to_scale(actual, expected, rel=2e-5, msg=""):
 # ----------------------------------------------------------------------------- two spawned processes
 
 
-def _entry(rank: int, port: int, out_dir: str, scenario: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), TOKENIZERS_PARALLELISM="false")
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    torch.set_num_threads(1)
-    import datasets  # noqa: PLC0415
-
-    datasets.disable_progress_bars()
-    try:
-        result = SCENARIOS[scenario](rank, *args)
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # neither process tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
 def run_two(tmp_path, scenario: str, *args) -> list:
     """``SCENARIOS[scenario](rank, *args)`` in two gloo processes; their results, by rank."""
-    context = mp.start_processes(_entry, args=(free_port(), str(tmp_path), scenario, args), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"{scenario}: the {WORLD} gloo processes did not finish within {JOIN_TIMEOUT_S} s "
-                        "(a collective waiting forever?)")
-    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+    return run_gloo(tmp_path, SCENARIOS[scenario], *args, world=WORLD, join_timeout_s=JOIN_TIMEOUT_S,
+                    collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+                    env={"TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -272,6 +240,7 @@ def _hooks_scenario(rank: int) -> dict:
     module owns) are handed to TRL's own forward, whose log-probs it returns, and strict=True
     raises; a bf16 model under FSDP2 with TRL's cast_lm_head_to_fp32 takes pyalign's route with the
     head in float32."""
+    from helpers_tiny_lm import make_model  # noqa: PLC0415
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard  # noqa: PLC0415
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy  # noqa: PLC0415
@@ -279,7 +248,6 @@ def _hooks_scenario(rank: int) -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module  # noqa: PLC0415
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # noqa: PLC0415
 
-    from helpers_tiny_lm import make_model  # noqa: PLC0415
     from pyalign.integrations.trl import fused_head  # noqa: PLC0415
 
     vocab = 67

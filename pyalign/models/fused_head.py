@@ -1,21 +1,22 @@
 """transformers causal LMs through the fused lm_head: no ``[B, T, V]`` logits tensor.
 
-A Llama-style ``*ForCausalLM`` computes ``logits = lm_head(decoder(...).last_hidden_state)``. Here
-the decoder (the base model, final norm included) runs alone, and its hidden states go with the
-lm_head weight to :func:`pyalign.linear_token_logprobs` / the fused-linear ``PreferenceLoss``.
+A causal LM computes ``logits = transform(lm_head(decoder(...).last_hidden_state))``. Here the
+decoder (the base model, final norm included) runs alone, and its hidden states go with the
+lm_head weight to :func:`pyalign.linear_token_logprobs` / the fused-linear ``PreferenceLoss``, the
+transform (a logit scale and/or soft-cap: Gemma 2/3, Cohere, Granite, ...) applied chunk by chunk.
 
-Works with peft LoRA models (adapters on attention / MLP layers live inside the decoder; the
-PeftModel wrapper is unwrapped), tied embeddings (the lm_head weight is the embedding matrix, and
-autograd sums both uses), gradient checkpointing, and autocast (hidden states and weight are cast
-to the autocast dtype, as ``F.linear`` under autocast would). Falls back to the model's own
-logits, with the reason logged once, when the fused path would not compute the same thing:
-
-- lm_head is not a plain ``torch.nn.Linear``: adapted by LoRA (``"lm_head"`` in target_modules),
-  wrapped by peft's ``modules_to_save`` or ``trainable_token_indices`` (with tied embeddings),
-  quantised, or carrying forward hooks (e.g. accelerate offloading);
-- the model type is not one whose forward is known to be exactly ``lm_head(last_hidden_state)``
-  (:data:`FUSED_MODEL_TYPES`; e.g. Gemma 2/3 soft-cap the logits, Granite and Cohere scale them);
-- a prompt-learning peft adapter (it changes the inputs, not layers).
+Which models: decided from the model itself, not from a list
+(:func:`pyalign.models.head_eligibility.fused_head_or_reason`: the lm_head's structure, then one
+check of the model's own forward on a few tokens, cached per model; docs/models.md has the table
+for every causal-LM family of the installed transformers). Works with peft LoRA in the decoder (the
+PeftModel wrapper is unwrapped) and on the lm_head itself (the effective weight ``W + scaling B A``;
+autograd carries the gradient to A and B), ``modules_to_save`` (the copy in use),
+``trainable_token_indices``, tied embeddings (autograd sums both uses), gradient checkpointing and
+autocast (hidden states and weight cast to the autocast dtype, as ``F.linear`` under autocast
+would). Falls back to the model's own logits, with the reason logged once, when the fused path
+would not compute the same thing: another head (quantised, hooked, an unknown adapter), a forward
+that does something else than a scale or soft-cap after the lm_head, a prompt-learning adapter.
+MoE router auxiliary losses are not added (the model adds them only with ``labels``).
 
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the lm_head weight is a DTensor split along the
 vocabulary, and the root module's forward hook all-gathers the root's own parameters (embeddings,
@@ -40,7 +41,9 @@ token log-probs ``[B, T]`` instead of the logits (``sharded_head``, :data:`SHARD
   tied embedding), since splitting it there only adds communication; "gather" where the weight's
   layout is not a plain vocabulary split (HSDP's 2-D mesh).
 
-``sharded_token_logprobs(..., return_stats=True)`` also returns the statistics of
+The sharded path returns the log-probs through the model's forward, so it takes models whose
+forward returns the lm_head's output unchanged (no scale or soft-cap), and checks at every call
+that it did. ``sharded_token_logprobs(..., return_stats=True)`` also returns the statistics of
 ``linear_token_logprobs(return_stats=True)`` (entropy, mean logit, ..., what TRL's DPOTrainer logs):
 they need every logit of a row, so they are computed where the whole weight is, inside the lm_head's
 forward ("gather"). A caller that is itself inside the model's forward (the TRL drop-in,
@@ -48,11 +51,9 @@ forward ("gather"). A caller that is itself inside the model's forward (the TRL 
 model's own forward, so the root's hooks are not run a second time.
 
 DeepSpeed ZeRO-3 works the same way for a caller that asks for it (``fused_head_or_reason(...,
-zero3=True)``, the TRL drop-in): ZeRO-3 registers a forward pre-hook (all-gather the module's own
-parameters), a forward hook (release them) and backward hooks (gather again for the backward, then
-reduce-scatter the gradient) on every module, so the fused op computed in place of the lm_head's
-``forward`` gets the lm_head's whole weight and its gradient is partitioned as ``F.linear``'s would
-be ("gather"; the weight is never a DTensor, so "vocab_parallel" does not apply).
+zero3=True)``, the TRL drop-in): ZeRO-3's module hooks gather the lm_head's whole weight for the
+fused op computed in place of its ``forward``, and partition its gradient as ``F.linear``'s would be
+("gather"; the weight is never a DTensor, so "vocab_parallel" does not apply).
 
 Labels follow the transformers convention: ``labels`` ``[B, T]`` are token ids aligned with
 ``input_ids`` (``ignore_index`` where not scored); position t's hidden state predicts
@@ -62,29 +63,26 @@ Labels follow the transformers convention: ``labels`` ``[B, T]`` are token ids a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pyalign.losses.pairwise import LossOutput
 from pyalign.losses.preference_loss import PreferenceLoss
+from pyalign.models.head_eligibility import (  # noqa: F401  (re-exported: the public names of the fused head)
+    FusedHead, HeadTransform, fused_head_or_reason, op_takes_transform,
+)
+from pyalign.models.head_sharding import (  # noqa: F401  (re-exported)
+    FsdpHeadParam, fsdp_head_param, is_dtensor, is_zero3_param, module_path, operands, unwrapped_class,
+    vocab_parallel_capable, zero3_gathered,
+)
 from pyalign.ops.linear_token_logprobs import linear_token_logprobs
-from pyalign.ops.token_logprobs import sequence_logprobs
+from pyalign.ops.token_logprobs import sequence_logprobs, token_logprobs
 from pyalign.ops.vocab_parallel_logprobs import shard_range, vocab_parallel_token_logprobs
 from pyalign.reference import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-# Model types whose ``*ForCausalLM.forward`` computes ``logits = self.lm_head(hidden_states)`` from
-# the base model's last hidden state and nothing after it (checked against the installed
-# transformers by tests/test_hf_integration.py). Add a type here only after checking its forward.
-FUSED_MODEL_TYPES = {
-    "llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-    "phi3", "gemma", "smollm3", "olmo2", "starcoder2", "glm4",
-}
-# Config fields that, when set, post-process the logits (defensive: checked even for listed types).
-LOGIT_POSTPROCESSING_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 FUSED_CHOICES = ("auto", True, False)
 SHARDED_HEAD_CHOICES = ("auto", "gather", "vocab_parallel")
 # The strategy "auto" prefers for an FSDP2-sharded lm_head, the one `python -m bench.sharded_head`
@@ -93,222 +91,6 @@ SHARDED_HEAD_CHOICES = ("auto", "gather", "vocab_parallel")
 DEFAULT_SHARDED_HEAD = "vocab_parallel"
 
 _warned: set[str] = set()
-
-
-@dataclass(frozen=True)
-class FusedHead:
-    """The pieces the fused path needs: the decoder (base model) and the lm_head parameters.
-
-    ``sharded``: FSDP2 (or, for a caller that asked for it, DeepSpeed ZeRO-3) manages the lm_head
-    weight; ``module`` is then the lm_head module, and the fused path goes through the model's own
-    forward (``weight`` and ``bias`` are what the module held when the head was resolved, possibly a
-    DTensor or an empty ZeRO-3 partition: read ``module.weight`` at the call). ``manager``:
-    ``"fsdp2"`` or ``"zero3"`` when sharded, else ``""``."""
-
-    decoder: torch.nn.Module
-    weight: torch.nn.Parameter
-    bias: torch.nn.Parameter | None
-    module: torch.nn.Module | None = None
-    sharded: bool = False
-    manager: str = ""
-
-
-def _fsdp_module_class():
-    """``torch.distributed.fsdp.FSDPModule`` (FSDP2), or None where torch has no FSDP2."""
-    try:
-        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
-    except ImportError:
-        return None
-    return FSDPModule
-
-
-def _is_dtensor(value) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor  # noqa: PLC0415
-    except ImportError:
-        return False
-    return isinstance(value, DTensor)
-
-
-def _unwrapped_class(module: torch.nn.Module) -> type:
-    """The module's own class: ``fully_shard`` swaps it for a subclass ``FSDP<Class>(FSDPModule, Class)``."""
-    fsdp_module = _fsdp_module_class()
-    if fsdp_module is not None and isinstance(module, fsdp_module):
-        for cls in type(module).__mro__[1:]:
-            if not issubclass(cls, fsdp_module):
-                return cls
-    return type(module)
-
-
-def _is_fsdp_hook(hook) -> bool:
-    """FSDP2's own forward hooks (they unshard / reshard the module's parameters): the fused path
-    runs them itself (sharded_head="gather") or bypasses the module on purpose ("vocab_parallel")."""
-    return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp.")
-
-
-def is_zero3_param(param) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions ``param`` (``deepspeed.zero.Init`` or a stage-3 engine
-    gives each such parameter its ``ds_id`` / ``ds_status``; outside the owning module's forward its
-    data is an empty partition)."""
-    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
-
-
-def _is_zero3_hook(hook) -> bool:
-    """DeepSpeed ZeRO-3's module hooks (all-gather before the module's forward and backward,
-    release after, reduce-scatter the gradients): the fused path runs them itself (the lm_head's own
-    forward is replaced, the module is still called). Its post-forward hook comes wrapped by
-    ``deepspeed.utils.nvtx.instrument_w_nvtx`` (no ``functools.wraps``): the hook is then the
-    function in the wrapper's closure."""
-    candidates = [hook, getattr(hook, "__wrapped__", None)]
-    candidates += [cell.cell_contents for cell in (getattr(hook, "__closure__", None) or ())
-                   if callable(getattr(cell, "cell_contents", None))]
-    return any(getattr(fn, "__module__", "").startswith("deepspeed.runtime.zero.") for fn in candidates if fn)
-
-
-def _zero3_gathered(param) -> bool:
-    """Whether a ZeRO-3 parameter holds its whole data now (inside its module's forward/backward)."""
-    return getattr(getattr(param, "ds_status", None), "name", "") == "AVAILABLE"
-
-
-def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """``[(parent, child name), ...]`` from ``root`` down to ``target`` (empty if not inside it)."""
-    for name, module in root.named_modules():
-        if module is target and name:
-            path, parent = [], root
-            for part in name.split("."):
-                path.append((parent, part))
-                parent = parent._modules[part]
-            return path
-    return []
-
-
-@dataclass(frozen=True)
-class FsdpHeadParam:
-    """FSDP2's record of the lm_head weight: the sharded DTensor parameter and the factor FSDP
-    divides its reduce-scattered gradients by."""
-
-    sharded: torch.nn.Parameter
-    divide_factor: float
-    param_dtype: torch.dtype | None = None  # MixedPrecisionPolicy's compute dtype, None without one
-
-
-def fsdp_head_param(model: torch.nn.Module, weight) -> FsdpHeadParam | None:
-    """The FSDP2 parameter that manages ``weight`` (the sharded DTensor, or the unsharded tensor FSDP
-    registered on the module while its group is unsharded), or None when FSDP2 does not manage it.
-
-    Reads FSDP2's per-module state (``FSDPModule._get_fsdp_state()``, its parameter groups and their
-    ``gradient_divide_factor``): torch has no public accessor for which group owns a parameter or
-    for the divide factor, and the vocabulary-parallel gradient must be divided exactly as FSDP's
-    reduce-scatter would divide it."""
-    fsdp_module = _fsdp_module_class()
-    if fsdp_module is None:
-        return None
-    for module in model.modules():
-        if not isinstance(module, fsdp_module):
-            continue
-        try:
-            groups = module._get_fsdp_state()._fsdp_param_groups
-        except AttributeError as err:
-            raise RuntimeError(f"pyalign: this torch's FSDP2 state is not the one pyalign reads ({err})") from err
-        for group in groups:
-            for param in group.fsdp_params:
-                if param.sharded_param is weight or getattr(param, "_unsharded_param", None) is weight:
-                    mesh = param.sharded_param.device_mesh
-                    factor = group.gradient_divide_factor
-                    # FSDP's default: the data-parallel size (the mesh's, replicas included for HSDP).
-                    return FsdpHeadParam(param.sharded_param, float(factor) if factor else float(mesh.size()),
-                                         getattr(param, "param_dtype", None))
-    return None
-
-
-def _fsdp_manages(model: torch.nn.Module, head: torch.nn.Module) -> bool:
-    """Whether FSDP2 manages the lm_head weight: a DTensor now, or a module on the way from the
-    model down to the lm_head (the lm_head included) is an FSDP2 module, whose group holds the
-    weight (unsharded between a forward and its backward, or after a forward without gradient)."""
-    if _is_dtensor(head.weight):
-        return True
-    fsdp_module = _fsdp_module_class()
-    if fsdp_module is None:
-        return False
-    if isinstance(model, fsdp_module) or isinstance(head, fsdp_module):
-        return True
-    if not any(isinstance(module, fsdp_module) for module in model.modules()):
-        return False
-    if any(isinstance(parent, fsdp_module) for parent, _ in _module_path(model, head)):
-        return True
-    return fsdp_head_param(model, head.weight) is not None
-
-
-def _unwrap_peft(model) -> tuple[torch.nn.Module, str]:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected in it), or a reason
-    why the wrapper changes more than layers."""
-    try:
-        import peft  # noqa: PLC0415
-    except ImportError:
-        return model, ""
-    if isinstance(model, peft.PeftModel):
-        config = model.peft_config.get(model.active_adapter)
-        if config is not None and config.is_prompt_learning:
-            return model, f"the peft adapter is prompt learning ({config.peft_type}), which changes the inputs"
-        return model.get_base_model(), ""
-    if isinstance(model, peft.tuners.tuners_utils.BaseTuner):
-        return model.model, ""
-    return model, ""
-
-
-def fused_head_or_reason(model, *, sharded: bool = False, zero3: bool = False) -> tuple[FusedHead | None, str]:
-    """``(FusedHead, "")`` when the fused path computes exactly the model's logits, else
-    ``(None, reason)``.
-
-    ``sharded``: whether the caller handles an lm_head that FSDP2 manages (``FusedHead.sharded``:
-    through :func:`sharded_token_logprobs`, never the decoder alone). A caller that does not (the
-    default) gets ``(None, reason)`` for such a model and computes the model's own logits.
-    ``zero3``: whether the caller handles an lm_head that DeepSpeed ZeRO-3 partitions (through
-    :func:`sharded_token_logprobs`, "gather"); without it ZeRO-3's module hooks count as hooks the
-    fused path would skip, as before."""
-    inner, reason = _unwrap_peft(model)
-    if reason:
-        return None, reason
-    config = getattr(inner, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FUSED_MODEL_TYPES:
-        return None, (f"model type {model_type!r} is not in pyalign.models.fused_head.FUSED_MODEL_TYPES "
-                      "(models whose logits are exactly lm_head(last hidden state))")
-    for field in LOGIT_POSTPROCESSING_FIELDS:
-        value = getattr(config, field, None)
-        if value not in (None, 1, 1.0):
-            return None, f"config.{field}={value!r} post-processes the logits"
-    get_head = getattr(inner, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    # fully_shard(lm_head) makes it an FSDPLinear: still a plain Linear underneath.
-    if head is None or _unwrapped_class(head) is not torch.nn.Linear:
-        kind = "missing" if head is None else f"a {type(head).__module__}.{type(head).__qualname__}"
-        return None, (f"lm_head is {kind}, not a plain torch.nn.Linear (adapted by LoRA, wrapped by "
-                      "peft modules_to_save / trainable_token_indices, or quantised)")
-    zero3_head = zero3 and is_zero3_param(head.weight)
-    hooks = [hook for hook in (*head._forward_hooks.values(), *head._forward_pre_hooks.values())
-             if not _is_fsdp_hook(hook) and not (zero3_head and _is_zero3_hook(hook))]
-    if hooks:
-        return None, "lm_head has forward hooks (e.g. accelerate offloading) the fused path would skip"
-    if not head.weight.dtype.is_floating_point:
-        return None, f"lm_head.weight has dtype {head.weight.dtype}"
-    decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    if not isinstance(decoder, torch.nn.Module):
-        return None, "the base (decoder) model could not be found"
-    if zero3_head:
-        if not any(_is_zero3_hook(hook) for hook in head._forward_pre_hooks.values()):
-            # Partitioned by deepspeed.zero.Init but not (yet) under an engine: nothing would
-            # all-gather the weight for the lm_head's forward.
-            return None, ("DeepSpeed ZeRO-3 partitions the lm_head weight but no ZeRO-3 engine hooks the lm_head "
-                          "module (wrap the model with deepspeed.initialize / accelerate first)")
-        return FusedHead(decoder, head.weight, head.bias, module=head, sharded=True, manager="zero3"), ""
-    managed = _fsdp_manages(model, head)
-    if managed and not sharded:
-        return None, ("FSDP2 manages the lm_head (its root forward must run to all-gather the embeddings and "
-                      "final norm); pyalign.models.fused_head's causal_lm_sequence_logprobs and "
-                      "causal_lm_preference_loss handle it (sharded_head)")
-    return FusedHead(decoder, head.weight, head.bias, module=head, sharded=managed,
-                     manager="fsdp2" if managed else ""), ""
 
 
 def _resolve(model, fused) -> FusedHead | None:
@@ -335,35 +117,20 @@ def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
 
 
 def _compute_operands(hidden: Tensor, head: FusedHead):
-    """Hidden states and lm_head parameters in the dtype the model's lm_head would compute in."""
-    return _operands(hidden, head.weight, head.bias)
+    """Hidden states and lm_head parameters (formed now: a LoRA head's effective weight) in the
+    dtype the model's lm_head would compute in."""
+    weight, bias = head.params()
+    return operands(hidden, weight, bias)
 
 
-def _operands(hidden: Tensor, weight, bias, param_dtype: torch.dtype | None = None):
-    """``(hidden, weight, bias)`` cast to the compute dtype: autocast's, else ``param_dtype`` (the
-    dtype FSDP2's MixedPrecisionPolicy all-gathers a sharded weight in), else the weight's."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = param_dtype or weight.dtype
-    bias = None if bias is None else bias.to(dtype)
-    return hidden.to(dtype), weight.to(dtype), bias
+def head_token_logprobs(hidden: Tensor, head: FusedHead, targets: Tensor, **options):
+    """``linear_token_logprobs`` of the decoder's hidden states through ``head``: its weight (formed
+    now), bias and transform; ``options`` go to the op (``ignore_index``, ``mode``, ``return_stats``...)."""
+    hidden, weight, bias = _compute_operands(hidden, head)
+    return linear_token_logprobs(hidden, weight, targets, bias=bias, **head.transform.op_options(), **options)
 
 
 # --------------------------------------------------------------------------- FSDP2: the sharded lm_head
-
-
-def _vocab_parallel_capable(info: FsdpHeadParam | None) -> bool:
-    """Whether the weight's FSDP2 layout is the vocabulary split the vocabulary-parallel op takes:
-    ``Shard(0)`` on a 1-D mesh (not HSDP's replicated 2-D mesh, not a custom shard placement)."""
-    if info is None:
-        return False
-    from torch.distributed.tensor import Shard  # noqa: PLC0415
-
-    placements = tuple(info.sharded.placements)
-    return (info.sharded.device_mesh.ndim == 1 and len(placements) == 1
-            and type(placements[0]) is Shard and placements[0].dim == 0)
 
 
 class _LogprobHead(torch.nn.Module):
@@ -415,8 +182,8 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
                            mode: str = "default", memory_budget: int | None = None,
                            grad_filter: float | None = None, backend: str = "auto",
                            model_kwargs: dict | None = None, return_stats: bool = False,
-                           compute_dtype: torch.dtype | None = None,
-                           forward=None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+                           compute_dtype: torch.dtype | None = None, forward=None,
+                           transform: HeadTransform | None = None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Token log-probs ``[B, T]`` of ``targets`` (aligned with the hidden states, as from
     :func:`shift_labels`) for a model whose lm_head FSDP2 manages, through the model's own forward
     (so that FSDP's root hooks all-gather the embeddings and final norm) with the lm_head answering
@@ -426,12 +193,15 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
     ``return_stats``: also return the statistics of ``linear_token_logprobs(return_stats=True)``
     (``(logp, stats)``, without gradient); they need the whole weight, so "auto" then means "gather"
     and "vocab_parallel" is refused. ``compute_dtype`` ("gather" only): the dtype the lm_head computes
-    in (None: as the model would, :func:`_operands`; the TRL drop-in passes float32 for
+    in (None: as the model would, :func:`operands`; the TRL drop-in passes float32 for
     ``cast_lm_head_to_fp32``).
     ``forward``: what runs the model's forward, called with ``input_ids``, ``attention_mask`` and
     ``model_kwargs`` (None: ``model`` itself, hooks included); a caller already inside the model's
     forward passes the model's own forward so that the root's hooks do not run twice. A head that
-    DeepSpeed ZeRO-3 partitions (``head.manager == "zero3"``) is computed by "gather" only."""
+    DeepSpeed ZeRO-3 partitions (``head.manager == "zero3"``) is computed by "gather" only.
+    ``transform``: a scale / soft-cap the caller applies to the logits (TRL's temperature); the
+    model's own must be the identity here (``fused_head_or_reason`` refuses the sharded path
+    otherwise), since the model's forward would apply it to the returned log-probs."""
     if sharded_head not in SHARDED_HEAD_CHOICES:
         raise ValueError(f"sharded_head: expected one of {SHARDED_HEAD_CHOICES}, got {sharded_head!r}")
     if not isinstance(return_stats, bool):
@@ -443,7 +213,7 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
     if "labels" in model_kwargs:
         raise ValueError("model_kwargs: labels go to the fused path, not to the model (it would compute its own loss)")
     module = head.module
-    path = _module_path(model, module)
+    path = module_path(model, module)
     if module is None or not path:
         raise ValueError("model: its lm_head is not a submodule of the model passed (pass the FSDP root model)")
     parent, name = path[-1]
@@ -456,19 +226,22 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
                          "(or 'auto')")
     if strategy == "auto":
         strategy = "gather" if zero3 or return_stats else DEFAULT_SHARDED_HEAD
-        if strategy == "vocab_parallel" and not _vocab_parallel_capable(info):
+        if strategy == "vocab_parallel" and not vocab_parallel_capable(info):
             strategy = "gather"  # e.g. HSDP's 2-D mesh: only the whole weight is right there
     if strategy == "vocab_parallel" and compute_dtype is not None:
         raise ValueError("compute_dtype: only sharded_head='gather' takes it (the vocabulary-parallel op computes in "
                          "the dtype FSDP gathers in)")
-    if strategy == "vocab_parallel" and not _vocab_parallel_capable(info):
+    if strategy == "vocab_parallel" and not vocab_parallel_capable(info):
         layout = "not managed by an FSDP2 module of this model" if info is None else (
             f"placements {tuple(info.sharded.placements)} on a {info.sharded.device_mesh.ndim}-D mesh")
         raise ValueError(f"sharded_head: 'vocab_parallel' needs the lm_head weight sharded along the vocabulary, "
                          f"Shard(0) on a 1-D mesh; it is {layout}. Use sharded_head='gather'")
+    if not head.transform.identity:
+        raise ValueError(f"head: the model's forward applies {head.transform} to the lm_head's output; the sharded "
+                         "fused path returns the log-probs through that forward (fused_head_or_reason refuses it)")
     options = dict(ignore_index=ignore_index, mode=mode, memory_budget=memory_budget, grad_filter=grad_filter,
-                   backend=backend)
-    calls = []
+                   backend=backend, **(transform or HeadTransform()).op_options())
+    calls, returned = [], []
     stats_out = {}
 
     def compute(hidden: Tensor) -> Tensor:
@@ -476,17 +249,19 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
         logp = _head_logprobs(hidden)
         # A fresh tensor, not a view: FSDP hooks the root's outputs for its pre-backward
         # all-gather, and warns (rightly) that an in-place op on a returned view would drop that.
-        return logp.clone() if logp._base is not None else logp
+        logp = logp.clone() if logp._base is not None else logp
+        returned.append(logp.detach())
+        return logp
 
     def _head_logprobs(hidden: Tensor) -> Tensor:
         weight, bias = module.weight, module.bias
         if strategy == "gather":
-            if _is_dtensor(weight):
+            if is_dtensor(weight):
                 raise ValueError(
                     "sharded_head: 'gather' found the lm_head weight still sharded inside the lm_head's forward: "
                     "no FSDP2 module all-gathers it there (e.g. a tied weight whose FSDP module resharded after "
                     "its own forward); use sharded_head='vocab_parallel'")
-            if zero3 and not _zero3_gathered(weight):
+            if zero3 and not zero3_gathered(weight):
                 raise ValueError(
                     "sharded_head: 'gather' found the lm_head weight still partitioned by DeepSpeed ZeRO-3 inside the "
                     f"lm_head's forward (ds_status {getattr(weight, 'ds_status', None)}): ZeRO-3's module hooks did "
@@ -495,7 +270,7 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
                 hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
                 bias_c = None if bias is None else bias.to(compute_dtype)
             else:
-                hidden_c, weight_c, bias_c = _operands(hidden, weight, bias)
+                hidden_c, weight_c, bias_c = operands(hidden, weight, bias)
             if return_stats:
                 # Without gradient, from the same chunks of logits as the log-probs; they leave
                 # through this closure, not through the model's output.
@@ -506,9 +281,9 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
             return linear_token_logprobs(hidden_c, weight_c, targets, bias=bias_c, **options)
         # A weight that stayed sharded is in FSDP's storage dtype: compute in the dtype FSDP would
         # have all-gathered it in (mixed precision), like the gathered paths do.
-        hidden_c, weight_c, bias_c = _operands(hidden, weight, bias,
-                                               info.param_dtype if _is_dtensor(weight) else None)
-        if _is_dtensor(weight):
+        hidden_c, weight_c, bias_c = operands(hidden, weight, bias,
+                                               info.param_dtype if is_dtensor(weight) else None)
+        if is_dtensor(weight):
             # The weight stayed sharded (the lm_head is its own FSDP group, never called): the op
             # writes this process's rows of the gradient, summed over every process's tokens,
             # into the DTensor's .grad; FSDP's reduce-scatter would also have divided that sum.
@@ -537,11 +312,17 @@ def sharded_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_
         raise RuntimeError(
             f"pyalign: the model's forward called its lm_head {len(calls)} time(s) and returned logits of shape "
             f"{tuple(logp.shape)}; the sharded fused path expects one call on the hidden states [B, T, H] "
-            f"and token log-probs {tuple(targets.shape)} back (model types in FUSED_MODEL_TYPES do this)")
+            f"and token log-probs {tuple(targets.shape)} back (fused_head_or_reason checks this)")
     if logp.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"model: its forward cast the log-probs to {logp.dtype} (FSDP2's MixedPrecisionPolicy "
                          "output_dtype?); the sharded fused path needs them as computed (float32)")
+    # The check of fused_head_or_reason, repeated at no cost on every call: the forward returned
+    # the lm_head's output untouched (ZeRO-3 hands back a new tensor of the same values).
+    if not torch.equal(logp.detach(), returned[0]):
+        raise RuntimeError("pyalign: the model's forward changed the lm_head's output before returning it; the "
+                           "sharded fused path needs it returned unchanged (use fused=False for this model)")
     return (logp, stats_out) if return_stats else logp
+
 
 
 def causal_lm_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -556,6 +337,45 @@ def causal_lm_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | N
     model_kwargs.setdefault("use_cache", False)
     outputs = head.decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
+def _fused_token_logprobs(model, head: FusedHead, input_ids: Tensor, attention_mask: Tensor | None,
+                          targets: Tensor, *, sharded_head: str, model_kwargs: dict, **options) -> Tensor:
+    """Token log-probs ``[B, T]`` of ``targets`` (:func:`shift_labels`) through the fused head."""
+    if head.sharded:
+        return sharded_token_logprobs(model, head, input_ids, attention_mask, targets, sharded_head=sharded_head,
+                                      model_kwargs=model_kwargs, **options)
+    hidden = causal_lm_hidden_states(model, input_ids, attention_mask, head=head, **model_kwargs)
+    return head_token_logprobs(hidden, head, targets, **options)
+
+
+def causal_lm_token_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    fused: bool | str = "auto",
+    mode: str = "default",
+    backend: str = "auto",
+    sharded_head: str = "auto",
+    **model_kwargs,
+) -> Tensor:
+    """Token log-probs ``[B, T-1]`` (float32, 0 where ignored) of ``labels[:, 1:]`` under ``model``.
+    Drop-in for ``token_logprobs(model(...).logits[:, :-1], labels[:, 1:])``; the options are those
+    of :func:`causal_lm_sequence_logprobs`."""
+    if sharded_head not in SHARDED_HEAD_CHOICES:
+        raise ValueError(f"sharded_head: expected one of {SHARDED_HEAD_CHOICES}, got {sharded_head!r}")
+    head = _resolve(model, fused)
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       **model_kwargs).logits
+        return token_logprobs(logits[:, :-1], labels[:, 1:], ignore_index=ignore_index, backend=backend)
+    targets = shift_labels(labels, ignore_index)
+    return _fused_token_logprobs(model, head, input_ids, attention_mask, targets, sharded_head=sharded_head,
+                                 model_kwargs=model_kwargs, ignore_index=ignore_index, mode=mode,
+                                 backend=backend)[:, :-1]
 
 
 def causal_lm_sequence_logprobs(
@@ -589,15 +409,9 @@ def causal_lm_sequence_logprobs(
         return sequence_logprobs(logits[:, :-1], labels[:, 1:], ignore_index=ignore_index,
                                  average=average, backend=backend)
     targets = shift_labels(labels, ignore_index)
-    if head.sharded:
-        token_logps = sharded_token_logprobs(model, head, input_ids, attention_mask, targets,
-                                             sharded_head=sharded_head, ignore_index=ignore_index, mode=mode,
-                                             backend=backend, model_kwargs=model_kwargs)
-    else:
-        hidden = causal_lm_hidden_states(model, input_ids, attention_mask, head=head, **model_kwargs)
-        hidden, weight, bias = _compute_operands(hidden, head)
-        token_logps = linear_token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                            mode=mode, backend=backend)
+    token_logps = _fused_token_logprobs(model, head, input_ids, attention_mask, targets, sharded_head=sharded_head,
+                                        model_kwargs=model_kwargs, ignore_index=ignore_index, mode=mode,
+                                        backend=backend)
     total = token_logps.sum(-1)
     if not average:
         return total
@@ -626,9 +440,10 @@ def causal_lm_preference_loss(
     ``loss``: a :class:`pyalign.PreferenceLoss`, or a loss name with its options in
     ``loss_kwargs`` (``beta=...``, ...). ``fused``: as for :func:`causal_lm_sequence_logprobs`;
     ``mode``, ``memory_budget``, ``grad_filter``: of the fused-linear preference loss.
-    ``sharded_head``: as for :func:`causal_lm_sequence_logprobs` (an FSDP2-sharded lm_head: the
-    token log-probs come from the sharded path and the loss from their sums, so the loss-aware
-    6*N*H*V backward of the fused-linear loss does not apply there).
+    ``sharded_head``: as for :func:`causal_lm_sequence_logprobs`. An FSDP2-sharded lm_head, or a
+    model that scales or soft-caps its logits: the token log-probs come from the fused op and the
+    loss from their sums, so the loss-aware 6*N*H*V backward of the fused-linear loss (which takes
+    plain logits) does not apply there.
     """
     if sharded_head not in SHARDED_HEAD_CHOICES:
         raise ValueError(f"sharded_head: expected one of {SHARDED_HEAD_CHOICES}, got {sharded_head!r}")
@@ -642,12 +457,12 @@ def causal_lm_preference_loss(
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                        **model_kwargs).logits
         return loss(logits[:, :-1], labels[:, 1:], ref_logps, chain_logps)
-    if head.sharded:
-        targets = shift_labels(labels, loss.ignore_index)
-        token_logps = sharded_token_logprobs(
-            model, head, input_ids, attention_mask, targets, sharded_head=sharded_head,
+    targets = shift_labels(labels, loss.ignore_index)
+    if head.sharded or not head.transform.identity:
+        token_logps = _fused_token_logprobs(
+            model, head, input_ids, attention_mask, targets, sharded_head=sharded_head, model_kwargs=model_kwargs,
             ignore_index=loss.ignore_index, mode=mode, memory_budget=memory_budget, grad_filter=grad_filter,
-            backend=loss.backend, model_kwargs=model_kwargs)
+            backend=loss.backend)
         num_tokens = (targets != loss.ignore_index).sum(-1)
         policy_logps = token_logps.sum(-1)
         if loss.average:
@@ -655,9 +470,8 @@ def causal_lm_preference_loss(
         return loss.loss_from_sequence_logprobs(policy_logps, ref_logps, chain_logps, num_tokens)
     hidden = causal_lm_hidden_states(model, input_ids, attention_mask, head=head, **model_kwargs)
     hidden, weight, bias = _compute_operands(hidden, head)
-    return loss(labels=shift_labels(labels, loss.ignore_index), ref_logps=ref_logps,
-                chain_logps=chain_logps, hidden=hidden, weight=weight, bias=bias, mode=mode,
-                memory_budget=memory_budget, grad_filter=grad_filter)
+    return loss(labels=targets, ref_logps=ref_logps, chain_logps=chain_logps, hidden=hidden, weight=weight,
+                bias=bias, mode=mode, memory_budget=memory_budget, grad_filter=grad_filter)
 
 
 def policy_sequence_logprobs(
