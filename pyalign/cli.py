@@ -7,8 +7,12 @@
     torchrun --nproc_per_node 2 -m pyalign train CONFIG.yaml                # several processes
     pyalign data inspect SOURCE [--schema NAME] [--json]   # a data source as pyalign sees it (docs/data.md)
 
-Also ``python -m pyalign ...``. Exit status 2 on a bad config or arguments, 1 on other errors.
-A subcommand is a parser-building function and a handler in :data:`COMMANDS`; add one there.
+Also ``python -m pyalign ...``. Exit status 0 when done; 2 on a bad config, argument, data or
+state file, or an I/O failure (disk full, permission denied, ...), reported in one line naming the
+file; 1 when a run is refused for its state (settings changed since a stage finished, ...); 75
+when a run stopped on a preemption signal after writing a checkpoint (130 for Ctrl-C): run the same
+command again to resume (docs/training.md, "Failure modes"). A subcommand is a parser-building
+function and a handler in :data:`COMMANDS`; add one there.
 """
 
 from __future__ import annotations
@@ -168,16 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     # one process's console output in a multi-process run: the others log warnings only
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from pyalign.train import ConfigError, StaleLogprobCacheError  # noqa: PLC0415
+    from pyalign.failures import exit_report  # noqa: PLC0415
+    from pyalign.train.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: PLC0415
 
     try:
         return COMMANDS[args.command][1](args)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"pyalign {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except (StaleLogprobCacheError, RuntimeError) as error:
-        print(f"pyalign {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as error:
+        report = exit_report(error)
+        if report is None:
+            raise
+        status, message = report
+        # a stop on a signal is not an error: the message says how the run resumes
+        prefix = "" if status in (EXIT_PREEMPTED, EXIT_INTERRUPTED) else "error: "
+        print(f"pyalign {args.command}: {prefix}{message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

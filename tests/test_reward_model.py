@@ -182,7 +182,8 @@ def test_save_load_round_trip_and_objective_checks(tiny_backbone, tmp_path):
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     before = model.score(prompts, responses)
     folder = model.save(tmp_path / "rm")
-    assert sorted(p.name for p in folder.iterdir()) == ["backbone", "head.safetensors", "reward_model.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["backbone", "checksums.json", "head.safetensors",
+                                                        "reward_model.json"]
     assert not (tmp_path / "rm.partial").exists()
     loaded = load_reward_model(folder, objectives=OBJECTIVES)
     assert loaded.objectives == OBJECTIVES and loaded.scales == model.scales

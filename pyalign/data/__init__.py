@@ -20,7 +20,7 @@ from pyalign.data.sources import (
     parse_source,
 )
 from pyalign.data.tokenize import (
-    IGNORE_INDEX, TOKENIZATION_VERSION, PreferenceDataset, TokenizedPair, collate_pairs, encode_prompt,
+    IGNORE_INDEX, TOKENIZATION_VERSION, PreferenceDataset, TokenizedPair, check_token_ids, collate_pairs, encode_prompt,
     encode_response, file_fingerprint, pad_token_id, prompt_messages, tokenization_fingerprint, tokenize_pair,
     truncate_pair,
 )
@@ -30,7 +30,8 @@ data_fingerprint = fingerprint
 
 __all__ = [
     "IGNORE_INDEX", "TOKENIZATION_VERSION", "BadRowError", "DataSource", "LoadReport", "PreferenceDataset",
-    "PreferencePair", "RatingRecord", "RowError", "TokenizedPair", "check_data_source", "collate_pairs",
+    "PreferencePair", "RatingRecord", "RowError", "TokenizedPair", "check_data_source", "check_token_ids",
+    "collate_pairs",
     "data_fingerprint", "encode_prompt", "encode_response", "file_fingerprint", "fingerprint",
     "load_pairs", "load_preference_pairs", "load_ratings", "load_source", "pad_token_id", "parse_source",
     "prompt_messages", "tokenization_fingerprint", "tokenize_pair", "truncate_pair", "write_preference_pairs",

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 from pyalign.data.pairs import (
-    PAIR_FIELDS, PreferencePair, RatingRecord, RowError, check_messages, normalize_prompt, pair_from_record,
+    PAIR_FIELDS, PreferencePair, RatingRecord, RowError, check_messages, check_pair, normalize_prompt, pair_from_record,
     prompt_field, reply_field, score_field, split_conversations, text_field,
 )
 
@@ -60,12 +60,13 @@ class Adapter:
         raise NotImplementedError
 
     def pairs(self, rows: Rows, dimension: str | None, on_error: OnError) -> Iterator[tuple[int, PreferencePair]]:
-        """``(row index, pair)`` for every pair of ``rows``; bad rows go to ``on_error``."""
+        """``(row index, pair)`` for every pair of ``rows``; bad rows (and pairs that teach nothing:
+        :func:`~pyalign.data.pairs.check_pair`) go to ``on_error``."""
         for index, row in rows:
             try:
                 if not isinstance(row, dict):
                     raise RowError("", f"expected an object (a mapping of fields), got {type(row).__name__}")
-                pairs = self.row_pairs(row, dimension)
+                pairs = [check_pair(pair) for pair in self.row_pairs(row, dimension)]
             except RowError as error:
                 on_error(index, error)
                 continue

@@ -186,9 +186,23 @@ def _export(args) -> int:
         records = [p.to_record() for p in loaded.pairs]
         what = "pairs"
         print(loaded.report.summary())
-    write_jsonl_atomic(args.out, records)
+    with _output_lock(args.out):
+        write_jsonl_atomic(args.out, records)
     print(f"wrote {len(records)} {what} to {args.out}")
     return 0
+
+
+def _output_lock(out: str):
+    """One ``pyalign data`` command per output file at a time (a lock file beside it)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from pyalign.lock import exclusive  # noqa: PLC0415
+
+    out = Path(out).resolve()
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a folder, expected a file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive(out.parent / f".{out.name}.lock", what=f"--out {out}")
 
 
 def _clair(args) -> int:
@@ -225,7 +239,8 @@ def _clair(args) -> int:
                                                  temperature=args.reviser_temperature, seed=args.seed,
                                                  batch_size=args.batch_size, dtype=args.dtype)
     prompts = clair.load_prompts(_source(args), limit=args.limit)
-    summary = clair.make_clair_pairs(prompts, args.model, reviser, args.out, settings=settings, dtype=args.dtype)
+    with _output_lock(args.out):
+        summary = clair.make_clair_pairs(prompts, args.model, reviser, args.out, settings=settings, dtype=args.dtype)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -239,14 +254,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyalign data", description=__doc__.split("\n")[0])
     _add_subcommands(parser)
     args = parser.parse_args(argv)
+    from pyalign.failures import exit_report  # noqa: PLC0415
+
     try:
         return run_data(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"pyalign data {args.data_command}: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        print(f"pyalign data {args.data_command}: error: {error}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as error:
+        report = exit_report(error)
+        if report is None:
+            raise
+        print(f"pyalign data {args.data_command}: error: {report[1]}", file=sys.stderr)
+        return report[0]
 
 
 if __name__ == "__main__":

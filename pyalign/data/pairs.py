@@ -191,6 +191,20 @@ def split_conversations(chosen: Sequence[dict], rejected: Sequence[dict], names=
     return list(chosen[:shared]), chosen[shared]["content"], rejected[shared]["content"]
 
 
+def check_pair(pair: PreferencePair) -> PreferencePair:
+    """Refuse a pair that teaches nothing (raises :class:`RowError` naming the field): an empty
+    prompt or reply, or a chosen reply equal to the rejected one (its loss gradient is zero, but
+    it still counts in every mean and dilutes the batch)."""
+    if isinstance(pair.prompt, str) and not pair.prompt.strip():
+        raise RowError("prompt", "field 'prompt' is empty")
+    for name in ("chosen", "rejected"):
+        if not getattr(pair, name).strip():
+            raise RowError(name, f"field {name!r} is empty")
+    if pair.chosen == pair.rejected:
+        raise RowError("rejected", "fields 'chosen' and 'rejected' are the same text (the pair prefers nothing)")
+    return pair
+
+
 # ----------------------------------------------------------------------------- the pairs schema
 
 def pair_from_record(record: Any) -> PreferencePair:
@@ -209,12 +223,20 @@ def pair_from_record(record: Any) -> PreferencePair:
 
 
 def read_jsonl_records(path: str | Path):
-    """``(line number, record)`` for each non-blank line; a broken line is an error naming it."""
+    """``(line number, record)`` for each non-blank line; a broken line, or one that is not UTF-8
+    (with the file's byte offset), is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    offset = 0
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte offset {start + error.start}: "
+                                 f"0x{raw[error.start]:02x})") from None
             if not line.strip():
                 continue
             try:
@@ -228,7 +250,7 @@ def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
     pairs = []
     for line_number, record in read_jsonl_records(path):
         try:
-            pairs.append(pair_from_record(record))
+            pairs.append(check_pair(pair_from_record(record)))
         except RowError as error:
             raise ValueError(f"{path}:{line_number}: {error}") from None
     if not pairs:

@@ -102,7 +102,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
     a JSONL file of pairs: line ``i``, blank lines skipped), which is also the row of the cached
     frozen log-probs for that pair."""
 
-    def __init__(self, pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int):
+    def __init__(self, pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
+                 *, source: str | None = None):
+        self.source = source  # how messages name the data (a file), when known
         self.pairs = list(pairs)
         self.examples = [tokenize_pair(p, tokenizer, max_length, max_prompt_length) for p in self.pairs]
         self.pad_token_id = pad_token_id(tokenizer)
@@ -110,9 +112,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
     @classmethod
     def from_source(cls, source, tokenizer, max_length: int, max_prompt_length: int) -> PreferenceDataset:
         """From any data source: a path, a mapping or a :class:`pyalign.data.sources.DataSource`."""
-        from pyalign.data.sources import load_pairs  # noqa: PLC0415
+        from pyalign.data.sources import load_source  # noqa: PLC0415
 
-        return cls(load_pairs(source), tokenizer, max_length, max_prompt_length)
+        loaded = load_source(source)
+        return cls(loaded.pairs, tokenizer, max_length, max_prompt_length, source=loaded.report.source)
 
     # The historical name: a JSONL path still works, and so does every other source.
     from_jsonl = from_source
@@ -149,6 +152,41 @@ def collate_pairs(items: Sequence[tuple[int, TokenizedPair]], pad_id: int) -> di
         attention_mask[row, :n_total] = 1
     index = torch.tensor([i for i, _ in items], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+
+
+def embedding_rows(model) -> int | None:
+    """How many token embeddings ``model`` has (its first embedding table: the tokens'), or None."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings
+    return None
+
+
+def check_token_ids(dataset, model, split: str, *, chunk: int = 256) -> None:
+    """Refuse, naming the row and the id, data with a token id ``model`` has no embedding for (a
+    tokenizer with tokens the model lacks): the embedding lookup would fail mid-run with an
+    IndexError, or on CUDA read past the table. ``dataset``: anything with ``len()`` and
+    ``batch(indices) -> {"input_ids": ...}``; rows of a pair batch are chosen then rejected."""
+    rows = embedding_rows(model)
+    if rows is None:
+        return
+    for start in range(0, len(dataset), chunk):
+        indices = list(range(start, min(start + chunk, len(dataset))))
+        ids = dataset.batch(indices).get("input_ids")
+        if ids is None:  # a dataset of something else than token ids
+            return
+        bad = (ids >= rows) | (ids < 0)
+        if not bad.any():
+            continue
+        row, position = bad.nonzero()[0].tolist()
+        side = ""
+        if ids.shape[0] == 2 * len(indices):
+            side = " (chosen)" if row < len(indices) else " (rejected)"
+        where = getattr(dataset, "source", None) or f"{split} data"
+        raise ValueError(
+            f"{where}: row {indices[row % len(indices)]}{side}: token id {int(ids[row, position])} is beyond the "
+            f"model's vocabulary ({rows} token embeddings); the tokenizer has tokens the model does not (resize "
+            "the model's embeddings to the tokenizer, or use the model's own tokenizer)")
 
 
 def tokenization_fingerprint(tokenizer, max_length: int, max_prompt_length: int) -> dict[str, object]:

@@ -17,6 +17,7 @@ Saved as a folder (:meth:`RewardModel.save`, atomically through
     reward_model.json    format, objectives with their input scales, lengths, training facts
     head.safetensors     weight [k, H], bias [k], offset [k], spread [k] (float32)
     backbone/            the backbone with the LoRA merged in + the tokenizer (ordinary HF folder)
+    checksums.json       sha256 of every file above, checked by :meth:`RewardModel.load`
 
 Why merged rather than an adapter: the folder stands alone (it does not need the base model's
 folder to still exist, unchanged, where it was), loads without peft, and scores without the LoRA's
@@ -26,6 +27,7 @@ in float32). The training run also keeps the LoRA alone (``adapter/``) for whoev
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +37,8 @@ from torch import Tensor
 
 from pyalign import distributed
 from pyalign.data import pad_token_id
-from pyalign.io import atomic_directory, read_json, write_json_atomic
-from pyalign.models import resolve_dtype
+from pyalign.io import atomic_directory, file_fingerprint, has_manifest, read_json, verify_manifest, write_json_atomic
+from pyalign.models import model_fingerprint, resolve_dtype
 from pyalign.reward_model.data import ObjectiveScale, TokenizedRated, collate_rated, encode_prompt_response
 
 FORMAT = "pyalign-reward-model"
@@ -202,7 +204,7 @@ class RewardModel(torch.nn.Module):
         if self.tokenizer is None:
             raise ValueError("tokenizer: a reward model is saved with its tokenizer; this one has none")
         backbone = self.merged_backbone()
-        with atomic_directory(directory) as partial:
+        with atomic_directory(directory, manifest=True) as partial:
             backbone.save_pretrained(partial / BACKBONE_DIR)
             self.tokenizer.save_pretrained(partial / BACKBONE_DIR)
             save_file({"weight": self.head.weight.detach().float().cpu().contiguous(),
@@ -231,6 +233,9 @@ class RewardModel(torch.nn.Module):
         meta_file = directory / CONFIG_FILE
         if not meta_file.is_file():
             raise ValueError(f"reward_model: {directory} is not a pyalign reward model folder (no {CONFIG_FILE})")
+        if has_manifest(directory):  # folders of earlier versions have none: loaded unchecked
+            verify_manifest(directory, remedy="the reward model folder changed since it was saved: train it "
+                                              "again, or restore the folder from a copy")
         meta = read_json(meta_file)
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
@@ -248,6 +253,16 @@ class RewardModel(torch.nn.Module):
             model.head.weight.copy_(head["weight"])
             model.head.bias.copy_(head["bias"])
         return model.eval()
+
+
+def reward_model_fingerprint(folder: str | os.PathLike) -> str:
+    """A reward model folder's identity: its metadata, head and backbone weights."""
+    folder = Path(folder)
+    digest = hashlib.blake2b(digest_size=20)
+    for name in (CONFIG_FILE, HEAD_FILE):
+        digest.update(name.encode() + b"\0" + file_fingerprint(folder / name).encode())
+    digest.update(model_fingerprint(folder / BACKBONE_DIR).encode())
+    return digest.hexdigest()
 
 
 def _load_tokenizer(path):

@@ -8,8 +8,10 @@ frozen log-prob cache, the shared config sections and the task registry.
 - :mod:`pyalign.train.objectives`: what one batch costs (:class:`Objective`; the preference and
   SFT objectives several tasks use);
 - :mod:`pyalign.train.stage`: one LoRA fine-tuning stage, base folder in, merged folder out;
-- :mod:`pyalign.train.checkpoint`, :mod:`pyalign.train.logprob_cache`: atomic checkpoints and
-  the cache of frozen models' log-probs;
+- :mod:`pyalign.train.checkpoint`, :mod:`pyalign.train.logprob_cache`: atomic, checked
+  checkpoints and the cache of frozen models' log-probs;
+- :mod:`pyalign.train.startup`, :mod:`pyalign.train.preemption`: a run's start (output folder
+  lock, config.json) and its clean stop on a signal;
 - :mod:`pyalign.train.config`, :mod:`pyalign.train.config_fields`: the sections every task's
   config shares (model, lora, training) and the pieces a config is built from;
 - :mod:`pyalign.train.registry`: what a config's ``task:`` runs; loading and describing configs.
@@ -27,7 +29,7 @@ from pyalign.train.config import (
 )
 from pyalign.train.config_fields import (
     Boolean, ConfigError, DeviceName, Fraction, FusedChoice, Integer, NonNegativeFloat, NonNegativeInt, PathValue,
-    PositiveFloat, PositiveInt, Section, String, TargetModules, Text, UnitInterval, check_value, checked,
+    PositiveFloat, PositiveInt, Section, Seed, String, TargetModules, Text, UnitInterval, check_value, checked,
     config_error, device_name, expect, expected_error, field, float_type, int_type, non_empty_list, one_of,
     one_or_list, path_value, positive_int, section, validate,
 )
@@ -35,6 +37,7 @@ from pyalign.train.logprob_cache import (
     CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, StaleLogprobCacheError, dataset_logprobs,
 )
 from pyalign.train.objectives import Objective, ObjectiveOutput, PreferenceObjective, SFTObjective
+from pyalign.train.preemption import Preempted, stop_if_requested
 from pyalign.train.registry import (
     DEFAULT_TASK, Task, config_schema, config_to_dict, describe_fields, get_task, load_config, register_task,
     task_names, task_of,
@@ -48,13 +51,13 @@ __all__ = [
     "DEFAULT_TASK", "SHARDINGS", "STATE_FILE", "TRAINING_FIELDS_NOT_IN_FINGERPRINT", "Boolean", "CacheKey", "ConfigError",
     "DeviceName", "Fraction", "FrozenLogprobs", "FusedChoice", "Integer", "LogprobCache", "LoraConfig",
     "ModelConfig", "NonNegativeFloat", "NonNegativeInt", "Objective", "ObjectiveOutput", "PairsWithFrozenLogprobs",
-    "PathValue", "PositiveFloat", "PositiveInt", "PreferenceObjective", "Section", "SFTObjective",
+    "PathValue", "PositiveFloat", "PositiveInt", "Preempted", "PreferenceObjective", "Section", "Seed", "SFTObjective",
     "StaleLogprobCacheError", "String", "TargetModules", "Task", "Text", "Trainer", "TrainingConfig",
     "UnitInterval", "check_file", "check_sharding", "check_lengths", "check_model_folder", "check_value", "checked", "config_error",
     "config_schema", "config_to_dict", "dataset_logprobs", "describe_fields", "device_name", "expect",
     "expected_error", "field", "float_type", "full_state_dict", "get_task", "int_type", "is_sharded", "latest_step", "load_config", "lora_fingerprint",
     "load_latest_checkpoint", "non_empty_list", "one_of", "one_or_list", "path_value", "positive_int",
-    "read_config_source", "register_task", "save_checkpoint", "save_trained_model", "section", "shard_model", "sharding_active", "start_run", "stage_finished", "task_names", "task_of",
+    "read_config_source", "register_task", "save_checkpoint", "save_trained_model", "section", "shard_model", "sharding_active", "start_run", "stage_finished", "stop_if_requested", "task_names", "task_of",
     "train_lora_stage", "train_stage", "training_fingerprint", "validate",
 ]
 

@@ -23,9 +23,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, model_validator
 from pydantic_core import PydanticCustomError
 
+from pyalign.io import read_text
 from pyalign.train.config_fields import (
-    Boolean, ConfigError, DeviceName, Fraction, FusedChoice, Integer, NonNegativeFloat, NonNegativeInt, PathValue,
-    PositiveFloat, PositiveInt, Section, TargetModules, expect, expected_error, field, non_empty_list, one_of,
+    Boolean, ConfigError, DeviceName, Fraction, FusedChoice, NonNegativeFloat, NonNegativeInt, PathValue,
+    PositiveFloat, PositiveInt, Section, Seed, TargetModules, expect, expected_error, field, non_empty_list, one_of,
 )
 
 
@@ -40,6 +41,8 @@ def _each_once(names: list[str]) -> list[str]:
 
 ReportTo = Annotated[list[one_of("tensorboard", "wandb", "mlflow")], expect("a list of trackers"),
                      AfterValidator(_each_once)]
+PreemptSignals = Annotated[list[one_of("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")], expect("a list of signal names"),
+                           AfterValidator(_each_once)]
 
 
 class ModelConfig(Section):
@@ -74,7 +77,7 @@ class TrainingConfig(Section):
     lr_scheduler: one_of("linear", "cosine", "constant") = field("linear", "decay after warm-up")
     weight_decay: NonNegativeFloat = field(0.0, "AdamW weight decay")
     max_grad_norm: PositiveFloat | None = field(1.0, "gradient clipping (null: none)")
-    seed: Integer = field(0, "seed of LoRA init, data order and dropout")
+    seed: Seed = field(0, "seed of LoRA init, data order and dropout, in [0, 2**32)")
     gradient_checkpointing: Boolean = field(False, "recompute activations in backward")
     mixed_precision: one_of("auto", "bf16", "no") = field("auto", "auto: bf16 autocast on CUDA only")
     device: DeviceName = field("auto", "auto, cpu, cuda, cuda:N")
@@ -89,11 +92,28 @@ class TrainingConfig(Section):
     eval_every: NonNegativeInt = field(0, "evaluate every N steps (0: at the end of each round)")
     save_every: NonNegativeInt = field(50, "checkpoint every N steps (0: no mid-round checkpoints)")
     log_every: PositiveInt = field(10, "log every N steps")
-    keep_checkpoints: PositiveInt = field(1, "checkpoints kept per round")
+    keep_checkpoints: PositiveInt = field(1, "checkpoints kept per round (2: a damaged newest one falls back to the "
+                                             "one before)")
+    step_limit: PositiveInt = field(1_000_000, "refuse a run of more optimizer steps than this (a guard against typos "
+                                               "such as epochs: 1000000000000); raise it for longer runs")
+    preempt_signals: PreemptSignals = field(["SIGTERM", "SIGUSR1"], "signals that make the run finish its step, write "
+                                                                    "a checkpoint and exit 75 (SIGINT does too, and "
+                                                                    "exits 130); [] for none")
     progress_bar: Boolean = field(True, "tqdm progress bars")
     tensorboard: Boolean = field(True, "write tensorboard logs (false alone: report_to [])")
     report_to: ReportTo = field(["tensorboard"], "experiment trackers that get the metrics, config and fingerprint "
                                                  "(process 0): tensorboard, wandb, mlflow; [] for none")
+
+    @model_validator(mode="after")
+    def _epochs_within_step_limit(self) -> "TrainingConfig":
+        # every epoch is at least one step: caught here, before any model is loaded; the trainer
+        # checks the exact count once the data is read
+        if self.epochs > self.step_limit:
+            raise PydanticCustomError("pyalign", "{message}", {
+                "message": f"{self.epochs} epochs make at least as many optimizer steps, above training.step_limit "
+                           f"({self.step_limit}); if that many is meant, raise training.step_limit",
+                "where": ".epochs"})
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -113,7 +133,7 @@ class TrainingConfig(Section):
 # made with other values of these is still valid.
 TRAINING_FIELDS_NOT_IN_FINGERPRINT = (
     "eval_every", "save_every", "log_every", "keep_checkpoints", "progress_bar", "tensorboard", "device",
-    "eval_batch_size", "num_threads", "sharding", "cpu_offload", "report_to",
+    "eval_batch_size", "num_threads", "sharding", "cpu_offload", "report_to", "step_limit", "preempt_signals",
 )
 
 
@@ -128,19 +148,49 @@ def training_fingerprint(training: TrainingConfig) -> dict:
 
 # ----------------------------------------------------------------------------- reading
 
+def _yaml_loader():
+    """PyYAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last one
+    without a word, so a typo'd second ``lr:`` would silently win)."""
+    import yaml  # noqa: PLC0415
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                                      f"(first given on line {first}); keep one of them")
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_config_source(source: str | os.PathLike | dict) -> dict:
-    """A YAML file or a dict -> a (copied) dict; errors name the file."""
+    """A YAML file or a dict -> a (copied) dict; errors name the file (and the line: a key given
+    twice in a mapping is refused, as is a file that is not UTF-8)."""
     if isinstance(source, (str, os.PathLike)):
         import yaml  # noqa: PLC0415
 
         file = Path(source)
         if not file.is_file():
             raise FileNotFoundError(f"{file}: config file not found")
-        with file.open(encoding="utf-8") as handle:
-            try:
-                source = yaml.safe_load(handle)
-            except yaml.YAMLError as error:
-                raise ConfigError(f"{file}: not valid YAML ({error})") from None
+        try:
+            text = read_text(file)
+        except ValueError as error:  # not UTF-8: the byte offset
+            raise ConfigError(str(error)) from None
+        loader = _yaml_loader()(text)
+        loader.name = str(file)
+        try:
+            source = loader.get_single_data()
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{file}: not valid YAML ({error})") from None
+        finally:
+            loader.dispose()
     if not isinstance(source, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(source).__name__}")
     return dict(source)

@@ -178,6 +178,8 @@ NonNegativeFloat = float_type("a non-negative float", ge=0)
 Fraction = float_type("a float in [0, 1)", ge=0, lt=1)  # e.g. warm-up ratio, dropout
 UnitInterval = float_type("a float in [0, 1]", ge=0, le=1)
 Integer = int_type("an integer")
+# torch, numpy and Python's random all take seeds of 32 bits; the trainer derives others from it
+Seed = int_type("an integer in [0, 2**32)", ge=0, lt=2**32)
 PositiveInt = int_type("a positive integer", gt=0)
 NonNegativeInt = int_type("a non-negative integer", ge=0)
 Boolean = Annotated[bool, Strict(), expect("true or false")]

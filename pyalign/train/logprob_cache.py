@@ -10,24 +10,44 @@ under: model fingerprint, data fingerprint (hash of the file), tokenisation fing
 (tokenizer, chat template, lengths, recipe version) and log-prob settings (length-averaged or not,
 autocast). A file whose key differs from the one expected now is STALE: it is refused with an
 error naming what changed, or recomputed when ``recompute_stale=True``. Files are written to a
-temporary name and renamed, so a killed run never leaves a half-written entry.
+temporary name and renamed, so a killed run never leaves a half-written entry. Each entry carries
+the sha256 of its key and values, checked on every load: an entry whose bytes changed or that
+cannot be read is DAMAGED, refused (:class:`~pyalign.failures.DamagedFileError`) or recomputed
+like a stale one; entries of versions without the checksum are read unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from pyalign.data import PreferenceDataset
+from pyalign.data import PreferenceDataset, check_token_ids
+from pyalign.failures import DamagedFileError
 from pyalign.io import torch_save_atomic
 from pyalign.models import autocast_context, policy_sequence_logprobs
 
 
+logger = logging.getLogger("pyalign.train")
+
+
 class StaleLogprobCacheError(RuntimeError):
     """A cached entry was computed under a different model, data or tokenisation."""
+
+
+def _entry_checksum(key: dict, chosen: Tensor, rejected: Tensor) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    for values in (chosen, rejected):
+        # a fresh tensor: a one-element view keeps a stride that view(uint8) refuses
+        values = torch.empty(values.shape, dtype=values.dtype).copy_(values.detach())
+        digest.update(f"{values.dtype}{tuple(values.shape)}".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,10 @@ class PairsWithFrozenLogprobs:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def source(self) -> str | None:
+        return getattr(self.pairs, "source", None)
+
     def batch(self, indices) -> dict[str, Tensor]:
         batch = self.pairs.batch(indices)
         batch["chain_logps"] = self.chain.rows(batch["index"])
@@ -100,7 +124,13 @@ class LogprobCache:
         path = self.path(key)
         if not path.is_file():
             return None
-        entry = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            entry = self._read(path)
+        except DamagedFileError as error:
+            if self.recompute_stale:
+                logger.warning("%s; recomputing it", str(error).split("; ")[0])
+                return None
+            raise
         changes = _differences(entry["key"], key.as_dict())
         if changes:
             if self.recompute_stale:
@@ -112,9 +142,27 @@ class LogprobCache:
             )
         return entry["chosen"], entry["rejected"]
 
+    @staticmethod
+    def _read(path: Path) -> dict:
+        remedy = ("delete it to have it recomputed (or rerun with --recompute-stale-cache, config: "
+                  "recompute_stale_cache: true)")
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a cut or damaged file raises EOFError, RuntimeError, ...
+            raise DamagedFileError(f"{path}: damaged: cannot be loaded ({type(error).__name__}: "
+                                   f"{str(error)[:200]}); {remedy}") from None
+        if not isinstance(entry, dict) or not {"key", "chosen", "rejected"} <= set(entry):
+            raise DamagedFileError(f"{path}: damaged: not a log-prob cache entry; {remedy}")
+        stored = entry.get("sha256")
+        if stored is not None and stored != _entry_checksum(entry["key"], entry["chosen"], entry["rejected"]):
+            raise DamagedFileError(f"{path}: damaged: its values differ from the checksum written with them; "
+                                   f"{remedy}")
+        return entry
+
     def save(self, key: CacheKey, chosen: Tensor, rejected: Tensor) -> Path:
-        return torch_save_atomic({"key": key.as_dict(), "chosen": chosen.cpu(), "rejected": rejected.cpu()},
-                                 self.path(key))
+        chosen, rejected = chosen.cpu(), rejected.cpu()
+        return torch_save_atomic({"key": key.as_dict(), "chosen": chosen, "rejected": rejected,
+                                  "sha256": _entry_checksum(key.as_dict(), chosen, rejected)}, self.path(key))
 
 
 @torch.no_grad()
@@ -131,6 +179,7 @@ def dataset_logprobs(
     run as many as the busiest one)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
+    check_token_ids(dataset, model, "frozen log-prob")
     was_training = model.training
     model.eval()
     chosen, rejected = [], []

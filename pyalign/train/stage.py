@@ -8,7 +8,9 @@ A preference round, an SFT run and each fine-tune of the DPA loop are such a sta
 
 The state file is written last, so a stage is finished exactly when it exists; its fingerprint
 (whatever the caller says the result depends on) is checked by :func:`stage_finished`, and a
-finished stage made under other settings is refused rather than reused. Until then the stage
+finished stage made under other settings is refused rather than reused. The state file carries
+its own checksum and the fingerprint of the model folder it finished with, both checked before a
+finished stage is trusted: a damaged state file or model is refused naming the file. Until then the stage
 resumes from ``<stage_dir>/checkpoints`` (removed once it is finished). In a multi-process run
 every process trains, process 0 alone writes, and all wait for it before returning. Under
 ``training.sharding: fsdp`` (:mod:`pyalign.train.sharding`) the trained weights are gathered to
@@ -25,7 +27,8 @@ from typing import Callable
 import torch
 
 from pyalign import distributed
-from pyalign.io import atomic_directory, write_json_atomic
+from pyalign.failures import DamagedFileError
+from pyalign.io import atomic_directory, read_json, write_json_atomic
 from pyalign.models import apply_lora, enable_activation_checkpointing, load_model, model_fingerprint, save_merged_model
 from pyalign.train.objectives import Objective
 from pyalign.train.sharding import check_sharding, full_state_dict, is_sharded, shard_model
@@ -35,20 +38,43 @@ STATE_FILE = "round_state.json"
 
 
 def stage_finished(stage_dir: str | Path, fingerprint: dict, *, state_file: str = STATE_FILE,
-                   what: str = "stage") -> bool:
+                   what: str = "stage", model_dir: str = "model",
+                   fingerprint_of: Callable[[Path], str] = model_fingerprint) -> bool:
     """Whether the stage in ``stage_dir`` is finished; raises RuntimeError when it was finished
-    under another fingerprint."""
-    file = Path(stage_dir) / state_file
+    under another fingerprint, :class:`~pyalign.failures.DamagedFileError` when its state file or
+    its model folder ``model_dir`` (checked against the fingerprint recorded when it finished)
+    changed since (``fingerprint_of`` computes a folder's fingerprint)."""
+    stage_dir = Path(stage_dir)
+    file = stage_dir / state_file
     if not file.is_file():
         return False
-    state = json.loads(file.read_text(encoding="utf-8"))
+    redo = (f"delete {file} to train {what} again (or restore the folder from a copy; the stages after it "
+            "depend on it too)")
+    state = read_json(file, remedy=redo)
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise DamagedFileError(f"{file}: damaged: not a finished-stage record; {redo}")
     if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
         raise RuntimeError(
             f"{file}: {what} was finished under different settings (base model, data, tokenisation, "
             "LoRA, method or training config); use a new output_dir or delete that folder "
             "(and those of the stages after it)"
         )
+    recorded = state.get("model_fingerprint")
+    if recorded is not None:
+        now = _folder_fingerprint(stage_dir / model_dir, fingerprint_of)
+        if now != recorded:
+            problem = ("missing, or without weight files" if now is None else
+                       "its weights or config differ from the fingerprint recorded")
+            raise DamagedFileError(f"{stage_dir / model_dir}: damaged: {problem} in {file} when {what} finished; "
+                                   f"{redo}")
     return True
+
+
+def _folder_fingerprint(folder: Path, fingerprint_of: Callable[[Path], str]) -> str | None:
+    try:
+        return fingerprint_of(folder)
+    except (OSError, ValueError):  # missing folder or no weight files left
+        return None
 
 
 def save_trained_model(model, *, lora, base_dir: str | Path, model_dtype: str, tokenizer,
@@ -121,7 +147,7 @@ def train_lora_stage(
             "status": "finished", "fingerprint": fingerprint,
             "model_fingerprint": model_fingerprint(stage_dir / "model"), "metrics": metrics["eval"],
             **(extra_state or {}),
-        })
+        }, checksum=True)
         shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
     distributed.barrier()  # the model folder exists for every process from here on
     return metrics

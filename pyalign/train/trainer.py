@@ -32,12 +32,12 @@ import torch
 from torch import Tensor
 
 from pyalign import distributed
+from pyalign.data import check_token_ids
 from pyalign.io import write_json_atomic
 from pyalign.models import autocast_context, trainable_parameters
-from pyalign.train import tracking
+from pyalign.train import preemption, tracking
 from pyalign.train.checkpoint import (
-    latest_format, latest_step, load_latest_checkpoint, load_sharded_checkpoint, read_sharded_progress,
-    save_checkpoint, save_sharded_checkpoint,
+    find_checkpoint_everywhere, latest_step, load_sharded_checkpoint, save_checkpoint, save_sharded_checkpoint,
 )
 from pyalign.train.config import TrainingConfig
 from pyalign.train.objectives import Objective
@@ -104,6 +104,9 @@ class Trainer:
         objective.check_data(train, "train")
         if eval is not None:
             objective.check_data(eval, "eval")
+        for split, data in (("train", train), ("eval", eval)):
+            if data is not None:
+                check_token_ids(data, model, split)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         # checked on every process, so a missing tracker client stops them all with one message
@@ -112,10 +115,16 @@ class Trainer:
         micro_batches = math.ceil(len(train) / training.batch_size)
         self.steps_per_epoch = math.ceil(micro_batches / training.grad_accum)
         self.total_steps = self.steps_per_epoch * training.epochs
+        if self.total_steps > training.step_limit:
+            raise ValueError(
+                f"training.epochs: {training.epochs} epochs x {self.steps_per_epoch} optimizer steps per epoch = "
+                f"{self.total_steps} steps, above training.step_limit ({training.step_limit}); if that many is "
+                "meant, raise training.step_limit")
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=training.lr, weight_decay=training.weight_decay)
         self.scheduler = _make_scheduler(self.optimizer, training, self.total_steps)
         self.step = 0
         self.history: list[dict] = []  # logged training metrics, kept across resumes
+        self._stop: str | None = None  # a stop signal every process has seen by the last step
 
     # ------------------------------------------------------------------ data order
     def epoch_order(self, epoch: int) -> Tensor:
@@ -175,7 +184,11 @@ class Trainer:
         # -> gradients summed over processes (FSDP reduce-scattered them already) -> clip -> optimizer
         if not self.sharded:
             distributed.all_reduce_gradients(list(self.params.values()))
-        metrics = _weighted_means(distributed.gather_objects((sums, sum(units))))
+        # the stop requests ride on the gather every step makes anyway: every process sees them all
+        # at the same step, so all stop together (the checkpoint needs every one of them)
+        gathered = distributed.gather_objects((sums, sum(units), preemption.requested()))
+        metrics = _weighted_means([(process_sums, n) for process_sums, n, _ in gathered])
+        self._stop = preemption.first_request([request for _, _, request in gathered])
         if self.cfg.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
             metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -267,22 +280,23 @@ class Trainer:
             raise RuntimeError(f"{self.checkpoint_dir}: data order differs from the checkpoint's")
 
     def restore(self) -> bool:
-        """Load the newest checkpoint, if any (every process calls it). A sharded checkpoint loads
-        under any number of processes, sharded or not; a single-file one into an unsharded model."""
-        kind = latest_format(self.checkpoint_dir)
-        if kind is None:
+        """Load the newest checkpoint that checks out, if any (every process calls it; process 0
+        verifies the files and falls back past damaged ones, :mod:`pyalign.train.checkpoint`). A
+        sharded checkpoint loads under any number of processes, sharded or not; a single-file one
+        into an unsharded model."""
+        found = find_checkpoint_everywhere(self.checkpoint_dir)
+        if found is None:
             return False
-        if kind == "dcp":
-            state = read_sharded_progress(self.checkpoint_dir)
+        checkpoint, state = found
+        if checkpoint.format == "dcp":
             self._check_checkpoint(state)  # before any weight is touched
-            load_sharded_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
+            load_sharded_checkpoint(checkpoint.folder, self.model, self.optimizer)
         else:
             if self.sharded:
                 raise RuntimeError(
                     f"{self.checkpoint_dir}: a checkpoint written by an unsharded run (training.sharding none); "
                     "a sharded run resumes torch.distributed.checkpoint checkpoints only. Resume with "
                     f"sharding: none, or delete {self.checkpoint_dir} to start the stage over")
-            state = load_latest_checkpoint(self.checkpoint_dir)
             self._check_checkpoint(state)
             with torch.no_grad():
                 for name, param in self.params.items():
@@ -325,8 +339,14 @@ class Trainer:
                 # before the checkpoint: what the callback changes (e.g. spo alphas) is saved with this step
                 self.callback("step", {"round": self.round_number, "step": self.step,
                                        "total_steps": self.total_steps, "metrics": metrics, "trainer": self})
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                due = self.cfg.save_every and self.step % self.cfg.save_every == 0
+                stop = preemption.requested() if self.world == 1 else self._stop
+                if (due or stop) and self.step < self.total_steps:
                     self.save()
+                if stop and self.step < self.total_steps:
+                    progress.close()
+                    raise preemption.Preempted(stop, f"at {self.name} step {self.step}/{self.total_steps}",
+                                               str(self.checkpoint_dir / f"step_{self.step:06d}"))
             progress.close()
             if latest_step(self.checkpoint_dir) != self.step:
                 self.save()  # the finished run's state: a crash while saving its outputs resumes here

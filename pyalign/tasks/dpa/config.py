@@ -19,8 +19,8 @@ from pydantic import AfterValidator, Field
 from pyalign.directions import SIGNS, check_objectives
 from pyalign.tasks.preference.config import MethodConfig
 from pyalign.train import (
-    Boolean, ConfigError, Fraction, Integer, LoraConfig, ModelConfig, NonNegativeInt, PathValue, PositiveFloat,
-    PositiveInt, Section, String, TrainingConfig, check_file, check_lengths, check_model_folder, checked, expect,
+    Boolean, ConfigError, Fraction, LoraConfig, ModelConfig, NonNegativeInt, PathValue, PositiveFloat,
+    PositiveInt, Section, Seed, String, TrainingConfig, check_file, check_lengths, check_model_folder, checked, expect,
     expected_error, field, float_type, non_empty_list, one_of, section,
 )
 
@@ -119,7 +119,7 @@ class SamplingConfig(Section):
     top_k: NonNegativeInt = field(0, "top-k (0: off)")
     batch_size: PositiveInt = field(16, "rows per generation batch")
     chunk_size: PositiveInt = field(64, "(prompt, direction) rows generated between two saves")
-    seed: Integer = field(0, "seed of directions, samples and replay draws")
+    seed: Seed = field(0, "seed of directions, samples and replay draws")
     backend: one_of("auto", "hf", "vllm") = field("auto", "generation backend (auto: vllm when importable)")
 
 
@@ -145,7 +145,7 @@ class EvaluationConfig(Section):
     temperature: PositiveFloat = field(0.7, "paper: 0.7")
     top_p: TopP = field(1.0, "nucleus mass in (0, 1]")
     max_new_tokens: PositiveInt | None = field(None, "default: sampling.max_new_tokens")
-    seed: Integer = field(1234, "seed of the evaluation samples")
+    seed: Seed = field(1234, "seed of the evaluation samples")
     true_ratings: PythonCallable | None = field(
         None, "'module:function'(row, response, tokenizer) -> {objective: rating on the reward model's input "
               "scale}: the task's true objectives, if it has them")

@@ -189,7 +189,7 @@ def evaluate_policy(run, t: int) -> dict:
         front.append(front_point(v, config.objectives, [s["scores"] for s in samples], true))
     result = {"key": key, "iteration": t, "model": str(run.model_dirs[t]), "front": front}
     if distributed.is_main():
-        write_json_atomic(front_file, result)
+        write_json_atomic(front_file, result, checksum=True)
     distributed.barrier()
     run.callback("evaluated", {"iteration": t})
     return result

@@ -27,7 +27,6 @@ share of each batch; process 0 alone writes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pyalign.data import PreferenceDataset, file_fingerprint, tokenization_finge
 from pyalign.generation import GenerationSettings, generate_jsonl, load_for_generation
 from pyalign.io import JsonlAppender, read_json, read_jsonl_rows, write_json_atomic, write_jsonl_atomic
 from pyalign.models import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
+from pyalign.reward_model.model import reward_model_fingerprint
 from pyalign.tasks.dpa.config import DPAConfig, resolve_callable
 from pyalign.tasks.dpa.data import (
     best_worst_pairs, chosen_examples, iteration_prompts, load_prompt_rows, plan_rows, replay_examples, replay_pool,
@@ -49,7 +49,7 @@ from pyalign.tasks.dpa.data import (
 from pyalign.tasks.dpa.evaluate import evaluate_policy, front_table, write_fronts
 from pyalign.train import (
     CacheKey, ConfigError, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, PreferenceObjective, SFTObjective,
-    dataset_logprobs, load_config, lora_fingerprint, shard_model, stage_finished, start_run,
+    dataset_logprobs, load_config, lora_fingerprint, shard_model, stage_finished, start_run, stop_if_requested,
     train_lora_stage, training_fingerprint,
 )
 
@@ -71,18 +71,6 @@ class DPAResult:
     @property
     def final_model_dir(self) -> Path:
         return self.model_dirs[-1]
-
-
-def reward_model_fingerprint(folder: str | Path) -> str:
-    """The reward model folder's identity: its metadata, head and backbone weights."""
-    from pyalign.reward_model.model import BACKBONE_DIR, CONFIG_FILE, HEAD_FILE  # noqa: PLC0415
-
-    folder = Path(folder)
-    digest = hashlib.blake2b(digest_size=20)
-    for name in (CONFIG_FILE, HEAD_FILE):
-        digest.update(name.encode() + b"\0" + file_fingerprint(folder / name).encode())
-    digest.update(model_fingerprint(folder / BACKBONE_DIR).encode())
-    return digest.hexdigest()
 
 
 class DPARun:
@@ -156,7 +144,7 @@ class DPARun:
                                f"{', '.join(changed)}); use a new output_dir or delete {file.parent} "
                                "and the folders after it")
         if stored is None and distributed.is_main():
-            write_json_atomic(file, {"key": key})
+            write_json_atomic(file, {"key": key}, checksum=True)
         distributed.barrier()
 
     # ------------------------------------------------------------------ generation and scoring
@@ -211,7 +199,9 @@ class DPARun:
                 raise RuntimeError(f"{path}: row {i} scores another prompt or direction (a stale file: delete it)")
         done = len(done_rows)
         distributed.barrier()
-        with JsonlAppender(path) if distributed.is_main() and done < total else contextlib.nullcontext() as out:
+        # checksums: every score row carries a digest (scored.jsonl.sha256), so a damaged row is scored again
+        with JsonlAppender(path, checksums=True) if distributed.is_main() and done < total \
+                else contextlib.nullcontext() as out:
             for start in range((done // chunk) * chunk, total, chunk):
                 stop = min(start + chunk, total)
                 prompts = [rows[i]["prompt"] for i in range(start, stop) for _ in generated[i]["samples"]]
@@ -298,7 +288,7 @@ class DPARun:
         train_file = self.iteration_dir(t) / "train.jsonl"
         fingerprint = self.fine_tune_fingerprint(t, base_index, train_file)
         if stage_finished(self.stage_dir(t), fingerprint, state_file=STATE_FILE, what=f"iteration {t}'s fine-tune"):
-            return read_json(self.stage_dir(t) / "metrics.json")
+            return self.finished_metrics(t)
         if config.loop.fine_tune == "sft":
             data = SFTDataset.from_jsonl(train_file, self.tokenizer, training.max_length, training.max_prompt_length)
             objective = SFTObjective(fused=training.fused_lm_head)
@@ -356,6 +346,10 @@ class DPARun:
         distributed.barrier()
         return PairsWithFrozenLogprobs(pairs, FrozenLogprobs(entry[0][None], entry[1][None]))
 
+    def finished_metrics(self, t: int) -> dict:
+        return read_json(self.stage_dir(t) / "metrics.json",
+                         remedy=f"delete {self.stage_dir(t) / STATE_FILE} to fine-tune iteration {t} again")
+
     def run_iteration(self, t: int) -> dict:
         rows = self.plan(t)
         train_file = self.iteration_dir(t) / "train.jsonl"
@@ -363,13 +357,15 @@ class DPARun:
         if train_file.is_file() and stage_finished(self.stage_dir(t), self.fine_tune_fingerprint(t, base_index, train_file),
                                                    state_file=STATE_FILE, what=f"iteration {t}'s fine-tune"):
             logger.info("dpa iteration %d: already finished, skipped", t)
-            return read_json(self.stage_dir(t) / "metrics.json")
+            return self.finished_metrics(t)
         info = {"stage": "iteration", "iteration": t}
         logger.info("dpa iteration %d: %d (prompt, direction) rows x %d samples from %s", t, len(rows),
                     self.config.sampling.n, self.model_dirs[t - 1])
         generated = self.generate(self.iteration_dir(t) / "samples.jsonl", t - 1, rows,
                                   self.generation_settings(evaluation=False), info)
+        stop_if_requested(f"after sampling in DPA iteration {t}")
         scored = self.score(self.iteration_dir(t) / "scored.jsonl", rows, generated, info)
+        stop_if_requested(f"after scoring in DPA iteration {t}")
         selection = self.fine_tune_data(t, scored)
         metrics = self.fine_tune(t)
         if distributed.is_main():
@@ -384,19 +380,20 @@ def run_dpa(config, *, callback: Callable[[str, dict], None] | None = None) -> D
     ``"generated"``, ``"scored"`` (after each chunk), ``"selected"``, the trainer's ``"step"``,
     ``"fine_tuned"`` and ``"evaluated"`` (tests use it to simulate a crash)."""
     config = load_config(config, task="dpa")
-    _, output_dir = start_run(config)
-    run = DPARun(config, callback)
-    evaluate = run.eval_rows is not None
-    evaluations = [evaluate_policy(run, 0)] if evaluate else []
-    metrics = []
-    for t in range(1, config.loop.iterations + 1):
-        metrics.append(run.run_iteration(t))
+    with start_run(config) as (_, output_dir):
+        run = DPARun(config, callback)
+        evaluate = run.eval_rows is not None
+        evaluations = [evaluate_policy(run, 0)] if evaluate else []
+        metrics = []
+        for t in range(1, config.loop.iterations + 1):
+            stop_if_requested(f"before DPA iteration {t}")
+            metrics.append(run.run_iteration(t))
+            if evaluate:
+                evaluations.append(evaluate_policy(run, t))
+        result = DPAResult(output_dir, run.model_dirs, iteration_metrics=metrics)
         if evaluate:
-            evaluations.append(evaluate_policy(run, t))
-    result = DPAResult(output_dir, run.model_dirs, iteration_metrics=metrics)
-    if evaluate:
-        result.fronts, result.fronts_file, result.plot = write_fronts(run, evaluations)
-    return result
+            result.fronts, result.fronts_file, result.plot = write_fronts(run, evaluations)
+        return result
 
 
 def summary(result: DPAResult) -> list[str]:

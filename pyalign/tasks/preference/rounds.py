@@ -47,14 +47,14 @@ import torch
 
 from pyalign import distributed
 from pyalign.data import PreferenceDataset, data_fingerprint, tokenization_fingerprint
-from pyalign.io import atomic_directory
+from pyalign.io import atomic_directory, read_json
 from pyalign.models import load_model, load_tokenizer, model_fingerprint, resolve_device, uses_autocast
 from pyalign.tasks.preference import adaptive_alpha
 from pyalign.tasks.preference.config import SequentialConfig, chain_models, round_alphas, round_dir
 from pyalign.train import (
     STATE_FILE, CacheKey, FrozenLogprobs, LogprobCache, PairsWithFrozenLogprobs, PreferenceObjective,
     dataset_logprobs, is_sharded, load_config, lora_fingerprint, shard_model, stage_finished, start_run,
-    train_lora_stage, training_fingerprint,
+    stop_if_requested, train_lora_stage, training_fingerprint,
 )
 
 logger = logging.getLogger("pyalign.train")
@@ -169,6 +169,7 @@ class SequentialRun:
                 path = self.cache.save(self.cache_key(model_index, n, split), chosen, rejected)
                 self.callback("cache_saved", {"model": model_index, "round": n, "split": split, "path": path})
             distributed.barrier()  # the entry exists for every process from here on
+            stop_if_requested(f"after caching the log-probs of pi_{model_index} on round {n} {split}")
         del model
 
     def frozen_chain(self, round_number: int, split: str) -> FrozenLogprobs | None:
@@ -219,9 +220,10 @@ class SequentialRun:
         state_file = source / STATE_FILE
         if not state_file.is_file():
             return False
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state = read_json(state_file)
         if state.get("fingerprint") != json.loads(json.dumps(self.round_fingerprint(round_number))):
             return False
+        stage_finished(source, self.round_fingerprint(round_number), what=f"round {round_number} of {source.parent}")
         if distributed.is_main():
             with atomic_directory(target) as partial:  # finished files are never rewritten in place
                 shutil.copytree(source, partial, copy_function=_link_or_copy, dirs_exist_ok=True,
@@ -277,18 +279,20 @@ def run_sequential(
     config = load_config(config, task="preference")
     if recompute_stale_cache is not None:
         config.recompute_stale_cache = recompute_stale_cache
-    start_run(config)
-    run = SequentialRun(config, callback)
-    metrics = []
-    for n in run.round_numbers:
-        run.cache_frozen_logprobs(n - 1)  # pi_{n-1} is final now: cache it for rounds n..K
-        if run.finished(n) or run.reuse_finished_round(n):
-            if distributed.is_main():
-                logger.info("round %d (%s): already finished, skipped", n, config.rounds[n - 1].name)
-                shutil.rmtree(round_dir(config, n) / "checkpoints", ignore_errors=True)  # if killed before cleanup
-            metrics.append(json.loads((round_dir(config, n) / "metrics.json").read_text(encoding="utf-8")))
-            continue
-        metrics.append(run.train_round(n))
+    with start_run(config):
+        run = SequentialRun(config, callback)
+        metrics = []
+        for n in run.round_numbers:
+            stop_if_requested(f"before round {n}")
+            run.cache_frozen_logprobs(n - 1)  # pi_{n-1} is final now: cache it for rounds n..K
+            if run.finished(n) or run.reuse_finished_round(n):
+                if distributed.is_main():
+                    logger.info("round %d (%s): already finished, skipped", n, config.rounds[n - 1].name)
+                    shutil.rmtree(round_dir(config, n) / "checkpoints", ignore_errors=True)  # if killed before cleanup
+                metrics.append(read_json(round_dir(config, n) / "metrics.json", remedy=(
+                    f"delete {round_dir(config, n) / STATE_FILE} to train round {n} again")))
+                continue
+            metrics.append(run.train_round(n))
     round_dirs = [round_dir(config, n) for n in run.round_numbers]
     return SequentialResult(round_dirs=round_dirs, final_model_dir=round_dirs[-1] / "model", metrics=metrics)
 

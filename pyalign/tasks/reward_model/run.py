@@ -20,7 +20,6 @@ the model, data, objectives, tokenisation or settings changed since.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -31,11 +30,12 @@ import torch
 
 from pyalign import distributed
 from pyalign.data import file_fingerprint, tokenization_fingerprint
-from pyalign.io import write_json_atomic
+from pyalign.io import read_json, write_json_atomic
 from pyalign.models import enable_activation_checkpointing, load_tokenizer, model_fingerprint
 from pyalign.reward_model.data import RatingsDataset, check_within_scales, load_rated_examples, resolve_scales
 from pyalign.reward_model.metrics import unflatten
 from pyalign.reward_model.model import RewardModel, apply_backbone_lora, load_backbone
+from pyalign.reward_model.model import reward_model_fingerprint as folder_fingerprint
 from pyalign.tasks.reward_model.config import RewardModelConfig
 from pyalign.tasks.reward_model.objective import RewardRegressionObjective
 from pyalign.train import (
@@ -85,9 +85,12 @@ def run_reward_model(config, *, callback: Callable[[str, dict], None] | None = N
     """Train the reward model of ``config`` (a path, dict or :class:`RewardModelConfig`),
     resuming whatever an earlier run left. ``callback(event, info)``: the trainer's steps."""
     config = load_config(config, task="reward_model")
-    training = config.training
-    device, output_dir = start_run(config)
+    with start_run(config) as (device, output_dir):
+        return _run(config, device, output_dir, callback)
 
+
+def _run(config: RewardModelConfig, device, output_dir: Path, callback) -> RewardModelResult:
+    training = config.training
     names = list(config.objectives)
     tokenizer = load_tokenizer(config.model.path)
     train_examples = load_rated_examples(config.data.train, names)
@@ -104,10 +107,12 @@ def run_reward_model(config, *, callback: Callable[[str, dict], None] | None = N
     tokenization = tokenization_fingerprint(tokenizer, training.max_length, training.max_prompt_length)
     fingerprint = reward_model_fingerprint(config, scales, tokenization)
     result = RewardModelResult(output_dir, output_dir / MODEL_DIR)
-    if stage_finished(output_dir, fingerprint, state_file=STATE_FILE, what="the reward model run"):
+    if stage_finished(output_dir, fingerprint, state_file=STATE_FILE, what="the reward model run",
+                      model_dir=MODEL_DIR, fingerprint_of=folder_fingerprint):
         if distributed.is_main():
             logger.info("reward_model: already finished (%s), nothing to do", output_dir / STATE_FILE)
-        result.metrics = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
+        result.metrics = read_json(output_dir / "metrics.json",
+                                   remedy=f"delete {output_dir / STATE_FILE} to train the run again")
         return result
 
     def dataset(examples):
@@ -149,7 +154,8 @@ def run_reward_model(config, *, callback: Callable[[str, dict], None] | None = N
             "validation": unflatten(result.metrics.get("eval", {})),
         })
         write_json_atomic(output_dir / STATE_FILE, {"status": "finished", "fingerprint": fingerprint,
-                                                   "metrics": result.metrics.get("eval", {})})
+                                                   "model_fingerprint": folder_fingerprint(result.model_dir),
+                                                   "metrics": result.metrics.get("eval", {})}, checksum=True)
         shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
     distributed.barrier()  # the reward model folder exists for every process from here on
     return result

@@ -97,11 +97,14 @@ class SFTDataset(torch.utils.data.Dataset):
         self.examples = list(examples)
         self.tokenized = [tokenize_example(e, tokenizer, max_length, max_prompt_length) for e in self.examples]
         self.pad_token_id = pad_token_id(tokenizer)
+        self.source: str | None = None  # the file, for messages
 
     @classmethod
     def from_jsonl(cls, path, tokenizer, max_length: int, max_prompt_length: int, *,
                    ignore_fields: Iterable[str] = ()) -> "SFTDataset":
-        return cls(load_sft_examples(path, ignore_fields=ignore_fields), tokenizer, max_length, max_prompt_length)
+        dataset = cls(load_sft_examples(path, ignore_fields=ignore_fields), tokenizer, max_length, max_prompt_length)
+        dataset.source = str(path)
+        return dataset
 
     def __len__(self) -> int:
         return len(self.tokenized)

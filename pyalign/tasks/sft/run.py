@@ -19,15 +19,14 @@ is not redone (and is refused if the model, data, tokenisation or settings chang
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
 from pyalign import distributed
 from pyalign.data import file_fingerprint, tokenization_fingerprint
+from pyalign.io import read_json
 from pyalign.models import load_tokenizer, model_fingerprint
 from pyalign.tasks.sft.config import SFTConfig
 from pyalign.tasks.sft.data import SFTDataset
@@ -64,8 +63,12 @@ def run_sft(config, *, callback: Callable[[str, dict], None] | None = None) -> S
     """Fine-tune ``config`` (a path, dict or :class:`SFTConfig`), resuming whatever an earlier
     run left. ``callback(event, info)``: the trainer's ``"step"`` events."""
     config = load_config(config, task="sft")
+    with start_run(config) as (device, output_dir):
+        return _run(config, device, output_dir, callback)
+
+
+def _run(config: SFTConfig, device, output_dir: Path, callback) -> SFTResult:
     training = config.training
-    device, output_dir = start_run(config)
     tokenizer = load_tokenizer(config.model.path)
     tokenization = tokenization_fingerprint(tokenizer, training.max_length, training.max_prompt_length)
     fingerprint = sft_fingerprint(config, tokenization)
@@ -73,7 +76,8 @@ def run_sft(config, *, callback: Callable[[str, dict], None] | None = None) -> S
     if stage_finished(output_dir, fingerprint, state_file=STATE_FILE, what="the SFT run"):
         if distributed.is_main():
             logger.info("sft: already finished (%s), nothing to do", output_dir / STATE_FILE)
-        result.metrics = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
+        result.metrics = read_json(output_dir / "metrics.json",
+                                   remedy=f"delete {output_dir / STATE_FILE} to train the run again")
         return result
 
     def dataset(file):
