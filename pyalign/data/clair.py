@@ -10,6 +10,11 @@ model gets the conversation through its chat template (:func:`pyalign.generation
 reviser's instruction puts it in the ``{task}`` field as role-labelled turns
 (:func:`render_prompt`), the same request for a local and an endpoint reviser.
 
+Revisers: a local transformers model (:class:`LocalReviser`), an OpenAI-compatible endpoint
+(:class:`EndpointReviser`), or a program (:class:`ProgramReviser`, ``fix(prompt, y_l) -> y_w``,
+e.g. one that knows the right answer and edits it in: the APO/CLAIR demo, docs/experiments.md),
+which gets the prompt and y_l themselves instead of the instruction.
+
 Filters (the paper's appendix A.2): a revision is dropped when the reviser broke the answer
 format (``output_format="markers"``: no ``{corrected_student_solution}`` identifier, as in the
 authors' parser) or changed the length too much (``len(y_w) / len(y_l)`` in characters outside
@@ -196,6 +201,25 @@ class EndpointReviser:
             return list(pool.map(ask, requests))
 
 
+class ProgramReviser:
+    """A reviser that is a program, ``fix(prompt, response) -> revision``: e.g. one that knows the
+    right answer and edits it into the response, keeping the rest of the text (the APO/CLAIR demo,
+    :func:`pyalign.demo.checkable.revise_answer`). It gets the prompt and y_l themselves, not the
+    instruction, and answers with the revision alone, so it needs ``output_format="plain"``.
+    ``name`` identifies the program in the files' fingerprint (change it when the program changes)."""
+
+    def __init__(self, fix, *, name: str):
+        if not callable(fix):
+            raise ValueError(f"fix: expected a function (prompt, response) -> revision, got {fix!r}")
+        self.fix, self.name = fix, name
+
+    def describe(self) -> dict:
+        return {"kind": "program", "name": self.name}
+
+    def revise_responses(self, prompts: Sequence, responses: Sequence[str]) -> list[str]:
+        return [self.fix(prompt, response) for prompt, response in zip(prompts, responses)]
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def load_prompts(source, *, limit: int | None = None) -> list[tuple]:
@@ -282,6 +306,8 @@ def make_clair_pairs(prompts: Sequence[tuple], model, reviser, out: str | Path, 
     from pyalign.generation import check_prompts, generate_jsonl  # noqa: PLC0415
 
     paths = output_paths(out)
+    if hasattr(reviser, "revise_responses") and settings.output_format != "plain":
+        raise ValueError("output_format: a program reviser answers with the revision alone; use 'plain'")
     prompts = [(p, s) for p, s in prompts]
     if not prompts:
         raise ValueError("prompts: no prompts to make pairs from")
@@ -312,7 +338,10 @@ def make_clair_pairs(prompts: Sequence[tuple], model, reviser, out: str | Path, 
             tqdm(total=len(prompts), initial=start, desc="revising", disable=not progress, leave=False) as bar:
         for chunk_start in range(start, len(prompts), settings.chunk_size):
             chunk = range(chunk_start, min(chunk_start + settings.chunk_size, len(prompts)))
-            answers = reviser.revise([settings.request(prompts[i][0], rejected_texts[i]) for i in chunk])
+            if hasattr(reviser, "revise_responses"):  # a program reviser: the prompt and y_l themselves
+                answers = reviser.revise_responses([prompts[i][0] for i in chunk], [rejected_texts[i] for i in chunk])
+            else:
+                answers = reviser.revise([settings.request(prompts[i][0], rejected_texts[i]) for i in chunk])
             for i, answer in zip(chunk, answers):
                 prompt, system = prompts[i]
                 revision, rationale = parse_revision(answer, settings.output_format)
