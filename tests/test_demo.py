@@ -152,7 +152,7 @@ def test_quick_demo_end_to_end(quick_demo):
     assert [(r["method"], r["round"]) for r in result["rounds"]] == [
         (m, i) for m in ("SPO", "S-DPO") for i in range(1, 5)]
     for entry in result["rounds"]:
-        assert entry["alpha"] == {"SPO": 0.1, "S-DPO": 0.0}[entry["method"]]
+        assert entry["alpha"] == {"SPO": 0.5, "S-DPO": 0.0}[entry["method"]]
         assert 0 <= entry["empty"] <= 1 and 0 <= entry["format"] <= 1
         assert set(entry["first"]) == {"Token_1", "Skip_1", "end"}
         assert 0 <= sum(entry["first"].values()) <= 1 + 1e-6  # probabilities of three distinct tokens
@@ -162,6 +162,11 @@ def test_quick_demo_end_to_end(quick_demo):
     assert result["pareto"]["SPO"] == result["rounds"][3]["pareto"]
     assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [o["round"] for o in result["offsets"]["SPO"]] == [2, 3, 4] and "S-DPO" not in result["offsets"]
+    # pi_0 is the SFT warm-up's merged model, and every round starts from it
+    assert Path(result["base_model_dir"]) == quick_demo / "sft_warmup" / "model"
+    assert (quick_demo / "data" / "sft_warmup.jsonl").is_file()
+    train_config = json.loads((quick_demo / "train_config.spo.json").read_text())
+    assert Path(train_config["model"]["path"]) == quick_demo / "sft_warmup" / "model"
     # round 1 (DPO from pi_0) trained once: S-DPO's is the same file, hard-linked
     spo, sdpo = (quick_demo / "runs" / m / "round_1_dim1" / "model" / "model.safetensors" for m in ("spo", "s_dpo"))
     assert os.path.samefile(spo, sdpo)
@@ -229,3 +234,17 @@ def test_offset_line_names_kappas_and_handles_a_round_without_conflicts():
     none = describe_offsets({"round": 2, "kappas": [-0.07, 0.1], "pairs": 64, "conflicting_pairs": 0,
                              "mean_offset_conflicting": None, "mean_offset_others": -0.3})
     assert "mean offset - on the 0 conflicting pairs, -0.30 on the other 64" in none
+
+
+def test_warmup_examples_write_every_slot_pattern_behind_each_text():
+    from pyalign.demo.spo_experiment import warmup_examples
+
+    prompts, texts = [f"prompt {i}" for i in range(200)], [f"text {i}" for i in range(200)]
+    records = warmup_examples(prompts, texts, 4, 2, seed=0)
+    assert records == warmup_examples(prompts, texts, 4, 2, seed=0)  # seeded
+    assert len(records) == 400 and [r["prompt"] for r in records[:4]] == ["prompt 0"] * 2 + ["prompt 1"] * 2
+    slots = [response_properties(r["response"], 4) for r in records]  # every response has the 4 slots, in order
+    assert all(r["response"].endswith(r["prompt"].replace("prompt", "text")) for r in records)
+    for d in range(4):  # each slot holds [Token_d] about half the time
+        assert 0.4 < sum(s[d] for s in slots) / len(slots) < 0.6
+    assert len({tuple(s) for s in slots}) == 16

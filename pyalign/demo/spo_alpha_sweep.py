@@ -30,6 +30,7 @@ from pyalign.demo.runner import Clock, demo_main
 from pyalign.demo.spo_experiment import (
     COMMON, QUICK_OVERRIDES, Evaluator, build_data, describe_offsets, generation_row, load_settings, log,
     merge_settings, prepare_base_model, run_method, slug, source_model, spo_offsets, training_config,
+    warmup_model,
 )
 from pyalign.demo.spo_plots import plot_alpha_sweep
 from pyalign.tasks.preference.adaptive_alpha import LOG_FILE
@@ -66,6 +67,8 @@ def run_sweep(settings: dict, out: str | Path) -> Path:
     clock.lap("model")
     rounds, eval_prompts = build_data(settings, source, out)
     clock.lap("data")
+    base_model = warmup_model(settings, base_model, source, out)  # pi_0 (after the SFT warm-up, if any)
+    clock.lap("sft warm-up")
 
     token_ids = marker_ids + skip_ids
     shared_cache = out / "logprob_cache"  # pi_0 and pi_1 are the same in every run

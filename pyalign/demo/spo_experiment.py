@@ -51,6 +51,11 @@ COMMON: dict = {
     "method": {"beta": 0.1},
     "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
     "train_token_rows": False,  # true: the slot tokens' embedding rows are trained too (trainable_token_indices)
+    # null: pi_0 is the source model plus the slot tokens. A mapping: pi_0 is that model after an SFT
+    # warm-up on slotted responses of the training prompts (each slot [Token_i] or [Skip_i] with
+    # probability 1/2, ``examples_per_prompt`` patterns per prompt), so that pi_0 writes the layout;
+    # ``lr``/``epochs``/``batch_size`` override ``training``'s for this stage (LoRA as ``lora``, merged).
+    "sft_warmup": None,
     "training": {
         "lr": 2.0e-3, "epochs": 1, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 32, "max_length": 48,
         "max_prompt_length": 34, "warmup_ratio": 0.1, "lr_scheduler": "linear", "seed": 0, "device": "auto",
@@ -67,7 +72,7 @@ QUICK_OVERRIDES: dict = {  # the tiny random model: every step of the pipeline i
                  "warmup_ratio": 0.0, "device": "cpu", "save_every": 0, "log_every": 2, "progress_bar": False},
 }
 # Sections whose keys the trainer's config validates (any of its fields may be given).
-OPEN_SECTIONS = ("lora", "training", "method", "methods", "adaptive_alpha")
+OPEN_SECTIONS = ("lora", "training", "method", "methods", "adaptive_alpha", "sft_warmup")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -129,12 +134,11 @@ def prepare_base_model(source: Path, out: Path, num_dimensions: int) -> tuple[Pa
     return target, ids[:num_dimensions], ids[num_dimensions:]
 
 
-def build_data(settings: dict, source: Path, out: Path) -> tuple[list[dict], list[str]]:
-    """Sample one response per prompt from the source model and write, per dimension, its training
-    pairs and its held-out pairs. Returns the trainer's ``rounds`` and the held-out prompts for
-    generation."""
+def sampled_texts(settings: dict, source: Path) -> dict:
+    """The prompts of the experiment and one response text per training / held-out-pair prompt,
+    sampled from the source model (cached): ``{train_prompts, train_texts, pair_prompts,
+    pair_texts, eval_prompts}``."""
     data = settings["data"]
-    k = data["num_dimensions"]
     train_prompts, eval_prompts = split_prompts(data["num_train_prompts"], data["num_eval_prompts"], data["seed"])
     if data["num_eval_pairs"] > len(eval_prompts):
         raise ValueError(f"data.num_eval_pairs: at most data.num_eval_prompts ({len(eval_prompts)}), "
@@ -147,7 +151,53 @@ def build_data(settings: dict, source: Path, out: Path) -> tuple[list[dict], lis
         model_id=model_fingerprint(source), cache_dir=models_cache_dir().parent / "demo_samples",
     )]
     del model
-    train_texts, eval_texts = texts[: len(train_prompts)], texts[len(train_prompts):]
+    return {"train_prompts": train_prompts, "train_texts": texts[: len(train_prompts)],
+            "pair_prompts": pair_prompts, "pair_texts": texts[len(train_prompts):], "eval_prompts": eval_prompts}
+
+
+def warmup_examples(prompts, texts, num_dimensions: int, examples_per_prompt: int, seed: int) -> list[dict]:
+    """SFT records ``{prompt, response, system}``: each prompt's text behind ``examples_per_prompt``
+    slot patterns, every slot ``[Token_i]`` or ``[Skip_i]`` with probability 1/2 (seeded)."""
+    from pyalign.demo.spo_data import slot_response  # noqa: PLC0415
+    import random  # noqa: PLC0415
+
+    rng = random.Random(f"spo-warmup:{seed}")
+    return [{"prompt": prompt, "response": slot_response(text, [rng.random() < 0.5 for _ in range(num_dimensions)]),
+             "system": SYSTEM_PROMPT}
+            for prompt, text in zip(prompts, texts) for _ in range(examples_per_prompt)]
+
+
+def warmup_model(settings: dict, base_model: Path, source: Path, out: Path) -> Path:
+    """pi_0 of the experiment: ``base_model`` itself, or (``sft_warmup`` set) ``base_model`` after
+    an SFT pass on slotted responses of the training prompts (trained once, resumable)."""
+    warmup = settings.get("sft_warmup")
+    if not warmup:
+        return base_model
+    from pyalign.tasks.sft.run import run_sft  # noqa: PLC0415
+
+    warmup = dict(warmup)
+    per_prompt = int(warmup.pop("examples_per_prompt", 2))
+    texts = sampled_texts(settings, source)
+    records = warmup_examples(texts["train_prompts"], texts["train_texts"], settings["data"]["num_dimensions"],
+                              per_prompt, settings["data"]["seed"])
+    train = write_jsonl_atomic(out / "data" / "sft_warmup.jsonl", records)
+    lora = dict(settings["lora"])
+    result = run_sft({
+        "task": "sft", "model": {"path": str(base_model), "dtype": "float32"}, "data": {"train": str(train)},
+        "lora": lora, "training": {**settings["training"], **warmup}, "output_dir": str(out / "sft_warmup"),
+    })
+    return Path(result.model_dir)
+
+
+def build_data(settings: dict, source: Path, out: Path) -> tuple[list[dict], list[str]]:
+    """Sample one response per prompt from the source model and write, per dimension, its training
+    pairs and its held-out pairs. Returns the trainer's ``rounds`` and the held-out prompts for
+    generation."""
+    data = settings["data"]
+    k = data["num_dimensions"]
+    sampled = sampled_texts(settings, source)
+    train_prompts, train_texts = sampled["train_prompts"], sampled["train_texts"]
+    pair_prompts, eval_texts, eval_prompts = sampled["pair_prompts"], sampled["pair_texts"], sampled["eval_prompts"]
     rounds = []
     for d in range(1, k + 1):
         common = {"num_dimensions": k, "other_prob": data["other_prob"], "system": SYSTEM_PROMPT}

@@ -3,12 +3,13 @@
     python -m pyalign.demo.spo_markers [--quick] [--out DIR] [--config YAML] [--threads N]
 
 1. pi_0: SmolLM2-135M-Instruct (``--quick``: a tiny random chat model) plus the slot tokens
-   ``[Token_i]``/``[Skip_i]``, i = 1..4.
+   ``[Token_i]``/``[Skip_i]``, i = 1..4, after an SFT warm-up on slotted responses of the training
+   prompts (``sft_warmup``), so that pi_0 writes the slot layout.
 2. Data (:mod:`pyalign.demo.spo_data`): one response per prompt sampled from pi_0; dimension i
    prefers ``[Token_i]`` over ``[Skip_i]`` in slot i (every dimension has its own slot, so a
-   response can have all four); 30% of each later dimension's pairs prefer the response without
+   response can have all four); 50% of each later dimension's pairs prefer the response without
    the earlier markers over the one with them (conflict); held-out pairs without conflicts.
-3. SPO (alpha 0.1) and S-DPO (alpha 0), four rounds each (round 1 is the same DPO round for both:
+3. SPO (alpha 0.5) and S-DPO (alpha 0), four rounds each (round 1 is the same DPO round for both:
    trained once, reused by fingerprint).
 4. Every round's model, per dimension: the teacher-forced held-out preference accuracy and margin
    ``beta*log(pi/pi_0)`` (w - l), and, from generations on held-out prompts, each marker's
@@ -31,10 +32,20 @@ from pyalign.demo.runner import Clock, demo_main
 from pyalign.demo.spo_experiment import (
     COMMON, QUICK_OVERRIDES, Evaluator, build_data, describe_offsets, generation_row, load_settings, log,
     merge_settings, prepare_base_model, run_method, slug, source_model, spo_offsets, training_config,
+    warmup_model,
 )
 from pyalign.demo.spo_plots import plot_table4
 
-DEFAULTS: dict = merge_settings(COMMON, {}) | {"methods": {"SPO": 0.1, "S-DPO": 0.0}}  # name: alpha
+# docs/demo.md ("Issue 20") measured these against the alternatives: pi_0 = SmolLM2 after an SFT
+# warm-up on slotted responses (without it pi_0 never writes the slot layout), lr 5e-4 (at 2e-3 the
+# rounds raise the newest marker at every position and the layout collapses), 50% conflicting pairs
+# (at 30% S-DPO keeps every marker too), SPO alpha 0.5 (at the paper's 0.1 SPO's offset is too small
+# next to the conflicting pairs' push at this scale).
+DEFAULTS: dict = merge_settings(COMMON, {
+    "data": {"conflict_rate": 0.5},
+    "training": {"lr": 5.0e-4},
+    "sft_warmup": {"examples_per_prompt": 2, "lr": 1.0e-3, "epochs": 2},
+}) | {"methods": {"SPO": 0.5, "S-DPO": 0.0}}  # name: alpha
 QUICK: dict = merge_settings(DEFAULTS, QUICK_OVERRIDES)
 # The SPO paper's Table 4 (Llama-2 7B, 10k augmented pairs per dimension, 1 epoch), for comparison.
 PAPER_TABLE4 = {
@@ -58,6 +69,8 @@ def run_demo(settings: dict, out: str | Path) -> Path:
     clock.lap("model")
     rounds, eval_prompts = build_data(settings, source, out)
     clock.lap("data")
+    base_model = warmup_model(settings, base_model, source, out)  # pi_0 (after the SFT warm-up, if any)
+    clock.lap("sft warm-up")
 
     run_dirs, model_dirs = {}, {}
     for name, alpha in methods.items():
@@ -88,6 +101,7 @@ def run_demo(settings: dict, out: str | Path) -> Path:
         "pareto": {name: results[-1]["pareto"] for name, results in per_round.items()},
         "wall_time_s": clock.total(),
         "base_model": base_result,
+        "base_model_dir": str(base_model),  # pi_0: the SFT warm-up's merged model when sft_warmup is set
         "offsets": offsets,
         "examples": {name: results[-1]["examples"] for name, results in per_round.items()},
         "paper_table4": PAPER_TABLE4,
@@ -101,7 +115,8 @@ def run_demo(settings: dict, out: str | Path) -> Path:
 
 
 def print_report(payload: dict, base_result: dict, per_round: dict, k: int, title: str) -> None:
-    final = {"pi_0 (no training)": generation_row(base_result)}
+    pi_0 = "pi_0 (SFT warm-up)" if payload["settings"].get("sft_warmup") else "pi_0 (no training)"
+    final = {pi_0: generation_row(base_result)}
     final.update({name: generation_row(results[-1]) for name, results in per_round.items()})
     presence = {f"{name} after round {i}": generation_row(r)
                 for name, results in per_round.items() for i, r in enumerate(results, start=1)}
