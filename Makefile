@@ -21,11 +21,13 @@ DEPS_CHECK  := import transformers, peft, numpy, pybind11, yaml, tqdm, safetenso
 NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-quick demo-sweep test test-gpu test-gpu-all gpu-build bench build venv clean help
+.PHONY: demo demo-quick demo-sweep demo-apo demo-ra test test-gpu test-gpu-all gpu-build bench build venv clean help
 
 help:
 	@echo "make demo        SPO vs S-DPO, four conflicting slot dimensions on SmolLM2-135M (Table 4; CPU, <15 min)"
 	@echo "make demo-sweep  SPO round 2 for alpha 0..0.7 and adaptive alpha (Table 2; CPU, <30 min)"
+	@echo "make demo-apo    APO/CLAIR Table 1 in small: 4 preference data sets x DPO/APO-zero/APO-down/SFT (CPU, ~40 min)"
+	@echo "make demo-ra     DPO vs DPO on reward-augmented relabeled pairs, checkable grades (CPU, ~30 min)"
 	@echo "make test        build and run the test suite (CPU; Triton under its interpreter)"
 	@echo "make test-gpu    the kernel and op tests on CUDA, large shapes included (on a GPU machine)"
 	@echo "make bench       fused op and fused lm_head vs eager / torch.compile; tables + JSON + PNG in bench/results"
@@ -57,7 +59,7 @@ test: build
 GPU_PY ?= python3
 GPU_TESTS := tests/test_token_logprobs.py tests/test_triton_kernels.py tests/test_cuda_sources.py \
              tests/test_linear_token_logprobs.py tests/test_linear_preference_loss.py \
-             tests/test_preference_loss.py
+             tests/test_preference_loss.py tests/test_logit_transforms.py tests/test_extreme_logits.py
 # Every other file's @gpu tests (HF integration, SPO, SFT, DPA, multi-process training, ...).
 GPU_MARKED := $(filter-out $(GPU_TESTS),$(wildcard tests/test_*.py))
 gpu-build:
@@ -81,6 +83,13 @@ demo-quick: build
 
 demo-sweep: build
 	$(PY) -m pyalign.demo.spo_alpha_sweep --out outputs/spo_alpha_sweep
+
+# docs/experiments.md: the APO/CLAIR paper's Table 1 and the reward-augmented paper's claim in small.
+demo-apo: build
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pyalign.demo.apo_clair --threads 2 --out outputs/apo_clair
+
+demo-ra: build
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pyalign.demo.reward_augmented --threads 2 --out outputs/reward_augmented
 
 bench: build
 	$(PY) -m bench.logprobs
