@@ -189,12 +189,17 @@ def kill_job(process) -> None:
 
 
 def alive(pid: int) -> bool:
-    """Running (a killed worker whose launcher died first may stay a zombie: it runs nothing)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+    """Any thread of the process still running (a killed worker whose launcher died first may stay
+    a zombie: it runs nothing). Every thread, not the leader alone: the leader turns zombie while
+    the others still exit holding the shared file table, and with it the output folder's lock."""
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # that thread ended meanwhile
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def checkpoint_step(checkpoints: Path) -> int:
