@@ -173,10 +173,13 @@ def _measure_layout(args, layout: str, rank: int, input_ids, labels) -> list[dic
 def _worker(rank: int, args, port: int, out_path: str) -> None:
     import torch.distributed as dist
 
+    from pyalign import distributed
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(args.processes), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=args.processes, timeout=timedelta(seconds=args.timeout))
     torch.set_num_threads(args.threads)
+    finished = False
     try:
         input_ids, labels = make_batch(args, rank)
         rows = []
@@ -187,9 +190,9 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
         dist.all_gather_object(gathered, rows)
         if rank == 0:
             Path(out_path).write_text(json.dumps([row for part in gathered for row in part]))
-        dist.barrier()
+        finished = True
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_others=finished)
 
 
 # --------------------------------------------------------------------------- driver

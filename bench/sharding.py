@@ -244,8 +244,7 @@ def worker(spec_file: str) -> None:
     finally:
         # No barrier: every process stops after the same step's collectives, and one that failed must
         # not leave the others waiting (torchrun then reports its traceback).
-        if distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown(wait_for_others=False)
     Path(spec["out_dir"], RESULT_FILE.format(rank=rank)).write_text(json.dumps(out))
 
 
@@ -258,6 +257,8 @@ def comm_worker(spec_file: str) -> None:
     all-reduce bucket; FSDP moves one decoder layer at a time: 54 MiB at the 0.5B model's size), and of AdamW's step
     over that many parameters (timed on an eighth of them and scaled: its cost is linear)."""
     import torch.distributed as dist  # noqa: PLC0415
+
+    from pyalign import distributed  # noqa: PLC0415
 
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec["threads"])
@@ -294,8 +295,7 @@ def comm_worker(spec_file: str) -> None:
         optimizer.step()
         times.append((time.perf_counter() - start) * spec["elements"] / (part * chunk))
     out["adamw_s"] = statistics.median(times)
-    dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown()
     Path(spec["out_dir"], RESULT_FILE.format(rank=out["rank"])).write_text(json.dumps(out))
 
 

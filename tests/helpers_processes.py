@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pyalign import distributed
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -28,12 +30,13 @@ def _entry(rank: int, world: int, port: int, out_dir: str, scenario, args: tuple
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), **env)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=collective_timeout_s))
     torch.set_num_threads(1)
+    finished = False
     try:
         result = scenario(rank, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # neither process tears gloo down while the other still talks to it
+        finished = True
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait_for_others=finished)
 
 
 def run_gloo(tmp_path: Path, scenario, *args, world: int = 2, join_timeout_s: float = 150,

@@ -20,7 +20,7 @@ def _worker(rank, world, port, out_dir):
     chosen = distributed.broadcast_object({"from": distributed.rank()})
     torch.save({"mine": mine, "gathered": gathered, "total": total.item(), "chosen": chosen,
                 "main": distributed.is_main()}, os.path.join(out_dir, f"{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def test_two_processes_shard_and_gather_in_order(tmp_path):

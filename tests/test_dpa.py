@@ -394,7 +394,7 @@ def _check_plan_worker(rank, world, port, plan_file, out_dir):
     DPARun.check_plan(None, Path(plan_file), {"iteration": 1}, "iteration 1")
     gathered = distributed.gather_in_order([f"rank{rank}"])
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(gathered))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def test_check_plan_keeps_processes_in_step_when_one_starts_late(tmp_path):

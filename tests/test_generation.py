@@ -340,7 +340,7 @@ def _rank_worker(rank, world, port, folder, out_dir):
                              n=2, max_new_tokens=8, progress=None, chunk_size=4)
     local_rows = len(distributed.shard(PROMPTS))
     torch.save({"result": result, "written": written, "local_rows": local_rows}, os.path.join(out_dir, f"{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def test_two_processes_give_the_single_process_result(tiny, tiny_folder, tmp_path):
