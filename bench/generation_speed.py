@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from pyalign.data import encode_prompt, pad_token_id
     from pyalign.data.prompt_bank import SYSTEM_PROMPT, prompt_bank
-    from pyalign.generation import generate
+    from pyalign.generation import cut_at_stop, generate, left_padded
     from pyalign.models import load_model_and_tokenizer, smollm2_path
 
     start = time.perf_counter()
@@ -52,34 +52,17 @@ def main(argv=None) -> int:
         config = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
         for s in range(0, len(order), batch_size):
-            batch = [encoded[i] for i in order[s:s + batch_size]]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad)
-            mask = torch.zeros_like(ids)
-            for r, e in enumerate(batch):
-                ids[r, width - len(e):] = torch.tensor(e)
-                mask[r, width - len(e):] = 1
+            ids, mask = left_padded([encoded[i] for i in order[s:s + batch_size]], pad)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for row in out[:, width:].tolist():
-                n = 0
-                for t in row:
-                    if t in (tokenizer.eos_token_id, pad) and n >= 0:
-                        break
-                    n += 1
-                tokens += n
+            for row in out[:, ids.shape[1]:].tolist():
+                tokens += len(cut_at_stop(row, {tokenizer.eos_token_id, pad})[0])
         return tokens
 
     def prefill(batch_size):
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         for s in range(0, len(order), batch_size):
-            batch = [encoded[i] for i in order[s:s + batch_size]]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad)
-            mask = torch.zeros_like(ids)
-            for r, e in enumerate(batch):
-                ids[r, width - len(e):] = torch.tensor(e)
-                mask[r, width - len(e):] = 1
+            ids, mask = left_padded([encoded[i] for i in order[s:s + batch_size]], pad)
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
 

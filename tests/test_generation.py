@@ -400,3 +400,12 @@ def test_vllm_backend_same_interface(tiny_folder, tiny):
     greedy_vllm = generate(llm, tokenizer, PROMPTS[:3], do_sample=False, max_new_tokens=4, progress=None)
     greedy_hf = generate(model, tokenizer, PROMPTS[:3], do_sample=False, max_new_tokens=4, progress=None)
     assert ids(greedy_vllm) == ids(greedy_hf)
+
+
+def test_left_padded_puts_every_row_at_the_right_edge():
+    from pyalign.generation import left_padded
+
+    input_ids, attention_mask = left_padded([[5, 6, 7], [8], [9, 10]], pad=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert input_ids.dtype == attention_mask.dtype == torch.long

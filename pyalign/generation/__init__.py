@@ -42,7 +42,7 @@ same arguments, same :class:`Sample` results, and the same per-row seeding idea 
 request carries its row's seed), though the two engines' random streams differ.
 """
 
-from pyalign.generation.hf import TOP_P_CANDIDATES, sample_tokens
+from pyalign.generation.hf import TOP_P_CANDIDATES, left_padded, sample_tokens
 from pyalign.generation.interface import generate, generate_jsonl, load_for_generation
 from pyalign.generation.prompts import (
     check_prompt, check_prompts, check_texts, hashable_prompt, occurrence_numbers, per_prompt,
@@ -55,5 +55,5 @@ from pyalign.generation.settings import (
 __all__ = [
     "BACKENDS", "FINISH_REASONS", "GENERATION_VERSION", "TOP_P_CANDIDATES", "GenerationSettings", "Sample",
     "check_prompt", "check_prompts", "check_texts", "cut_at_stop", "generate", "generate_jsonl", "hashable_prompt",
-    "load_for_generation", "occurrence_numbers", "per_prompt", "row_seed", "sample_tokens", "stop_token_ids_of",
+    "left_padded", "load_for_generation", "occurrence_numbers", "per_prompt", "row_seed", "sample_tokens", "stop_token_ids_of",
 ]

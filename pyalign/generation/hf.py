@@ -29,6 +29,18 @@ from pyalign.generation.settings import cut_at_stop
 TOP_P_CANDIDATES = 256
 
 
+def left_padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token-id lists padded on the left to the longest: a
+    decoder-only model then continues every row from its last column."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
                   top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """One token per row of ``logits`` ``[B, V]`` by inverse-CDF sampling with ``uniforms``
@@ -123,13 +135,8 @@ def generate_rows(model, tokenizer, rows, settings, stop_ids: list[int],
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            width = max(len(rows[i][0]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids = rows[i][0]
-                input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[r, width - len(ids):] = 1
+            input_ids, attention_mask = left_padded([rows[i][0] for i in batch], pad)
+            width = input_ids.shape[1]
             sampler = RowSampler([rows[i][1] for i in batch], settings, first_token_ids)
             with torch.no_grad():
                 output = model.generate(

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyalign.data import encode_prompt
     from pyalign.data.prompt_bank import SYSTEM_PROMPT, prompt_bank
-    from pyalign.generation import generate
+    from pyalign.generation import generate, left_padded
     from pyalign.models import load_model_and_tokenizer, smollm2_path
 
     if args.threads:
@@ -56,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # logits: alone vs inside one left-padded batch
     encoded = [encode_prompt(tokenizer, p, SYSTEM_PROMPT) for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):
-        ids[row, width - len(e):] = torch.tensor(e)
-        mask[row, width - len(e):] = 1
+    ids, mask = left_padded(encoded, tokenizer.pad_token_id)
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
         alone = torch.stack([model(input_ids=torch.tensor([e])).logits[0, -1].float() for e in encoded])
