@@ -7,7 +7,9 @@ system prompt as integer weights ``round(100 * v_i)``::
     maximize weighted rating = helpfulness*71 + verbosity*-71
 
 (:func:`direction_system_prompt`), and :func:`parse_direction` reads such a prompt back into a
-unit vector. Samplers:
+unit vector. Style ``"words"`` (not in the paper) puts the same weights in words before the
+formula, ``Aim for more helpfulness and much less verbosity. maximize weighted rating = ...``
+(:func:`preference_words`), for a policy too small to read a minus sign (docs/dpa.md). Samplers:
 
 - 2 objectives: the angle ``atan2(v_2, v_1)`` uniform in a range; the default ``[-pi/4, 0]``
   spans ``<1, 0>`` (helpfulness only) to ``<sqrt2/2, -sqrt2/2>`` (helpful and brief), the DPA
@@ -34,6 +36,7 @@ from collections.abc import Mapping, Sequence
 
 DEFAULT_ANGLE_RANGE = (-math.pi / 4, 0.0)
 SIGNS = ("+", "-", "0", "any")
+PROMPT_STYLES = ("paper", "words")
 PROMPT_PREFIX = "maximize weighted rating = "
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TERM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\*\s*([+-]?\d+)\s*")
@@ -155,13 +158,33 @@ def prompt_weights(v: Sequence[float], num_objectives: int | None = None) -> lis
     return [round(100 * x) for x in unit_direction(v, num_objectives)]
 
 
-def direction_system_prompt(v: Sequence[float], objectives: Sequence[str], *, prefix: str = "") -> str:
-    """The system prompt that tells the policy ``v``:
-    ``prefix + "maximize weighted rating = helpfulness*71 + verbosity*-71"``."""
+def preference_words(v: Sequence[float], objectives: Sequence[str]) -> str:
+    """The weights of ``v`` in words: ``"Aim for more helpfulness and much less verbosity."``;
+    per objective, by its prompt weight w: "slightly" for |w| < 25, none up to 59, "much" from 60;
+    "more" for w > 0, "less" for w < 0; an objective of weight 0 is left out."""
     objectives = check_objectives(objectives)
+    parts = []
+    for name, weight in zip(objectives, prompt_weights(v, len(objectives))):
+        if weight == 0:
+            continue
+        size = "slightly " if abs(weight) < 25 else "" if abs(weight) < 60 else "much "
+        parts.append(f"{size}{'more' if weight > 0 else 'less'} {name}")
+    joined = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"Aim for {joined}."
+
+
+def direction_system_prompt(v: Sequence[float], objectives: Sequence[str], *, prefix: str = "",
+                            style: str = "paper") -> str:
+    """The system prompt that tells the policy ``v``:
+    ``prefix + "maximize weighted rating = helpfulness*71 + verbosity*-71"`` (style ``"paper"``),
+    or with :func:`preference_words` and a space between the prefix and the formula (``"words"``)."""
+    objectives = check_objectives(objectives)
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"style: expected one of {', '.join(PROMPT_STYLES)}, got {style!r}")
     weights = prompt_weights(v, len(objectives))
     terms = " + ".join(f"{name}*{weight}" for name, weight in zip(objectives, weights))
-    return f"{prefix}{PROMPT_PREFIX}{terms}"
+    words = f"{preference_words(v, objectives)} " if style == "words" else ""
+    return f"{prefix}{words}{PROMPT_PREFIX}{terms}"
 
 
 def parse_direction(text: str, objectives: Sequence[str]) -> Direction:

@@ -7,7 +7,7 @@ import pytest
 
 from pyalign.directions import (
     angle_of, direction_at, direction_system_prompt, evaluation_directions, parse_direction,
-    prompt_weights, sample_angle_directions, sample_sphere_directions, unit_direction, weighted_reward,
+    preference_words, prompt_weights, sample_angle_directions, sample_sphere_directions, unit_direction, weighted_reward,
 )
 
 OBJECTIVES = ["helpfulness", "verbosity"]
@@ -88,6 +88,21 @@ def test_system_prompt_encoding_and_parser_round_trip():
     for v in sample_sphere_directions(200, ["any", "any", "+"], seed=5):
         back = parse_direction(direction_system_prompt(v, ["a", "b", "c"]), ["a", "b", "c"])
         assert max(abs(x - y) for x, y in zip(back, v)) < 0.01  # weights are rounded to 1/100
+
+
+def test_words_style_spells_the_signs_and_still_parses():
+    assert preference_words(direction_at(-math.pi / 4), OBJECTIVES) == "Aim for much more helpfulness and much less verbosity."
+    assert preference_words((0.95, 0.3), OBJECTIVES) == "Aim for much more helpfulness and more verbosity."
+    assert preference_words((1.0, -0.1), OBJECTIVES) == "Aim for much more helpfulness and slightly less verbosity."
+    assert preference_words((1, 0), OBJECTIVES) == "Aim for much more helpfulness."
+    assert preference_words((0.2, -0.5, 0.8), ["a", "b", "c"]) == "Aim for slightly more a, less b and much more c."  # weights 21, -52, 83
+    prompt = direction_system_prompt((0.8, 0.6), OBJECTIVES, prefix="Hi. ", style="words")
+    assert prompt == "Hi. Aim for much more helpfulness and much more verbosity. maximize weighted rating = helpfulness*80 + verbosity*60"
+    for v in sample_angle_directions(50, angle_range=(-math.pi / 4, math.pi / 4), seed=3):
+        back = parse_direction(direction_system_prompt(v, OBJECTIVES, style="words"), OBJECTIVES)
+        assert max(abs(x - y) for x, y in zip(back, v)) < 0.01
+    with pytest.raises(ValueError, match="style: expected one of paper, words, got 'prose'"):
+        direction_system_prompt((1, 0), OBJECTIVES, style="prose")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from helpers_tiny_lm import Crash, crash_at, one_thread
 from pyalign.demo import dpa as demo
+from pyalign.directions import parse_direction
 from pyalign.io import read_json, read_jsonl_rows, write_jsonl_atomic
 from pyalign.train import ConfigError, load_config
 from pyalign.tasks.dpa.loop import run_dpa
@@ -146,6 +147,17 @@ def test_directions_per_prompt_do_not_depend_on_the_number_of_prompts(quick_demo
     every = plan_rows(config, iteration_prompts(rows, 1), 1)
     assert every[:len(few)] == few
     assert plan_rows(config, iteration_prompts(rows, 2), 2) != every
+
+
+def test_words_prompt_style_reaches_the_plan_and_is_validated(quick_demo, tmp_path):
+    raw = base_config(quick_demo, tmp_path)
+    config = load_config({**raw, "directions": {**raw["directions"], "prompt_style": "words"}})
+    rows = plan_rows(config, iteration_prompts(load_prompt_rows(config.prompts.train), 1), 1)
+    assert all(row["system"].startswith("Aim for ") and "maximize weighted rating = " in row["system"] for row in rows)
+    for row in rows:
+        assert parse_direction(row["system"], config.objectives) == pytest.approx(row["v"], abs=0.01)
+    with pytest.raises(ConfigError, match="directions.prompt_style"):
+        load_config({**raw, "directions": {**raw["directions"], "prompt_style": "prose"}})
 
 
 @pytest.mark.parametrize("where", ["generation", "scoring", "fine_tune", "evaluation", "selection"])

@@ -16,7 +16,7 @@ from typing import Annotated, Callable
 
 from pydantic import AfterValidator, Field
 
-from pyalign.directions import SIGNS, check_objectives
+from pyalign.directions import PROMPT_STYLES, SIGNS, check_objectives
 from pyalign.tasks.preference.config import MethodConfig
 from pyalign.train import (
     Boolean, ConfigError, Fraction, LoraConfig, ModelConfig, NonNegativeInt, PathValue, PositiveFloat,
@@ -107,6 +107,9 @@ class DirectionsConfig(Section):
     angle_range: AngleRange = field([-math.pi / 4, 0.0], "radians, [low, high] (paper: [-pi/4, 0])")
     signs: Signs | None = field(None, "sphere: one of +, -, 0, any per objective")
     system_prefix: String = field("", "text before 'maximize weighted rating = ...' in the system prompt")
+    prompt_style: one_of(*PROMPT_STYLES) = field(
+        "paper", "paper: only 'maximize weighted rating = helpfulness*71 + verbosity*-71'; words: the same "
+                 "weights also in words before it ('Aim for more helpfulness and much less verbosity.')")
 
 
 class SamplingConfig(Section):

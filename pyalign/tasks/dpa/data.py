@@ -113,7 +113,8 @@ def plan_rows(config, prompt_rows: Sequence[dict], iteration: int) -> list[dict]
         for v in prompt_directions(config, iteration, index):
             rows.append({"prompt": row["prompt"], "v": list(v), "prompt_index": index,
                          "system": direction_system_prompt(v, config.objectives,
-                                                           prefix=config.directions.system_prefix)})
+                                                           prefix=config.directions.system_prefix,
+                                                           style=config.directions.prompt_style)})
     return rows
 
 

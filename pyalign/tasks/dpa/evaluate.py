@@ -172,12 +172,15 @@ def evaluate_policy(run, t: int) -> dict:
            "prompts": file_fingerprint(config.prompts.eval), "objectives": config.objectives,
            "directions": [list(v) for v in directions], "system_prefix": config.directions.system_prefix,
            "settings": settings, "true_ratings": config.evaluation.true_ratings}
+    if config.directions.prompt_style != "paper":  # keyed only when set: older runs' keys stay valid
+        key["prompt_style"] = config.directions.prompt_style
     front_file = directory / "front.json"
     if front_file.is_file() and read_json(front_file)["key"] == json.loads(json.dumps(key)):
         return read_json(front_file)
     run.check_plan(directory / "plan.json", key, f"the evaluation of iteration {t}")
     rows = [{"prompt": record["prompt"], "v": list(v), "prompt_index": i, "direction_index": d,
-             "system": direction_system_prompt(v, config.objectives, prefix=config.directions.system_prefix)}
+             "system": direction_system_prompt(v, config.objectives, prefix=config.directions.system_prefix,
+                                               style=config.directions.prompt_style)}
             for i, record in enumerate(run.eval_rows) for d, v in enumerate(directions)]
     info = {"stage": "evaluation", "iteration": t}
     generated = run.generate(directory / "samples.jsonl", t, rows, settings, info)

@@ -247,7 +247,10 @@ class DPARun:
         self.check_plan(self.iteration_dir(t) / "plan.json", {
             "iteration": t, "policy": self.model_fingerprint(t - 1),
             "reward_model": self.reward_model_fingerprint(), "prompts": file_fingerprint(config.prompts.train),
-            "objectives": config.objectives, "directions": config.directions.model_dump(),
+            "objectives": config.objectives,
+            # prompt_style keyed only when set, so that plans written before it existed stay valid
+            "directions": config.directions.model_dump(
+                exclude={"prompt_style"} if config.directions.prompt_style == "paper" else None),
             "per_iteration": config.prompts.per_iteration,
             "sampling": {k: v for k, v in config.sampling.model_dump().items() if k not in _SPEED_ONLY},
         }, f"iteration {t}")
