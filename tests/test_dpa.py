@@ -371,6 +371,13 @@ def test_demo_config_files_list_the_built_in_settings():
     assert variant["dpa"]["sampling"]["top_p"] == demo.FULL["dpa"]["sampling"]["top_p"]  # merged, not replaced
     with pytest.raises(ValueError, match="tasks.prompts: unknown setting"):
         demo.merge_settings(demo.FULL, {"tasks": {"prompts": 3}})
+    both = demo.load_settings(False, str(root / "configs" / "dpa_demo_both_signs.yaml"))
+    assert both["dpa"]["directions"]["angle_range"] == both["dpa"]["evaluation"]["angle_range"] == pytest.approx(
+        [-math.pi / 4, math.pi / 4])
+    pairwise = demo.merge_settings(demo.FULL, {"dpa": {"method": {"loss": "dpo", "nll_weight": 1.0}}})
+    assert pairwise["dpa"]["method"] == {"loss": "dpo", "nll_weight": 1.0}  # a trainer section the defaults lack
+    with pytest.raises(ValueError, match="dpa.bogus: unknown setting"):
+        demo.merge_settings(demo.FULL, {"dpa": {"bogus": {}}})
 
 
 @pytest.mark.gpu

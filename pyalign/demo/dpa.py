@@ -101,7 +101,8 @@ def merge_settings(defaults: dict, overrides: dict, path: str = "") -> dict:
     for key, value in overrides.items():
         where = f"{path}.{key}".lstrip(".")
         passthrough = path.split(".")[-1] in _PASS_THROUGH
-        if key not in merged and not passthrough:
+        new_section = path == "dpa" and key in _PASS_THROUGH  # e.g. method, for loop.fine_tune: pairwise
+        if key not in merged and not passthrough and not new_section:
             raise ValueError(f"{where}: unknown setting (known: {', '.join(merged)})")
         if isinstance(merged.get(key), dict) and not passthrough:
             if not isinstance(value, dict):
