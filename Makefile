@@ -26,8 +26,8 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo        SPO vs S-DPO, four conflicting slot dimensions on SmolLM2-135M (Table 4; CPU, <15 min)"
 	@echo "make demo-sweep  SPO round 2 for alpha 0..0.7 and adaptive alpha (Table 2; CPU, <30 min)"
-	@echo "make demo-apo    APO/CLAIR Table 1 in small: 4 preference data sets x DPO/APO-zero/APO-down/SFT (CPU, ~40 min)"
-	@echo "make demo-ra     DPO vs DPO on reward-augmented relabeled pairs, checkable grades (CPU, ~30 min)"
+	@echo "make demo-apo    APO/CLAIR Table 1 in small: 4 preference data sets x DPO/APO-zero/APO-down/SFT (CPU, 23 min measured)"
+	@echo "make demo-ra     DPO vs DPO on reward-augmented relabeled pairs, checkable grades (CPU, 11 min measured)"
 	@echo "make test        build and run the test suite (CPU; Triton under its interpreter)"
 	@echo "make test-gpu    the kernel and op tests on CUDA, large shapes included (on a GPU machine)"
 	@echo "make bench       fused op and fused lm_head vs eager / torch.compile; tables + JSON + PNG in bench/results"
