@@ -96,6 +96,23 @@ def write_jsonl(path: str | Path, records: Sequence[dict]) -> Path:
     return path
 
 
+def write_sft_rows(path: str | Path, count: int, seed: int) -> Path:
+    """``count`` random ``{prompt, response}`` rows as JSONL: SFT data for the tiny model."""
+    rng = random.Random(seed)
+    return write_jsonl(path, [{"prompt": random_sentence(rng, 2, 5), "response": random_sentence(rng)}
+                              for _ in range(count)])
+
+
+def tiny_sft_config(model: str | Path, train: str | Path, output_dir: str | Path, **training) -> dict:
+    """A `task: sft` config that trains the tiny model with LoRA on CPU in a few steps; ``training``
+    adds or overrides fields of its training section."""
+    return {"task": "sft", "model": {"path": str(model)}, "data": {"train": str(train)},
+            "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "training": {"lr": 5e-3, "epochs": 1, "batch_size": 2, "max_length": 32, "max_prompt_length": 16,
+                         "progress_bar": False, "tensorboard": False, "device": "cpu", **training},
+            "output_dir": str(output_dir)}
+
+
 def one_thread():
     """Generator for an autouse fixture: the tiny models run fastest on one thread (on a loaded
     2-core machine two threads spin against each other, ~50x slower); restores the old count."""

@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-import torch
 
+from helpers_tiny_lm import one_thread
 from pyalign.data.clair import ClairSettings, ProgramReviser, make_clair_pairs
 from pyalign.demo import apo_clair
 from pyalign.demo.apo_clair_data import dataset_stats, judge_pairs, stronger_pairs
@@ -17,12 +17,7 @@ from pyalign.demo.checkable import (
 from pyalign.demo.dpa_tasks import Task, is_correct, make_tasks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 ADD = Task("What is 12 + 19?", "31", "arithmetic")

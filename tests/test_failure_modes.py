@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers_tiny_lm import (
-    WORDS, make_model, make_pairs, make_tokenizer, one_thread, random_sentence, save_tiny_model, write_jsonl,
+    WORDS, make_model, make_pairs, make_tokenizer, one_thread, save_tiny_model, tiny_sft_config,
+    write_jsonl, write_sft_rows,
 )
 from pyalign.cli import main
 
@@ -35,20 +35,14 @@ single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     model = save_tiny_model(root / "pi0")
-    rng = random.Random(7)
-    sft = write_jsonl(root / "sft.jsonl", [{"prompt": random_sentence(rng, 2, 5), "response": random_sentence(rng)}
-                                           for _ in range(6)])
+    sft = write_sft_rows(root / "sft.jsonl", 6, seed=7)
     pairs = write_jsonl(root / "pairs.jsonl", make_pairs(6, seed=8))
     return root, model, sft, pairs
 
 
 def sft_config(assets, output_dir, **training) -> dict:
     _, model, sft, _ = assets
-    return {"task": "sft", "model": {"path": str(model)}, "data": {"train": str(sft)},
-            "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-            "training": {"lr": 5e-3, "epochs": 1, "batch_size": 2, "max_length": 32, "max_prompt_length": 16,
-                         "save_every": 1, "progress_bar": False, "tensorboard": False, "device": "cpu", **training},
-            "output_dir": str(output_dir)}
+    return tiny_sft_config(model, sft, output_dir, **{"save_every": 1, **training})
 
 
 def preference_config(assets, output_dir, train=None) -> dict:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_tiny_lm import Crash, crash_at, make_pairs, one_thread, random_sentence, save_tiny_model, write_jsonl
+from helpers_tiny_lm import (
+    Crash, crash_at, make_pairs, one_thread, save_tiny_model, tiny_sft_config, write_jsonl, write_sft_rows,
+)
 from pyalign.failures import DamagedFileError
 from pyalign.io import (
     JsonlAppender, atomic_write_bytes, read_json, read_jsonl_rows, verify_manifest, write_json_atomic, write_manifest,
@@ -36,21 +37,15 @@ single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     model = save_tiny_model(root / "pi0")
-    rng = random.Random(5)
-    sft = write_jsonl(root / "sft.jsonl", [{"prompt": random_sentence(rng, 2, 5), "response": random_sentence(rng)}
-                                           for _ in range(8)])
+    sft = write_sft_rows(root / "sft.jsonl", 8, seed=5)
     pairs = write_jsonl(root / "pairs.jsonl", make_pairs(6, seed=4))
     return root, model, sft, pairs
 
 
 def sft_config(assets, output_dir, **training) -> dict:
     _, model, sft, _ = assets
-    return {"task": "sft", "model": {"path": str(model)}, "data": {"train": str(sft)},
-            "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-            "training": {"lr": 5e-3, "epochs": 2, "batch_size": 2, "max_length": 32, "max_prompt_length": 16,
-                         "warmup_ratio": 0.0, "save_every": 1, "log_every": 1, "progress_bar": False,
-                         "tensorboard": False, "device": "cpu", **training},
-            "output_dir": str(output_dir)}
+    return tiny_sft_config(model, sft, output_dir,
+                           **{"epochs": 2, "warmup_ratio": 0.0, "save_every": 1, "log_every": 1, **training})
 
 
 def run(config, **kwargs):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers_paused_run import child_env, start, wait_for
-from helpers_tiny_lm import one_thread, random_sentence, save_tiny_model, write_jsonl
+from helpers_tiny_lm import one_thread, save_tiny_model, tiny_sft_config, write_sft_rows
 from pyalign.cli import main
 from pyalign.train.checkpoint import find_checkpoint
 
@@ -31,20 +30,13 @@ single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("preempt")
     model = save_tiny_model(root / "pi0")
-    rng = random.Random(11)
-    sft = write_jsonl(root / "sft.jsonl", [{"prompt": random_sentence(rng, 2, 5), "response": random_sentence(rng)}
-                                           for _ in range(8)])
+    sft = write_sft_rows(root / "sft.jsonl", 8, seed=11)
     return root, model, sft
 
 
 def config_file(assets, path: Path, output_dir: Path, **training) -> Path:
     _, model, sft = assets
-    config = {"task": "sft", "model": {"path": str(model)}, "data": {"train": str(sft)},
-              "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-              "training": {"lr": 5e-3, "epochs": 1, "batch_size": 2, "max_length": 32, "max_prompt_length": 16,
-                           "save_every": 0, "warmup_ratio": 0.0, "progress_bar": False, "tensorboard": False,
-                           "device": "cpu", **training},
-              "output_dir": str(output_dir)}
+    config = tiny_sft_config(model, sft, output_dir, **{"save_every": 0, "warmup_ratio": 0.0, **training})
     path.write_text(yaml.safe_dump(config))
     return path
 

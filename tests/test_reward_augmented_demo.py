@@ -5,8 +5,8 @@ files, and the command end to end on a tiny random model with --quick."""
 import json
 
 import pytest
-import torch
 
+from helpers_tiny_lm import one_thread
 from pyalign.data import PreferenceDataset
 from pyalign.data.relabel import target_system_prompt
 from pyalign.demo import reward_augmented
@@ -14,12 +14,7 @@ from pyalign.demo.checkable import SYSTEM, grade, split_tasks
 from pyalign.demo.reward_augmented import condition_system, measurement_files, scored_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _pairs(count=60):
