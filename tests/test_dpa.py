@@ -79,6 +79,12 @@ def test_quick_demo_prints_tables_and_writes_the_json_contract(quick_demo):
         assert set(point["true"]) == {"helpfulness", "verbosity"}
         assert all(0 <= value <= 100 for value in point["true"].values())
     assert result["control"]["objective"] == "verbosity" and "spearman" in result["control"]
+    assert set(result["outcomes"]) == {"iteration_0", "iteration_1", "iteration_2"}
+    last = result["outcomes"]["iteration_2"]
+    assert 0 <= last["helpfulness_interval"][0] <= last["helpfulness"] <= last["helpfulness_interval"][1] <= 100
+    assert last["verbosity_gap"] is None  # the quick demo keeps the paper's range: no v[1] > 0
+    assert "helpfulness_change_from_pi0" in last and "helpfulness_change_from_pi0" not in result["outcomes"]["iteration_0"]
+    assert "Held-out outcomes" in text
     assert result["wall_time_s"] > 0
     assert (out / "dpa" / "fronts.png").stat().st_size > 1000
 
@@ -362,18 +368,59 @@ def test_torchrun_two_processes_compute_what_one_process_computes(quick_demo, tm
             assert a["reward_model"] == pytest.approx(b["reward_model"], abs=1e-3)
 
 
+def test_iteration_outcomes_count_answers_and_pair_prompts(tmp_path):
+    from pyalign.demo.checkable import wilson_interval  # noqa: PLC0415
+    from pyalign.demo.dpa_outcomes import iteration_outcomes  # noqa: PLC0415
+
+    def scored(t, rows):  # rows: (prompt, v_2, [(helpful, verbosity), ...])
+        write_jsonl_atomic(tmp_path / "evaluation" / f"iteration_{t}" / "scored.jsonl", [
+            {"prompt": p, "v": [math.sqrt(1 - w * w), w], "samples": [{"true": [h, v]} for h, v in samples]}
+            for p, w, samples in rows])
+
+    scored(0, [("a", 0.5, [(0, 50), (0, 50)]), ("a", -0.5, [(100, 50), (0, 50)]),
+               ("b", 0.5, [(0, 40), (0, 40)]), ("b", -0.5, [(0, 40), (0, 40)])])
+    scored(1, [("a", 0.5, [(100, 90), (100, 70)]), ("a", -0.5, [(100, 10), (0, 30)]),
+               ("b", 0.5, [(0, 60), (100, 60)]), ("b", -0.5, [(100, 20), (100, 20)])])
+    outcomes = iteration_outcomes(tmp_path, [0, 1])
+    assert outcomes["iteration_0"]["helpfulness"] == 12.5 and outcomes["iteration_0"]["answers"] == 8
+    assert outcomes["iteration_0"]["verbosity_gap"] == 0.0
+    first = outcomes["iteration_1"]
+    assert first["helpfulness"] == 75.0 and first["helpfulness_change_from_pi0"] == 62.5
+    assert first["verbosity_gap"] == pytest.approx((90 + 70 + 60 + 60) / 4 - (10 + 30 + 20 + 20) / 4)
+    low, high = first["verbosity_gap_interval"]
+    assert low <= first["verbosity_gap"] <= high and low > 0  # every prompt has the longer answers for v_2 > 0
+    assert first["helpfulness_interval"] == [round(100 * x, 2) for x in wilson_interval(6, 8)]
+    scored(1, [("a", 0.5, [(0, 1)]), ("c", -0.5, [(0, 1)])])
+    with pytest.raises(ValueError, match="iteration 1: evaluated on other prompts"):
+        iteration_outcomes(tmp_path, [0, 1])
+
+
 def test_demo_config_files_list_the_built_in_settings():
     root = Path(__file__).resolve().parents[1]
     assert demo.load_settings(False, str(root / "configs" / "dpa_demo.yaml")) == demo.FULL
     assert demo.load_settings(True, str(root / "configs" / "dpa_demo_quick.yaml")) == demo.QUICK
+    # the default: directions of both signs, v in words (docs/dpa.md, "Arithmetic control")
+    assert demo.FULL["dpa"]["directions"]["angle_range"] == demo.FULL["dpa"]["evaluation"]["angle_range"] == \
+        pytest.approx([-math.pi / 4, math.pi / 4])
+    assert demo.FULL["dpa"]["directions"]["prompt_style"] == "words"
+    paper = demo.load_settings(False, str(root / "configs" / "dpa_demo_paper_settings.yaml"))
+    assert paper["prompts_per_iteration"] is None
+    assert paper["dpa"]["directions"]["prompt_style"] == "paper"
+    assert paper["dpa"]["directions"]["angle_range"] == paper["dpa"]["evaluation"]["angle_range"] == \
+        pytest.approx([-math.pi / 4, 0.0])
+    assert (paper["dpa"]["directions"]["per_prompt"], paper["dpa"]["sampling"]["n"], paper["dpa"]["loop"]["iterations"],
+            paper["dpa"]["training"]["epochs"], paper["dpa"]["evaluation"]["samples_per_prompt"]) == (2, 4, 2, 2, 1)
     variant = demo.load_settings(False, str(root / "configs" / "dpa_demo_m4n8.yaml"))
     assert (variant["dpa"]["directions"]["per_prompt"], variant["dpa"]["sampling"]["n"]) == (4, 8)
+    assert {k: v for k, v in variant["dpa"].items() if k not in ("directions", "sampling")} == \
+        {k: v for k, v in paper["dpa"].items() if k not in ("directions", "sampling")}
     assert variant["dpa"]["sampling"]["top_p"] == demo.FULL["dpa"]["sampling"]["top_p"]  # merged, not replaced
     with pytest.raises(ValueError, match="tasks.prompts: unknown setting"):
         demo.merge_settings(demo.FULL, {"tasks": {"prompts": 3}})
     both = demo.load_settings(False, str(root / "configs" / "dpa_demo_both_signs.yaml"))
     assert both["dpa"]["directions"]["angle_range"] == both["dpa"]["evaluation"]["angle_range"] == pytest.approx(
         [-math.pi / 4, math.pi / 4])
+    assert {k: both["dpa"][k] for k in ("loop", "training")} == {k: variant["dpa"][k] for k in ("loop", "training")}
     pairwise = demo.merge_settings(demo.FULL, {"dpa": {"method": {"loss": "dpo", "nll_weight": 1.0}}})
     assert pairwise["dpa"]["method"] == {"loss": "dpo", "nll_weight": 1.0}  # a trainer section the defaults lack
     with pytest.raises(ValueError, match="dpa.bogus: unknown setting"):
