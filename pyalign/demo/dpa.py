@@ -61,11 +61,12 @@ FULL: dict = {
         # words: SmolLM2-135M does not read the sign of `verbosity*-40`, it does read "less verbosity"
         "directions": {"per_prompt": 4, "sampler": "angle", "angle_range": BOTH_SIGNS, "prompt_style": "words"},
         "sampling": {"n": 8, "temperature": 1.0, "top_p": 0.9, "batch_size": 64, "chunk_size": 48, "seed": 0},
-        # one iteration: a second one (measured) does not fit the 20-minute budget on 2 cores
+        # one iteration: a second samples from the shorter pi_1 and loses the control (measured), and
+        # would not fit the 20-minute budget on 2 cores
         "loop": {"iterations": 1, "restart_from_base": True, "fine_tune": "sft", "replay_fraction": 0.15,
                  "score_batch_size": 32},
         "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        # 10 epochs (100 steps): 4 learn what the kept answers share, not how they differ with v; 20 overfit
+        # 10 epochs (100 steps): 4-8 learn what the kept answers share, not how they differ with v; 20 overfit
         "training": {"lr": 1.0e-3, "epochs": 10, "batch_size": 8, "max_length": 128, "max_prompt_length": 80,
                      "warmup_ratio": 0.1, "lr_scheduler": "linear", "seed": 0, "device": "cpu", "save_every": 10,
                      "log_every": 5, "tensorboard": False, "progress_bar": True},
