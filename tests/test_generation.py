@@ -60,6 +60,8 @@ def test_samples_do_not_depend_on_batch_size_order_or_n(tiny):
     assert [shuffled[order.index(i)] for i in range(6)] == reference
     # sample j does not depend on n
     assert ids(generate(model, tokenizer, PROMPTS, n=2, batch_size=3, **kwargs)) == [r[:2] for r in ids(reference)]
+    # n = 1 reads every prompt inside generate; n > 1 reads each distinct prompt once and copies its cache
+    assert ids(generate(model, tokenizer, PROMPTS, n=1, batch_size=6, **kwargs)) == [r[:1] for r in ids(reference)]
     # texts are the decoded ids
     assert reference[0][0].text == tokenizer.decode(reference[0][0].token_ids, skip_special_tokens=True).strip()
 
@@ -96,9 +98,11 @@ def test_greedy_matches_transformers_and_tiny_top_p_is_greedy(tiny):
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     try:
         again = generate(lora, tokenizer, PROMPTS[:3], do_sample=False, max_new_tokens=10, progress=None)
+        twice = generate(lora, tokenizer, PROMPTS[:3], n=2, do_sample=False, max_new_tokens=10, progress=None)
     finally:
         lora.unload()
     assert ids(again) == ids(greedy)
+    assert ids(twice) == [row * 2 for row in ids(greedy)]  # through the shared prompt cache
 
 
 def test_sample_tokens_inverse_cdf_with_top_p_and_top_k():

@@ -17,6 +17,7 @@ kept total. One uniform per token, so a row's stream advances exactly once per g
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Sequence
 
@@ -110,6 +111,35 @@ class RowSampler:
         return chosen
 
 
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prompts: Sequence[Sequence[int]]) -> dict:
+    """``generate`` keyword arguments that hand it the batch's prompts already read, but for
+    their last token: each distinct prompt is run through the model once and its KV cache copied
+    to every row that repeats it (the ``n`` samples of a prompt sit together in a batch), so
+    ``generate`` reads only the last prompt column before sampling. ``{}`` when no prompt repeats.
+
+    The cached part is computed exactly as ``generate`` computes a prompt (same left-padded
+    layout, positions from the attention mask), so each row continues from the same state; only
+    the batch's row count in those matmuls differs (docs/generation.md, "Prompts read once")."""
+    owner_of: dict[tuple, int] = {}
+    owners = [owner_of.setdefault(tuple(p), len(owner_of)) for p in prompts]
+    if len(owner_of) == len(prompts) or input_ids.shape[1] < 2:
+        return {}
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    parameters = inspect.signature(base.forward).parameters
+    cache_key = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x
+    first_rows = torch.tensor([owners.index(k) for k in range(len(owner_of))], device=input_ids.device)
+    ids, mask = input_ids[first_rows, :-1], attention_mask[first_rows, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # generate's rule for left padding
+    cache = DynamicCache(config=base.config)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_key: cache}, **extra)
+    cache.batch_select_indices(torch.tensor(owners, device=input_ids.device))
+    return {cache_key: cache}
+
+
 def generate_rows(model, tokenizer, rows, settings, stop_ids: list[int],
                       batch_size: int, first_token_ids, bar) -> list[tuple[list[int], str, list[float] | None]]:
     """``rows``: ``[(prompt_ids, seed)]``. Returns ``(token_ids, finish_reason, first_probs)``
@@ -135,13 +165,16 @@ def generate_rows(model, tokenizer, rows, settings, stop_ids: list[int],
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            input_ids, attention_mask = left_padded([rows[i][0] for i in batch], pad)
+            prompts = [rows[i][0] for i in batch]
+            input_ids, attention_mask = left_padded(prompts, pad)
             width = input_ids.shape[1]
             sampler = RowSampler([rows[i][1] for i in batch], settings, first_token_ids)
             with torch.no_grad():
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    input_ids=input_ids, attention_mask=attention_mask,
                     generation_config=config, logits_processor=[sampler],
+                    **shared_prompt_cache(model, input_ids, attention_mask, prompts),
                 )
             for r, i in enumerate(batch):
                 tokens, reason = cut_at_stop(output[r, width:].tolist(), stop_set)
