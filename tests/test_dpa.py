@@ -395,6 +395,24 @@ def test_iteration_outcomes_count_answers_and_pair_prompts(tmp_path):
         iteration_outcomes(tmp_path, [0, 1])
 
 
+def test_replay_file_keeps_every_rated_answer_or_only_the_helpful_ones(tmp_path):
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "ratings": {"helpfulness": float(i % 2), "verbosity": 3.0}}
+            for i in range(5)]
+    ratings = write_jsonl_atomic(tmp_path / "rating" / "ratings.jsonl", rows)
+    settings = copy.deepcopy(demo.QUICK)
+    assert demo.replay_file(settings, ratings, tmp_path) == ratings
+    settings["rating"]["replay"] = "helpful"
+    helpful = demo.replay_file(settings, ratings, tmp_path)
+    assert helpful != ratings and [r["prompt"] for r in read_jsonl_rows(helpful)] == ["q1", "q3"]
+    settings["rating"]["replay"] = "best"
+    with pytest.raises(ValueError, match="rating.replay: expected 'all' or 'helpful', got 'best'"):
+        demo.replay_file(settings, ratings, tmp_path)
+    settings["rating"]["replay"] = "helpful"
+    none = write_jsonl_atomic(tmp_path / "none.jsonl", [{**rows[0]}])
+    with pytest.raises(ValueError, match="rating.replay: 'helpful' but no answer"):
+        demo.replay_file(settings, none, tmp_path)
+
+
 def test_demo_config_files_list_the_built_in_settings():
     root = Path(__file__).resolve().parents[1]
     assert demo.load_settings(False, str(root / "configs" / "dpa_demo.yaml")) == demo.FULL

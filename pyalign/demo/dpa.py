@@ -50,7 +50,11 @@ FULL: dict = {
     "max_new_tokens": 40,  # every sample's budget; verbosity's scale is [0, max_new_tokens]
     "system_prefix": "",
     "prompts_per_iteration": 16,  # of the half of train_prompts an iteration uses (None: all)
-    "rating": {"samples_per_prompt": 4, "heldout_prompts": 24, "temperature": 1.0, "top_p": 0.9, "batch_size": 64},
+    # replay: which rated answers the SFT set replays (all: pi_0's answers as they come, like the
+    # paper's original responses; helpful: only those rated helpful)
+    # batch sizes (rows per generation batch) change speed only: the samples are the same token for token
+    "rating": {"samples_per_prompt": 4, "heldout_prompts": 24, "temperature": 1.0, "top_p": 0.9, "batch_size": 96,
+               "replay": "all"},
     "reward_model": {
         "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "training": {"lr": 1.0e-3, "epochs": 2, "batch_size": 16, "max_length": 96, "max_prompt_length": 48,
@@ -60,7 +64,8 @@ FULL: dict = {
     "dpa": {
         # words: SmolLM2-135M does not read the sign of `verbosity*-40`, it does read "less verbosity"
         "directions": {"per_prompt": 4, "sampler": "angle", "angle_range": BOTH_SIGNS, "prompt_style": "words"},
-        "sampling": {"n": 8, "temperature": 1.0, "top_p": 0.9, "batch_size": 64, "chunk_size": 48, "seed": 0},
+        # batch 96 = 12 prompts x 8 samples, or one evaluation chunk (48 rows x 2 samples)
+        "sampling": {"n": 8, "temperature": 1.0, "top_p": 0.9, "batch_size": 96, "chunk_size": 48, "seed": 0},
         # one iteration: a second samples from the shorter pi_1 and loses the control (measured), and
         # would not fit the 20-minute budget on 2 cores
         "loop": {"iterations": 1, "restart_from_base": True, "fine_tune": "sft", "replay_fraction": 0.15,
@@ -80,7 +85,8 @@ QUICK: dict = {
     "max_new_tokens": 8,
     "system_prefix": "",
     "prompts_per_iteration": None,
-    "rating": {"samples_per_prompt": 3, "heldout_prompts": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 32},
+    "rating": {"samples_per_prompt": 3, "heldout_prompts": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 32,
+               "replay": "all"},
     "reward_model": {
         "lora": {"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "training": {"lr": 1.0e-2, "epochs": 1, "batch_size": 8, "max_length": 64, "max_prompt_length": 48,
@@ -205,6 +211,20 @@ def rating_data(settings: dict, model_dir: Path, tasks: list[Task], out: Path) -
     return train, heldout
 
 
+def replay_file(settings: dict, ratings: Path, out: Path) -> Path:
+    """The original responses the SFT set replays (``rating.replay``): every rated training
+    answer, or only those rated helpful."""
+    choice = settings["rating"]["replay"]
+    if choice == "all":
+        return ratings
+    if choice != "helpful":
+        raise ValueError(f"rating.replay: expected 'all' or 'helpful', got {choice!r}")
+    helpful = [r for r in read_jsonl_rows(ratings) if r["ratings"]["helpfulness"] >= 1]
+    if not helpful:
+        raise ValueError(f"rating.replay: 'helpful' but no answer in {ratings} is rated helpful")
+    return write_jsonl_atomic(out / "rating" / "replay_helpful.jsonl", helpful)
+
+
 def train_reward_model(settings: dict, model_dir: Path, train: Path, heldout: Path, out: Path):
     from pyalign.tasks.reward_model.run import run_reward_model  # noqa: PLC0415
 
@@ -292,7 +312,7 @@ def run_demo(settings: dict, out: str | os.PathLike) -> Path:
     clock.lap("rating samples")
     reward = train_reward_model(settings, model_dir, ratings, heldout, out)
     clock.lap("reward model")
-    config = dpa_config(settings, model_dir, reward.model_dir, files, ratings, out)
+    config = dpa_config(settings, model_dir, reward.model_dir, files, replay_file(settings, ratings, out), out)
     write_json_atomic(out / "dpa_config.json", config)
     result = run_dpa(config)
     clock.lap("dpa loop")
