@@ -52,7 +52,8 @@ FULL: dict = {
     "prompts_per_iteration": 16,  # of the half of train_prompts an iteration uses (None: all)
     # replay: which rated answers the SFT set replays (all: pi_0's answers as they come, like the
     # paper's original responses; helpful: only those rated helpful)
-    # batch sizes (rows per generation batch) change speed only: the samples are the same token for token
+    # batch sizes (rows per generation batch) change speed only: the samples stay the same, but for a
+    # rare token that a float rounding flips (docs/generation.md, "Reproducibility")
     "rating": {"samples_per_prompt": 4, "heldout_prompts": 24, "temperature": 1.0, "top_p": 0.9, "batch_size": 96,
                "replay": "all"},
     "reward_model": {

@@ -121,17 +121,23 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     The cached part is computed exactly as ``generate`` computes a prompt (same left-padded
     layout, positions from the attention mask), so each row continues from the same state; only
     the batch's row count in those matmuls differs (docs/generation.md, "Prompts read once")."""
-    owner_of: dict[tuple, int] = {}
-    owners = [owner_of.setdefault(tuple(p), len(owner_of)) for p in prompts]
-    if len(owner_of) == len(prompts) or input_ids.shape[1] < 2:
+    owner_of: dict[tuple, int] = {}  # prompt -> its index among the distinct prompts
+    first_rows: list[int] = []  # the row each distinct prompt is read from
+    owners = []
+    for row, prompt in enumerate(prompts):
+        if tuple(prompt) not in owner_of:
+            owner_of[tuple(prompt)] = len(first_rows)
+            first_rows.append(row)
+        owners.append(owner_of[tuple(prompt)])
+    if len(first_rows) == len(prompts) or input_ids.shape[1] < 2:
         return {}
     from transformers import DynamicCache  # noqa: PLC0415
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
     parameters = inspect.signature(base.forward).parameters
     cache_key = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x
-    first_rows = torch.tensor([owners.index(k) for k in range(len(owner_of))], device=input_ids.device)
-    ids, mask = input_ids[first_rows, :-1], attention_mask[first_rows, :-1]
+    distinct = torch.tensor(first_rows, device=input_ids.device)
+    ids, mask = input_ids[distinct, :-1], attention_mask[distinct, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # generate's rule for left padding
     cache = DynamicCache(config=base.config)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
