@@ -1,9 +1,10 @@
 """The transformers backend of :func:`pyalign.generation.generate`, and the per-row sampler.
 
 Rows (prompt x sample) are left-padded into batches and decoded by ``model.generate`` with the
-model's KV cache; a logits processor (:class:`RowSampler`) picks every row's next token from the
-row's own random stream and hands transformers scores whose argmax is that token
-(``do_sample=False``), so no other row, batch or the global RNG takes part in a row's draw.
+model's KV cache (a prompt repeated in a batch is read once: :func:`shared_prompt_cache`); a
+logits processor (:class:`RowSampler`) picks every row's next token from the row's own random
+stream and hands transformers scores whose argmax is that token (``do_sample=False``), so no
+other row, batch or the global RNG takes part in a row's draw.
 
 Sampling one token (``do_sample=True``): ``p = softmax(logits / temperature)``. Without top-p
 or top-k: draw ``u ~ U[0, 1)`` from the row's stream and take the first token, in token-id
@@ -125,10 +126,11 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     first_rows: list[int] = []  # the row each distinct prompt is read from
     owners = []
     for row, prompt in enumerate(prompts):
-        if tuple(prompt) not in owner_of:
-            owner_of[tuple(prompt)] = len(first_rows)
+        key = tuple(prompt)
+        if key not in owner_of:
+            owner_of[key] = len(first_rows)
             first_rows.append(row)
-        owners.append(owner_of[tuple(prompt)])
+        owners.append(owner_of[key])
     if len(first_rows) == len(prompts) or input_ids.shape[1] < 2:
         return {}
     from transformers import DynamicCache  # noqa: PLC0415
